@@ -1,1 +1,18 @@
-//! placeholder
+//! Braid's engine: requests and sequences, a continuous-batching scheduler over the paged KV cache,
+//! sampling, stop handling, incremental detokenization and streaming, plus the simple [`Braid`] API.
+
+mod api;
+pub mod detokenizer;
+mod engine;
+mod error;
+mod request;
+pub mod sampling;
+mod sequence;
+pub mod stop;
+
+pub use api::{Braid, Generation, Prompt, Timings};
+pub use braid_models::chat_template::ChatMessage;
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use error::EngineError;
+pub use request::{FinishReason, GenerationParams, RequestId, StepEvent};
+pub use sampling::SamplingParams;

@@ -1,0 +1,725 @@
+//! CUDA backend runtime: the kernels compiled from `cuda/*.cu` at build time, a device handle
+//! that loads them, and checked launches of each op on device buffers.
+//!
+//! ```no_run
+//! use braid_kernels::cuda::CudaDevice;
+//! # fn main() -> Result<(), braid_kernels::cuda::CudaError> {
+//! let dev = CudaDevice::new(0)?;
+//! let x = dev.upload(&[1.0f32, 2.0, 3.0, 4.0])?;
+//! let w = dev.upload(&[1.0f32, 1.0])?;
+//! let mut y = dev.alloc_zeros::<f32>(4)?;
+//! dev.rms_norm(&x, &w, &mut y, 2, 2, 1e-6)?;
+//! let host = dev.download(&y)?;
+//! # let _ = host;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every op takes its buffers as anything cudarc can hand out a device pointer for (a
+//! [`CudaSlice`], or a [`CudaView`]/[`CudaViewMut`] into one), checks their lengths against the
+//! shape it is given, and enqueues the kernel on the device's stream without waiting for it.
+//! Errors raised by a running kernel surface at the next synchronising call.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+pub use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, DriverError,
+};
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
+}
+use generated::consts;
+
+/// Whether nvcc compiled the kernels into this build (without them every [`CudaDevice::new`]
+/// fails with [`CudaError::KernelsNotBuilt`]).
+pub fn kernels_built() -> bool {
+    cfg!(braid_cuda_kernels)
+}
+
+/// The compiled image (a fatbin: sm_90a SASS plus compute_80 PTX) of the module built from
+/// `cuda/<name>.cu`, or `None` when no such module was built. The bytes are 16-byte aligned.
+pub fn module_ptx_or_fatbin(name: &str) -> Option<&'static [u8]> {
+    generated::MODULES
+        .iter()
+        .find(|(module, _)| *module == name)
+        .map(|(_, image)| *image)
+}
+
+/// Names of every compiled module, in file-name order.
+pub fn module_names() -> impl Iterator<Item = &'static str> {
+    generated::MODULES.iter().map(|(name, _)| *name)
+}
+
+/// Why a CUDA device could not be opened or an op could not be launched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    /// The CUDA driver library (libcuda) is not installed or cannot be loaded.
+    #[error("no CUDA driver found: the libcuda shared library could not be loaded")]
+    NoDriver,
+    /// The driver works but has no device with this ordinal.
+    #[error("no CUDA device {ordinal}: the driver sees {count} device(s)")]
+    NoDevice { ordinal: usize, count: usize },
+    /// The crate was compiled without nvcc, so there is nothing to launch.
+    #[error("built without CUDA kernels: nvcc was not found when braid-kernels was compiled")]
+    KernelsNotBuilt,
+    /// The driver rejected an embedded module (typically a driver too old for its PTX).
+    #[error("CUDA module `{module}` could not be loaded on device {ordinal}: {source}")]
+    ModuleLoad {
+        module: &'static str,
+        ordinal: usize,
+        source: DriverError,
+    },
+    /// A module loaded but lacks a kernel this runtime launches.
+    #[error("CUDA kernel `{kernel}` was not found in module `{module}`: {source}")]
+    MissingKernel {
+        kernel: String,
+        module: &'static str,
+        source: DriverError,
+    },
+    /// A buffer's length does not match the shape passed to the op.
+    #[error("{op}: `{buffer}` holds {actual} elements, expected {expected}")]
+    BufferLength {
+        op: &'static str,
+        buffer: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    /// A dimension exceeds what the kernel's 32-bit indexing or grid can cover.
+    #[error("{op}: {dimension} is {value}, above the kernel limit of {limit}")]
+    TooLarge {
+        op: &'static str,
+        dimension: &'static str,
+        value: usize,
+        limit: usize,
+    },
+    /// A scalar argument is outside its valid range.
+    #[error("{op}: {argument} must be {expected}, found {found}")]
+    InvalidArgument {
+        op: &'static str,
+        argument: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    /// A buffer was allocated through another CUDA context than this device's.
+    #[error("{op}: `{buffer}` belongs to another CUDA context than device {ordinal}")]
+    ForeignBuffer {
+        op: &'static str,
+        buffer: &'static str,
+        ordinal: usize,
+    },
+    /// A driver call failed (allocation, copy, launch, or a fault reported on synchronisation).
+    #[error("CUDA driver call failed during {op}: {source}")]
+    Driver {
+        op: &'static str,
+        source: DriverError,
+    },
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A storage dtype the kernels are instantiated for: `f32`, `half::f16` or `half::bf16`.
+/// Whatever the storage, kernels accumulate in f32.
+pub trait KernelFloat: DeviceRepr + ValidAsZeroBits + Copy + sealed::Sealed {
+    /// Suffix of the kernel names for this dtype (`rms_norm_bf16`).
+    const SUFFIX: &'static str;
+    #[doc(hidden)]
+    const INDEX: usize;
+}
+
+impl KernelFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+    const INDEX: usize = 0;
+}
+impl KernelFloat for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const INDEX: usize = 1;
+}
+impl KernelFloat for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const INDEX: usize = 2;
+}
+
+const DTYPE_SUFFIXES: [&str; 3] = [
+    <f32 as KernelFloat>::SUFFIX,
+    <half::f16 as KernelFloat>::SUFFIX,
+    <half::bf16 as KernelFloat>::SUFFIX,
+];
+
+#[derive(Clone, Copy)]
+enum Op {
+    RmsNorm,
+    FusedAddRmsNorm,
+    SiluMul,
+    Embedding,
+}
+
+impl Op {
+    const ALL: [Op; 4] = [Op::RmsNorm, Op::FusedAddRmsNorm, Op::SiluMul, Op::Embedding];
+
+    fn module(self) -> &'static str {
+        match self {
+            Op::RmsNorm | Op::FusedAddRmsNorm => "norm",
+            Op::SiluMul => "activation",
+            Op::Embedding => "embedding",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::RmsNorm => "rms_norm",
+            Op::FusedAddRmsNorm => "fused_add_rms_norm",
+            Op::SiluMul => "silu_mul",
+            Op::Embedding => "embedding",
+        }
+    }
+}
+
+/// Largest row width the kernels accept: chunk offsets are computed in 32-bit ints and must not
+/// overflow past the end of a row.
+const MAX_DIM: usize = (i32::MAX as usize) / 2;
+/// Largest row count: rows index the grid (norm) or are walked with a 32-bit counter.
+const MAX_ROWS: usize = i32::MAX as usize;
+
+/// One CUDA device with Braid's kernels loaded and a stream to launch them on.
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Indexed by `op as usize * 3 + dtype index`.
+    functions: Vec<CudaFunction>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`, loads every kernel module and creates the launch stream.
+    pub fn new(ordinal: usize) -> Result<CudaDevice, CudaError> {
+        // SAFETY: only tries to dlopen libcuda; cudarc panics on the first driver call instead of
+        // returning an error when the library is missing, so this check must come first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        let count = match CudaContext::device_count() {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            // A driver without any visible GPU fails cuInit with NO_DEVICE.
+            Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+            Err(source) => {
+                return Err(CudaError::Driver {
+                    op: "driver initialisation",
+                    source,
+                })
+            }
+        };
+        if ordinal >= count {
+            return Err(CudaError::NoDevice { ordinal, count });
+        }
+        if !kernels_built() {
+            return Err(CudaError::KernelsNotBuilt);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|source| CudaError::Driver {
+            op: "context creation",
+            source,
+        })?;
+        // A dedicated stream rather than the legacy default one, so launches can later be
+        // captured into CUDA graphs.
+        let stream = ctx.new_stream().map_err(|source| CudaError::Driver {
+            op: "stream creation",
+            source,
+        })?;
+
+        let mut modules: Vec<(&'static str, Arc<CudaModule>)> = Vec::new();
+        let mut functions = Vec::with_capacity(Op::ALL.len() * DTYPE_SUFFIXES.len());
+        for op in Op::ALL {
+            let module_name = op.module();
+            let module = match modules.iter().find(|(name, _)| *name == module_name) {
+                Some((_, module)) => module.clone(),
+                None => {
+                    let image =
+                        module_ptx_or_fatbin(module_name).ok_or(CudaError::KernelsNotBuilt)?;
+                    let module = ctx
+                        .load_module(Ptx::from_binary(image.to_vec()))
+                        .map_err(|source| CudaError::ModuleLoad {
+                            module: module_name,
+                            ordinal,
+                            source,
+                        })?;
+                    modules.push((module_name, module.clone()));
+                    module
+                }
+            };
+            for suffix in DTYPE_SUFFIXES {
+                let kernel = format!("{}_{suffix}", op.name());
+                let function =
+                    module
+                        .load_function(&kernel)
+                        .map_err(|source| CudaError::MissingKernel {
+                            kernel: kernel.clone(),
+                            module: module_name,
+                            source,
+                        })?;
+                functions.push(function);
+            }
+        }
+        Ok(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            functions,
+        })
+    }
+
+    /// The device ordinal this handle was opened with.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's marketing name (for logs and reports).
+    pub fn name(&self) -> Result<String, CudaError> {
+        self.ctx.name().map_err(|source| CudaError::Driver {
+            op: "device name query",
+            source,
+        })
+    }
+
+    /// The stream every op of this device is enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Copies `host` into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        if host.is_empty() {
+            return self.empty();
+        }
+        self.stream
+            .clone_htod(host)
+            .map_err(|source| CudaError::Driver {
+                op: "host-to-device copy",
+                source,
+            })
+    }
+
+    /// Waits for all queued work, then copies `buffer` back to the host.
+    pub fn download<T: DeviceRepr>(&self, buffer: &impl DevicePtr<T>) -> Result<Vec<T>, CudaError> {
+        if buffer.is_empty() {
+            self.synchronize()?;
+            return Ok(Vec::new());
+        }
+        let host = self
+            .stream
+            .clone_dtoh(buffer)
+            .map_err(|source| CudaError::Driver {
+                op: "device-to-host copy",
+                source,
+            })?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// Allocates a zero-filled device buffer of `len` elements.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        if len == 0 {
+            return self.empty();
+        }
+        self.stream
+            .alloc_zeros(len)
+            .map_err(|source| CudaError::Driver {
+                op: "device allocation",
+                source,
+            })
+    }
+
+    /// A zero-length buffer through cudarc's dedicated path: zero-byte copies and memsets are
+    /// not something to ask the driver for.
+    fn empty<T>(&self) -> Result<CudaSlice<T>, CudaError> {
+        self.stream.null().map_err(|source| CudaError::Driver {
+            op: "device allocation",
+            source,
+        })
+    }
+
+    /// Blocks until every op queued on this device's stream has finished; reports faults raised
+    /// by those kernels.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(|source| CudaError::Driver {
+            op: "stream synchronisation",
+            source,
+        })
+    }
+
+    /// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight` for each of `rows` rows of `cols`
+    /// elements, computed in f32.
+    ///
+    /// `x` and `out` hold `rows * cols` elements, `weight` holds `cols`.
+    pub fn rms_norm<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        weight: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "rms_norm";
+        let len = self.check_matrix(OP, rows, cols)?;
+        check_eps(OP, eps)?;
+        self.check_buffer(OP, "x", x, len)?;
+        self.check_buffer(OP, "weight", weight, cols)?;
+        self.check_buffer(OP, "out", out, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cfg = norm_launch_config::<T>(rows, cols);
+        let cols = to_i32(cols);
+        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+        let (w_ptr, _w_sync) = weight.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function::<T>(Op::RmsNorm));
+        launch
+            .arg(&x_ptr)
+            .arg(&w_ptr)
+            .arg(&out_ptr)
+            .arg(&cols)
+            .arg(&eps);
+        // SAFETY: the arguments match `rms_norm_*(const T*, const T*, T*, int, float)` in
+        // norm.cu, and the lengths checked above keep every access inside the buffers.
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        Ok(())
+    }
+
+    /// Adds `x` into `residual` in place (rounded to the storage dtype), then writes
+    /// `rms_norm(residual) * weight` to `out`, in one pass per row.
+    ///
+    /// `x`, `residual` and `out` hold `rows * cols` elements, `weight` holds `cols`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_add_rms_norm<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        residual: &mut impl DevicePtrMut<T>,
+        weight: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "fused_add_rms_norm";
+        let len = self.check_matrix(OP, rows, cols)?;
+        check_eps(OP, eps)?;
+        self.check_buffer(OP, "x", x, len)?;
+        self.check_buffer(OP, "residual", residual, len)?;
+        self.check_buffer(OP, "weight", weight, cols)?;
+        self.check_buffer(OP, "out", out, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cfg = norm_launch_config::<T>(rows, cols);
+        let cols = to_i32(cols);
+        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+        let (res_ptr, _res_sync) = residual.device_ptr_mut(&self.stream);
+        let (w_ptr, _w_sync) = weight.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function::<T>(Op::FusedAddRmsNorm));
+        launch
+            .arg(&x_ptr)
+            .arg(&res_ptr)
+            .arg(&w_ptr)
+            .arg(&out_ptr)
+            .arg(&cols)
+            .arg(&eps);
+        // SAFETY: the arguments match `fused_add_rms_norm_*(const T*, T*, const T*, T*, int,
+        // float)` in norm.cu; lengths are checked above, and Rust's borrows guarantee that the
+        // `__restrict__` buffers `residual` and `out` do not alias each other or `x`.
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        Ok(())
+    }
+
+    /// `out[r, j] = silu(gate_up[r, j]) * gate_up[r, inter + j]`: each input row is the gate
+    /// projection followed by the up projection.
+    ///
+    /// `gate_up` holds `rows * 2 * inter` elements, `out` holds `rows * inter`.
+    pub fn silu_mul<T: KernelFloat>(
+        &self,
+        gate_up: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        rows: usize,
+        inter: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "silu_mul";
+        let len = self.check_matrix(OP, rows, inter)?;
+        self.check_buffer(OP, "gate_up", gate_up, len * 2)?;
+        self.check_buffer(OP, "out", out, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cfg = elementwise_launch_config::<T>(rows, inter);
+        let (rows, inter) = (to_i32(rows), to_i32(inter));
+        let (in_ptr, _in_sync) = gate_up.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function::<T>(Op::SiluMul));
+        launch.arg(&in_ptr).arg(&out_ptr).arg(&rows).arg(&inter);
+        // SAFETY: the arguments match `silu_mul_*(const T*, T*, int, int)` in activation.cu and
+        // the lengths checked above keep every access inside the buffers.
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        Ok(())
+    }
+
+    /// Gathers `out[r] = table[ids[r]]` for every id, where `table` is `[vocab, dim]` row-major.
+    ///
+    /// `table` holds a whole number of `dim`-wide rows, `out` holds `ids.len() * dim`. Ids must
+    /// be validated against the vocabulary beforehand: an out-of-range id yields a zero row
+    /// rather than reading outside the table.
+    pub fn embedding<T: KernelFloat>(
+        &self,
+        table: &impl DevicePtr<T>,
+        ids: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        dim: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "embedding";
+        let rows = ids.len();
+        let len = self.check_matrix(OP, rows, dim)?;
+        self.check_context(OP, "table", table)?;
+        self.check_context(OP, "ids", ids)?;
+        if dim == 0 || table.len() % dim != 0 {
+            return Err(CudaError::InvalidArgument {
+                op: OP,
+                argument: "the table length",
+                expected: "a non-zero multiple of dim",
+                found: format!("{} elements for dim {dim}", table.len()),
+            });
+        }
+        let vocab = table.len() / dim;
+        let vocab = u32::try_from(vocab).map_err(|_| CudaError::TooLarge {
+            op: OP,
+            dimension: "the vocabulary",
+            value: vocab,
+            limit: u32::MAX as usize,
+        })?;
+        self.check_buffer(OP, "out", out, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cfg = elementwise_launch_config::<T>(rows, dim);
+        let (rows, dim) = (to_i32(rows), to_i32(dim));
+        let (ids_ptr, _ids_sync) = ids.device_ptr(&self.stream);
+        let (table_ptr, _table_sync) = table.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function::<T>(Op::Embedding));
+        launch
+            .arg(&ids_ptr)
+            .arg(&table_ptr)
+            .arg(&out_ptr)
+            .arg(&rows)
+            .arg(&dim)
+            .arg(&vocab);
+        // SAFETY: the arguments match `embedding_*(const uint32_t*, const T*, T*, int, int,
+        // uint32_t)` in embedding.cu; output lengths are checked above and the kernel bounds
+        // every table read by `vocab`.
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        Ok(())
+    }
+
+    fn function<T: KernelFloat>(&self, op: Op) -> &CudaFunction {
+        // `new` loads one function per (op, dtype) in exactly this order.
+        &self.functions[op as usize * DTYPE_SUFFIXES.len() + T::INDEX]
+    }
+
+    /// Checks a `[rows, cols]` shape against the kernels' limits and returns its element count.
+    fn check_matrix(&self, op: &'static str, rows: usize, cols: usize) -> Result<usize, CudaError> {
+        if rows > MAX_ROWS {
+            return Err(CudaError::TooLarge {
+                op,
+                dimension: "the row count",
+                value: rows,
+                limit: MAX_ROWS,
+            });
+        }
+        if cols > MAX_DIM {
+            return Err(CudaError::TooLarge {
+                op,
+                dimension: "the row width",
+                value: cols,
+                limit: MAX_DIM,
+            });
+        }
+        // Both factors are below 2^31, so the product fits a 64-bit usize.
+        Ok(rows * cols)
+    }
+
+    fn check_context<T>(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        buffer: &impl DeviceSlice<T>,
+    ) -> Result<(), CudaError> {
+        if **buffer.stream().context() != *self.ctx {
+            return Err(CudaError::ForeignBuffer {
+                op,
+                buffer: name,
+                ordinal: self.ordinal,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_buffer<T>(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        buffer: &impl DeviceSlice<T>,
+        expected: usize,
+    ) -> Result<(), CudaError> {
+        self.check_context(op, name, buffer)?;
+        if buffer.len() != expected {
+            return Err(CudaError::BufferLength {
+                op,
+                buffer: name,
+                expected,
+                actual: buffer.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_eps(op: &'static str, eps: f32) -> Result<(), CudaError> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(CudaError::InvalidArgument {
+            op,
+            argument: "eps",
+            expected: "a finite non-negative number",
+            found: eps.to_string(),
+        })
+    }
+}
+
+fn launch_error(op: &'static str, source: DriverError) -> CudaError {
+    CudaError::Driver { op, source }
+}
+
+/// Callers have checked the value against `MAX_DIM`/`MAX_ROWS`, both below `i32::MAX`.
+fn to_i32(value: usize) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn elements_per_pack<T>() -> usize {
+    consts::VEC_BYTES as usize / std::mem::size_of::<T>()
+}
+
+/// One block per row, with just enough whole warps for one 16-byte chunk per thread (capped at
+/// the block limit, beyond which threads loop over chunks).
+fn norm_launch_config<T>(rows: usize, cols: usize) -> LaunchConfig {
+    let warp = consts::WARP_SIZE as usize;
+    let chunks = cols.div_ceil(elements_per_pack::<T>());
+    let threads = chunks
+        .div_ceil(warp)
+        .saturating_mul(warp)
+        .clamp(warp, consts::MAX_BLOCK_THREADS as usize);
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// x covers a row's 16-byte chunks, y covers rows up to the grid-y limit (kernels loop past it).
+fn elementwise_launch_config<T>(rows: usize, cols: usize) -> LaunchConfig {
+    let threads = consts::ELEMENTWISE_BLOCK_THREADS as usize;
+    let chunks = cols.div_ceil(elements_per_pack::<T>());
+    let blocks_x = chunks.div_ceil(threads);
+    let blocks_y = rows.min(consts::MAX_GRID_Y as usize);
+    LaunchConfig {
+        grid_dim: (blocks_x as u32, blocks_y as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norm_blocks_are_whole_warps_within_the_block_limit() {
+        for cols in [1usize, 7, 8, 9, 577, 1024, 4096, 4099, 100_000] {
+            let cfg = norm_launch_config::<half::bf16>(3, cols);
+            let threads = cfg.block_dim.0 as usize;
+            assert_eq!(threads % consts::WARP_SIZE as usize, 0, "cols {cols}");
+            assert!(threads <= consts::MAX_BLOCK_THREADS as usize, "cols {cols}");
+            assert_eq!(cfg.grid_dim, (3, 1, 1));
+        }
+        assert_eq!(norm_launch_config::<half::bf16>(1, 4096).block_dim.0, 512);
+        assert_eq!(norm_launch_config::<f32>(1, 4096).block_dim.0, 1024);
+    }
+
+    #[test]
+    fn elementwise_grid_covers_every_chunk_and_caps_rows() {
+        let cfg = elementwise_launch_config::<f32>(100_000, 4099);
+        let covered = cfg.grid_dim.0 as usize * cfg.block_dim.0 as usize * 4;
+        assert!(covered >= 4099);
+        assert_eq!(cfg.grid_dim.1, consts::MAX_GRID_Y);
+        assert_eq!(elementwise_launch_config::<half::f16>(5, 1).grid_dim, (1, 5, 1));
+    }
+
+    #[test]
+    fn shared_constants_come_from_the_header() {
+        assert_eq!(consts::WARP_SIZE, 32);
+        assert_eq!(consts::VEC_BYTES, 16);
+        assert!(consts::ELEMENTWISE_BLOCK_THREADS <= consts::MAX_BLOCK_THREADS);
+    }
+
+    #[test]
+    fn modules_are_listed_exactly_when_kernels_are_built() {
+        let names: Vec<_> = module_names().collect();
+        if kernels_built() {
+            for op in Op::ALL {
+                assert!(names.contains(&op.module()), "module {} missing", op.module());
+            }
+        } else {
+            assert!(names.is_empty());
+            assert!(module_ptx_or_fatbin("norm").is_none());
+        }
+    }
+
+    #[test]
+    fn eps_must_be_finite_and_non_negative() {
+        assert!(check_eps("rms_norm", 1e-6).is_ok());
+        assert!(check_eps("rms_norm", 0.0).is_ok());
+        let err = check_eps("rms_norm", f32::NAN).unwrap_err().to_string();
+        assert_eq!(err, "rms_norm: eps must be a finite non-negative number, found NaN");
+        assert!(check_eps("rms_norm", -1.0).is_err());
+    }
+}

@@ -1,9 +1,26 @@
 //! Braid's model assets: configs, the architecture registry, weight loading (safetensors and GGUF),
 //! the tokenizer and chat template, and the forward pass of every supported architecture.
+//!
+//! ```no_run
+//! use braid_models::{load, source};
+//! let location = source::resolve("smollm2-135m")?;
+//! let loaded = load(&location)?;
+//! println!("{} layers", loaded.info.config.num_layers);
+//! # Ok::<(), braid_models::ModelError>(())
+//! ```
 
+pub mod arch;
 pub mod chat_template;
+pub mod config;
 pub mod error;
+mod loader;
+pub mod model;
 pub mod source;
 pub mod tokenizer;
+pub mod weights;
 
+pub use arch::Architecture;
+pub use config::ModelConfig;
 pub use error::{ModelError, Result};
+pub use loader::{inspect, load, LoadedModel, ModelInfo};
+pub use model::{Model, SeqInput};

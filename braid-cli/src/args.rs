@@ -1,0 +1,114 @@
+//! Command-line arguments.
+
+use braid_kernels::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "braid", version, about = "Run LLMs from safetensors or GGUF files on the CPU or an NVIDIA GPU.")]
+pub struct Cli {
+    /// Log what the engine does (or set RUST_LOG).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Chat with a model: answer PROMPT and exit, or start an interactive chat without one.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The user message; omit for an interactive chat.
+        prompt: Option<String>,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Interactive chat that keeps the conversation.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Generate from a prompt (chat-templated unless --raw) or from token ids.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt text.
+        #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids, used as given.
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Option<Vec<u32>>,
+        /// Tokenize the prompt as it is instead of applying the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Print one JSON object with ids, text, finish reason and timings instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Describe a model: architecture, size, weight types, context, tokenizer, chat template.
+    Inspect {
+        /// Directory, .gguf file, Hugging Face cache id or alias.
+        model: String,
+    },
+    /// Fetch a built-in model alias into the local cache.
+    Pull {
+        alias: String,
+    },
+    /// List the built-in model aliases and whether each is cached.
+    Models,
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Directory, .gguf file, Hugging Face cache id or alias (default: smollm2-135m).
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Compute type on the GPU: f32, bf16 or f16 (the CPU always computes in f32).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Tokens the KV cache holds (default: the model's context window).
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+pub struct GenArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability adds up to P (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens already in the context (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// System prompt for chat-templated prompts.
+    #[arg(long)]
+    pub system: Option<String>,
+}

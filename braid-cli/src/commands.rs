@@ -1,0 +1,169 @@
+//! What each subcommand does.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use braid_core::{Braid, ChatMessage, Engine, EngineConfig, Generation, GenerationParams, Prompt, SamplingParams};
+use braid_kernels::{DType, Device};
+use braid_models::source;
+
+use crate::args::{Cli, Command, GenArgs, ModelArgs};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { model, prompt: Some(prompt), gen } => {
+            let mut braid = load(&model)?;
+            let messages = conversation(&gen, &prompt);
+            stream(&mut braid, Prompt::Chat(messages), &gen)?;
+            Ok(())
+        }
+        Command::Run { model, prompt: None, gen } | Command::Chat { model, gen } => {
+            let mut braid = load(&model)?;
+            crate::chat::interactive(&mut braid, &gen)
+        }
+        Command::Generate { model, prompt, prompt_ids, raw, json, gen } => {
+            let mut braid = load(&model)?;
+            let prompt = match (prompt_ids, prompt) {
+                (Some(ids), _) => Prompt::Ids(ids),
+                (None, Some(text)) if raw => Prompt::Raw(text),
+                (None, Some(text)) => Prompt::Chat(conversation(&gen, &text)),
+                (None, None) => bail!("give --prompt or --prompt-ids"),
+            };
+            if json {
+                let out = braid.generate(prompt, &params(&gen)?)?;
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                stream(&mut braid, prompt, &gen)?;
+            }
+            Ok(())
+        }
+        Command::Inspect { model } => inspect(&model),
+        Command::Pull { alias } => {
+            let path = source::pull(&alias)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Models => {
+            for alias in source::aliases() {
+                let cached = source::cached_path(alias)
+                    .map_or_else(|| "not cached".to_owned(), |p| format!("cached at {}", p.display()));
+                println!("{:<16} {} ({cached})", alias.name, alias.description);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolve, fetch if needed, and load a model on the requested device.
+fn load(args: &ModelArgs) -> Result<Braid> {
+    match (args.device, args.dtype) {
+        (Device::Cuda(_), _) => bail!(
+            "this build runs models on the CPU only; the CUDA backend is not available yet, so use --device cpu"
+        ),
+        (Device::Cpu, Some(dtype)) if dtype != DType::F32 => {
+            bail!("the CPU computes in f32; --dtype {dtype} applies to GPU runs only")
+        }
+        _ => {}
+    }
+    let spec = args.model.as_deref().unwrap_or(source::DEFAULT_MODEL);
+    let location = source::resolve(spec).with_context(|| format!("cannot open model '{spec}'"))?;
+    let start = Instant::now();
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("loading {spec}"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    let loaded = braid_models::load(&location);
+    spinner.finish_and_clear();
+    let loaded = loaded.with_context(|| format!("cannot load model '{spec}'"))?;
+    tracing::info!(model = spec, seconds = start.elapsed().as_secs_f64(), "model loaded");
+    let config = EngineConfig { kv_cache_tokens: args.kv_cache_tokens, ..EngineConfig::default() };
+    if args.kv_cache_tokens == Some(0) {
+        bail!("--kv-cache-tokens must be at least 1");
+    }
+    Ok(Braid::with_engine(Engine::new(loaded, config)?)?)
+}
+
+pub fn params(gen: &GenArgs) -> Result<GenerationParams> {
+    let p = GenerationParams {
+        max_tokens: gen.max_tokens,
+        sampling: SamplingParams {
+            temperature: gen.temperature,
+            top_k: gen.top_k,
+            top_p: gen.top_p,
+            min_p: gen.min_p,
+            repetition_penalty: gen.repetition_penalty,
+            seed: gen.seed,
+        },
+        stop: gen.stop.clone(),
+        ignore_eos: gen.ignore_eos,
+    };
+    if let Err(msg) = p.validate() {
+        bail!("{msg}");
+    }
+    Ok(p)
+}
+
+fn conversation(gen: &GenArgs, user: &str) -> Vec<ChatMessage> {
+    let mut messages = Vec::new();
+    if let Some(system) = &gen.system {
+        messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+    }
+    messages.push(ChatMessage { role: "user".into(), content: user.to_owned() });
+    messages
+}
+
+/// Stream text to stdout and a one-line summary to stderr.
+pub fn stream(braid: &mut Braid, prompt: Prompt, gen: &GenArgs) -> Result<Generation> {
+    stream_until(braid, prompt, gen, || false)
+}
+
+/// Like [`stream`], stopping early when `interrupted` says so.
+pub fn stream_until(braid: &mut Braid, prompt: Prompt, gen: &GenArgs, interrupted: impl Fn() -> bool) -> Result<Generation> {
+    let params = params(gen)?;
+    let mut stdout = std::io::stdout().lock();
+    let out = braid.generate_stream(prompt, &params, |piece| {
+        // A closed stdout (e.g. piped into `head`) ends the generation quietly.
+        if stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_err() || interrupted() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    let _ = writeln!(stdout);
+    let t = &out.timings;
+    eprintln!(
+        "{} prompt tokens, {} generated ({}), first token after {:.2} s, {:.1} tok/s",
+        t.prompt_tokens,
+        t.generated_tokens,
+        out.finish_reason.as_str(),
+        t.time_to_first_token_s,
+        t.decode_tokens_per_s
+    );
+    Ok(out)
+}
+
+fn inspect(spec: &str) -> Result<()> {
+    let location = source::resolve(spec).with_context(|| format!("cannot open model '{spec}'"))?;
+    let info = braid_models::inspect(&location).with_context(|| format!("cannot read model '{spec}'"))?;
+    let c = &info.config;
+    let types: Vec<String> = info.weight_types.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+    let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
+    println!("path:            {}", info.path.display());
+    println!("format:          {}", info.format);
+    println!("architecture:    {}", c.architecture.name());
+    println!("parameters:      {:.1} M", c.parameter_count() as f64 / 1e6);
+    println!("weight types:    {}", types.join(", "));
+    println!(
+        "shape:           {} layers, hidden {}, intermediate {}, {} heads / {} KV heads, head_dim {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!("context length:  {}", c.max_position_embeddings);
+    println!("rope:            theta {}, scaling {:?}", c.rope_theta, c.rope_scaling);
+    if let Some(w) = windows.first() {
+        println!("sliding window:  {w} tokens on {} of {} layers", windows.len(), c.num_layers);
+    }
+    println!("vocabulary:      {} ({}, {} tokens)", c.vocab_size, info.tokenizer_kind, info.tokenizer_vocab);
+    println!("tied embeddings: {}", c.tie_word_embeddings);
+    println!("chat template:   {}", if info.has_chat_template { "yes" } else { "no" });
+    Ok(())
+}

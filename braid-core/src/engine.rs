@@ -1,0 +1,290 @@
+//! The engine: admits requests, schedules every running sequence into one batched forward per step
+//! (decodes first, then chunks of waiting prompts up to a token budget), samples, detokenizes and
+//! reports. When the KV pool runs out, the newest sequence is preempted and recomputed later, so
+//! nothing crashes and nothing is lost.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use braid_cache::{BlockTable, KvLayout, PagedKvCache, DEFAULT_BLOCK_SIZE};
+use braid_models::{LoadedModel, SeqInput};
+
+use crate::detokenizer::{Decode, IncrementalDetokenizer};
+use crate::error::EngineError;
+use crate::request::{FinishReason, GenerationParams, RequestId, StepEvent};
+use crate::sampling::Sampler;
+use crate::sequence::Sequence;
+use crate::stop::StopChecker;
+
+/// Engine sizing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Tokens the KV pool holds across all sequences; `None` = the model's context window.
+    pub kv_cache_tokens: Option<usize>,
+    /// Most tokens run in one forward step (long prompts are prefilled in chunks of this size).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { block_size: DEFAULT_BLOCK_SIZE, kv_cache_tokens: None, max_batch_tokens: 2048, max_running: 64 }
+    }
+}
+
+/// Counters since the engine started.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub steps: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+}
+
+pub struct Engine {
+    model: LoadedModel,
+    kv: PagedKvCache,
+    config: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    next_id: RequestId,
+    stats: EngineStats,
+}
+
+struct TokenizerDecode<'a>(&'a braid_models::tokenizer::Tokenizer);
+
+impl Decode for TokenizerDecode<'_> {
+    fn decode(&self, ids: &[u32]) -> String {
+        // Decoding valid ids cannot fail; an id the tokenizer does not know decodes to nothing.
+        self.0.decode(ids, true).unwrap_or_default()
+    }
+}
+
+impl Engine {
+    pub fn new(model: LoadedModel, config: EngineConfig) -> Result<Self, EngineError> {
+        let c = &model.info.config;
+        if config.block_size == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
+            return Err(EngineError::InvalidConfig(
+                "block_size, max_batch_tokens and max_running must all be at least 1".into(),
+            ));
+        }
+        let tokens = config.kv_cache_tokens.unwrap_or(c.max_position_embeddings);
+        let layout = KvLayout {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: config.block_size,
+            num_blocks: tokens.div_ceil(config.block_size).max(1),
+        };
+        let kv = PagedKvCache::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+        tracing::info!(
+            blocks = layout.num_blocks,
+            tokens = layout.num_blocks * layout.block_size,
+            mib = layout.num_blocks * layout.block_size * layout.bytes_per_token_f32() / (1 << 20),
+            "KV cache allocated"
+        );
+        Ok(Engine { model, kv, config, waiting: VecDeque::new(), running: Vec::new(), next_id: 0, stats: EngineStats::default() })
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Tokens the KV pool can hold.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv.num_total_blocks() * self.config.block_size
+    }
+
+    /// Queue a request. Fails at once, with nothing queued, if the prompt cannot ever run.
+    pub fn add_request(&mut self, prompt_ids: Vec<u32>, params: GenerationParams) -> Result<RequestId, EngineError> {
+        params.validate().map_err(EngineError::InvalidRequest)?;
+        let c = &self.model.info.config;
+        if prompt_ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
+        let context = c.max_position_embeddings.min(self.kv_capacity_tokens());
+        if prompt_ids.len() >= context {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens but at most {} fit (context window {}, KV cache {} tokens), leaving room for one new token",
+                prompt_ids.len(),
+                context - 1,
+                c.max_position_embeddings,
+                self.kv_capacity_tokens()
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let max_total = (prompt_ids.len() + params.max_tokens).min(context);
+        self.waiting.push_back(Sequence {
+            id,
+            prompt_len: prompt_ids.len(),
+            detok: IncrementalDetokenizer::new(&prompt_ids),
+            tokens: prompt_ids,
+            num_computed: 0,
+            table: BlockTable::new(),
+            sampler: Sampler::new(params.sampling.clone()),
+            stop: StopChecker::new(params.stop.clone()),
+            params,
+            max_total,
+            finished: None,
+            arrived: Instant::now(),
+            first_token_at: None,
+        });
+        Ok(id)
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Drop a request wherever it is; its blocks are free for the next step. Unknown ids are ignored.
+    pub fn abort(&mut self, id: RequestId) -> Option<StepEvent> {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            Some(self.running.remove(i))
+        } else {
+            self.waiting.iter().position(|s| s.id == id).and_then(|i| self.waiting.remove(i))
+        };
+        seq.map(|mut s| {
+            self.kv.release(&mut s.table);
+            StepEvent { request: id, token: None, text: String::new(), finished: Some(FinishReason::Abort) }
+        })
+    }
+
+    /// Run one batched forward over everything schedulable and report each request's progress.
+    pub fn step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        let scheduled = self.schedule();
+        if scheduled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inputs: Vec<SeqInput<'_>> = scheduled
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                SeqInput { tokens: &s.tokens[s.num_computed..s.num_computed + n], start_pos: s.num_computed, block_table: s.table.blocks() }
+            })
+            .collect();
+        let logits = self.model.model.forward(&inputs, &mut self.kv.storage)?;
+        self.stats.steps += 1;
+
+        let mut events = Vec::new();
+        let decoder = TokenizerDecode(&self.model.tokenizer);
+        let eos = self.model.tokenizer.eos_ids();
+        for (&(i, n), mut logits) in scheduled.iter().zip(logits) {
+            let seq = &mut self.running[i];
+            if seq.num_computed < seq.prompt_len {
+                self.stats.prompt_tokens += n.min(seq.prompt_len - seq.num_computed) as u64;
+            }
+            seq.num_computed += n;
+            PagedKvCache::set_len(&mut seq.table, seq.num_computed);
+            if seq.pending() > 0 {
+                continue; // a prompt chunk; the prompt's last chunk samples
+            }
+            let token = seq.sampler.sample(&mut logits, &seq.tokens);
+            seq.tokens.push(token);
+            seq.first_token_at.get_or_insert_with(Instant::now);
+            self.stats.generated_tokens += 1;
+
+            let is_eos = !seq.params.ignore_eos && eos.contains(&token);
+            let mut text = String::new();
+            if !is_eos {
+                let piece = seq.detok.push(&decoder, token);
+                let decision = seq.stop.push(&piece);
+                if decision.is_stop() {
+                    seq.finished = Some(FinishReason::Stop);
+                }
+                text = decision.emit;
+            }
+            if seq.finished.is_none() {
+                if is_eos {
+                    seq.finished = Some(FinishReason::Stop);
+                } else if seq.num_generated() >= seq.params.max_tokens || seq.tokens.len() >= seq.max_total {
+                    seq.finished = Some(FinishReason::Length);
+                }
+                if seq.finished.is_some() {
+                    // End of output: release text held back for a possible split character or stop string.
+                    let tail = seq.detok.flush(&decoder);
+                    text.push_str(&seq.stop.push(&tail).emit);
+                    text.push_str(&seq.stop.flush());
+                }
+            }
+            events.push(StepEvent { request: seq.id, token: Some(token), text, finished: seq.finished });
+        }
+
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].finished.is_some() {
+                let mut s = self.running.remove(i);
+                self.kv.release(&mut s.table);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Choose (running index, tokens to run) pairs for this step, reserving their KV blocks.
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let mut budget = self.config.max_batch_tokens;
+        let mut scheduled = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            let n = self.running[i].pending().min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            loop {
+                let s = &mut self.running[i];
+                if self.kv.reserve(&mut s.table, s.num_computed + n).is_ok() {
+                    scheduled.push((i, n));
+                    budget -= n;
+                    break;
+                }
+                // Out of blocks: preempt the newest sequence (possibly this one) and retry.
+                let victim = self.running.len() - 1;
+                self.preempt(victim);
+                if victim == i {
+                    break;
+                }
+            }
+            i += 1;
+        }
+        while budget > 0 && self.running.len() < self.config.max_running {
+            let Some(s) = self.waiting.front_mut() else { break };
+            let n = s.pending().min(budget);
+            if self.kv.reserve(&mut s.table, s.num_computed + n).is_err() {
+                break;
+            }
+            let Some(s) = self.waiting.pop_front() else { break };
+            self.running.push(s);
+            scheduled.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        scheduled
+    }
+
+    /// Free a running sequence's blocks and send it back to the front of the queue; it will be
+    /// recomputed from its tokens, with its sampler state intact, so its output does not change.
+    fn preempt(&mut self, index: usize) {
+        let mut s = self.running.remove(index);
+        self.kv.release(&mut s.table);
+        s.num_computed = 0;
+        self.stats.preemptions += 1;
+        tracing::debug!(request = s.id, "preempted: KV cache full");
+        self.waiting.push_front(s);
+    }
+}

@@ -1,0 +1,71 @@
+//! What a caller asks for and what the engine reports back.
+
+use serde::Serialize;
+
+use crate::sampling::SamplingParams;
+
+pub type RequestId = u64;
+
+/// How to generate, beyond the prompt.
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    /// Most tokens to generate (the context window may end generation sooner).
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// Keep generating past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false }
+    }
+}
+
+impl GenerationParams {
+    /// Check every field, returning one sentence about the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err("stop strings must not be empty".into());
+        }
+        self.sampling.validate()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// max_tokens or the context window was reached.
+    Length,
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// The caller aborted the request.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// One request's progress in one engine step.
+#[derive(Debug, Clone)]
+pub struct StepEvent {
+    pub request: RequestId,
+    /// The token sampled this step (absent when the step only advanced a chunked prefill or the
+    /// request ended without a new token).
+    pub token: Option<u32>,
+    /// Text that became final this step (may be empty while a character or stop string is pending).
+    pub text: String,
+    pub finished: Option<FinishReason>,
+}
