@@ -492,6 +492,13 @@ TEMPLATE_CASES = [
     ("features", FEATURES_TEMPLATE, "<s>", "</s>", ["multi_turn", "with_system", "with_thinking"]),
 ]
 
+# Renders with extra template variables (transformers passes apply_chat_template's kwargs on).
+TEMPLATE_EXTRA_RUNS = [
+    ("qwen3", "single_user", True, {"enable_thinking": False}),
+    ("qwen3", "with_thinking", True, {"enable_thinking": False}),
+    ("qwen3", "with_thinking", True, {"enable_thinking": True}),
+]
+
 # Conversations a template rejects through raise_exception; the message must come through.
 TEMPLATE_ERRORS = [
     ("mistral", "user_then_system", "Only user and assistant roles are supported!"),
@@ -516,20 +523,23 @@ def make_chat_templates() -> None:
         templates[name] = {"source": template, "bos_token": bos, "eos_token": eos}
         tok.bos_token = bos
         tok.eos_token = eos
-        for conv in convs:
-            for add_generation_prompt in (False, True):
-                rendered = tok.apply_chat_template(
-                    conversations[conv],
-                    chat_template=template,
-                    tokenize=False,
-                    add_generation_prompt=add_generation_prompt,
-                )
-                renders.append({
-                    "template": name,
-                    "conversation": conv,
-                    "add_generation_prompt": add_generation_prompt,
-                    "expected": rendered,
-                })
+        runs = [(conv, gen, {}) for conv in convs for gen in (False, True)]
+        runs += [(conv, gen, extra) for t, conv, gen, extra in TEMPLATE_EXTRA_RUNS if t == name]
+        for conv, add_generation_prompt, extra in runs:
+            rendered = tok.apply_chat_template(
+                conversations[conv],
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **extra,
+            )
+            renders.append({
+                "template": name,
+                "conversation": conv,
+                "add_generation_prompt": add_generation_prompt,
+                "extra": extra,
+                "expected": rendered,
+            })
     errors = []
     for name, conv, message in TEMPLATE_ERRORS:
         _, template, bos, eos, _ = next(c for c in TEMPLATE_CASES if c[0] == name)

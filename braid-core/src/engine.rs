@@ -4,7 +4,6 @@
 //! nothing crashes and nothing is lost.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use braid_cache::{BlockTable, KvLayout, PagedKvCache, DEFAULT_BLOCK_SIZE};
 use braid_models::{LoadedModel, SeqInput};
@@ -140,8 +139,6 @@ impl Engine {
             params,
             max_total,
             finished: None,
-            arrived: Instant::now(),
-            first_token_at: None,
         });
         Ok(id)
     }
@@ -195,7 +192,6 @@ impl Engine {
             }
             let token = seq.sampler.sample(&mut logits, &seq.tokens);
             seq.tokens.push(token);
-            seq.first_token_at.get_or_insert_with(Instant::now);
             self.stats.generated_tokens += 1;
 
             let is_eos = !seq.params.ignore_eos && eos.contains(&token);
@@ -216,8 +212,11 @@ impl Engine {
                 }
                 if seq.finished.is_some() {
                     // End of output: release text held back for a possible split character or stop string.
-                    let tail = seq.detok.flush(&decoder);
-                    text.push_str(&seq.stop.push(&tail).emit);
+                    let tail = seq.stop.push(&seq.detok.flush(&decoder));
+                    if tail.is_stop() {
+                        seq.finished = Some(FinishReason::Stop);
+                    }
+                    text.push_str(&tail.emit);
                     text.push_str(&seq.stop.flush());
                 }
             }

@@ -1,7 +1,5 @@
 //! A request in flight: its tokens, KV blocks, sampler and text state.
 
-use std::time::Instant;
-
 use braid_cache::BlockTable;
 
 use crate::detokenizer::IncrementalDetokenizer;
@@ -24,8 +22,6 @@ pub(crate) struct Sequence {
     /// Generation may not run past this many tokens in total (prompt + output).
     pub max_total: usize,
     pub finished: Option<FinishReason>,
-    pub arrived: Instant,
-    pub first_token_at: Option<Instant>,
 }
 
 impl Sequence {

@@ -38,8 +38,16 @@ mod generated {
 }
 use generated::consts;
 
-/// Whether nvcc compiled the kernels into this build (without them every [`CudaDevice::new`]
-/// fails with [`CudaError::KernelsNotBuilt`]).
+// The launch configurations below rely on these relations between the header's constants.
+const _: () = assert!(
+    consts::ELEMENTWISE_BLOCK_THREADS <= consts::MAX_BLOCK_THREADS
+        && consts::ELEMENTWISE_BLOCK_THREADS / consts::WARP_SIZE * consts::WARP_SIZE
+            == consts::ELEMENTWISE_BLOCK_THREADS
+        && consts::MAX_BLOCK_THREADS / consts::WARP_SIZE <= consts::WARP_SIZE
+);
+
+/// Whether nvcc compiled the kernels into this build; without them, opening a device that exists
+/// fails with [`CudaError::KernelsNotBuilt`].
 pub fn kernels_built() -> bool {
     cfg!(braid_cuda_kernels)
 }
@@ -256,13 +264,13 @@ impl CudaDevice {
                 None => {
                     let image =
                         module_ptx_or_fatbin(module_name).ok_or(CudaError::KernelsNotBuilt)?;
-                    let module = ctx
-                        .load_module(Ptx::from_binary(image.to_vec()))
-                        .map_err(|source| CudaError::ModuleLoad {
-                            module: module_name,
-                            ordinal,
-                            source,
-                        })?;
+                    let module =
+                        ctx.load_module(Ptx::from_binary(image.to_vec()))
+                            .map_err(|source| CudaError::ModuleLoad {
+                                module: module_name,
+                                ordinal,
+                                source,
+                            })?;
                     modules.push((module_name, module.clone()));
                     module
                 }
@@ -364,10 +372,12 @@ impl CudaDevice {
     /// Blocks until every op queued on this device's stream has finished; reports faults raised
     /// by those kernels.
     pub fn synchronize(&self) -> Result<(), CudaError> {
-        self.stream.synchronize().map_err(|source| CudaError::Driver {
-            op: "stream synchronisation",
-            source,
-        })
+        self.stream
+            .synchronize()
+            .map_err(|source| CudaError::Driver {
+                op: "stream synchronisation",
+                source,
+            })
     }
 
     /// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight` for each of `rows` rows of `cols`
@@ -397,9 +407,7 @@ impl CudaDevice {
         let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
         let (w_ptr, _w_sync) = weight.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function::<T>(Op::RmsNorm));
+        let mut launch = self.stream.launch_builder(self.function::<T>(Op::RmsNorm));
         launch
             .arg(&x_ptr)
             .arg(&w_ptr)
@@ -482,9 +490,7 @@ impl CudaDevice {
         let (rows, inter) = (to_i32(rows), to_i32(inter));
         let (in_ptr, _in_sync) = gate_up.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function::<T>(Op::SiluMul));
+        let mut launch = self.stream.launch_builder(self.function::<T>(Op::SiluMul));
         launch.arg(&in_ptr).arg(&out_ptr).arg(&rows).arg(&inter);
         // SAFETY: the arguments match `silu_mul_*(const T*, T*, int, int)` in activation.cu and
         // the lengths checked above keep every access inside the buffers.
@@ -691,14 +697,16 @@ mod tests {
         let covered = cfg.grid_dim.0 as usize * cfg.block_dim.0 as usize * 4;
         assert!(covered >= 4099);
         assert_eq!(cfg.grid_dim.1, consts::MAX_GRID_Y);
-        assert_eq!(elementwise_launch_config::<half::f16>(5, 1).grid_dim, (1, 5, 1));
+        assert_eq!(
+            elementwise_launch_config::<half::f16>(5, 1).grid_dim,
+            (1, 5, 1)
+        );
     }
 
     #[test]
     fn shared_constants_come_from_the_header() {
         assert_eq!(consts::WARP_SIZE, 32);
         assert_eq!(consts::VEC_BYTES, 16);
-        assert!(consts::ELEMENTWISE_BLOCK_THREADS <= consts::MAX_BLOCK_THREADS);
     }
 
     #[test]
@@ -706,7 +714,11 @@ mod tests {
         let names: Vec<_> = module_names().collect();
         if kernels_built() {
             for op in Op::ALL {
-                assert!(names.contains(&op.module()), "module {} missing", op.module());
+                assert!(
+                    names.contains(&op.module()),
+                    "module {} missing",
+                    op.module()
+                );
             }
         } else {
             assert!(names.is_empty());
@@ -719,7 +731,10 @@ mod tests {
         assert!(check_eps("rms_norm", 1e-6).is_ok());
         assert!(check_eps("rms_norm", 0.0).is_ok());
         let err = check_eps("rms_norm", f32::NAN).unwrap_err().to_string();
-        assert_eq!(err, "rms_norm: eps must be a finite non-negative number, found NaN");
+        assert_eq!(
+            err,
+            "rms_norm: eps must be a finite non-negative number, found NaN"
+        );
         assert!(check_eps("rms_norm", -1.0).is_err());
     }
 }

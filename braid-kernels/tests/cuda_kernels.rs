@@ -104,12 +104,15 @@ impl Rng {
     }
 
     fn vec<T: TestFloat>(&mut self, len: usize, lo: f64, hi: f64) -> Vec<T> {
-        (0..len).map(|_| T::from_f64(self.uniform(lo, hi))).collect()
+        (0..len)
+            .map(|_| T::from_f64(self.uniform(lo, hi)))
+            .collect()
     }
 }
 
 fn poisoned<T: TestFloat>(dev: &CudaDevice, len: usize) -> CudaSlice<T> {
-    dev.upload(&vec![T::from_f64(f64::NAN); len]).expect("upload poisoned output")
+    dev.upload(&vec![T::from_f64(f64::NAN); len])
+        .expect("upload poisoned output")
 }
 
 fn assert_close<T: TestFloat>(what: &str, got: &[T], want: &[f64]) {
@@ -128,7 +131,11 @@ fn rms_norm_reference<T: TestFloat>(x: &[T], weight: &[T], cols: usize) -> Vec<f
     for row in x.chunks(cols) {
         let mean_sq = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / cols as f64;
         let inv_rms = 1.0 / (mean_sq + EPS as f64).sqrt();
-        out.extend(row.iter().zip(weight).map(|(v, w)| v.to_f64() * inv_rms * w.to_f64()));
+        out.extend(
+            row.iter()
+                .zip(weight)
+                .map(|(v, w)| v.to_f64() * inv_rms * w.to_f64()),
+        );
     }
     out
 }
@@ -150,8 +157,13 @@ fn check_rms_norm<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         let x_dev = dev.upload(&x).unwrap();
         let w_dev = dev.upload(&w).unwrap();
         let mut out = poisoned::<T>(dev, rows * cols);
-        dev.rms_norm(&x_dev, &w_dev, &mut out, rows, cols, EPS).unwrap();
-        assert_close(&what, &dev.download(&out).unwrap(), &rms_norm_reference(&x, &w, cols));
+        dev.rms_norm(&x_dev, &w_dev, &mut out, rows, cols, EPS)
+            .unwrap();
+        assert_close(
+            &what,
+            &dev.download(&out).unwrap(),
+            &rms_norm_reference(&x, &w, cols),
+        );
     }
 }
 
@@ -168,7 +180,8 @@ fn check_rms_norm_unaligned<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     {
         let x_view = x_dev.slice(1..);
         let mut out_view = out.slice_mut(1..);
-        dev.rms_norm(&x_view, &w_dev, &mut out_view, rows, cols, EPS).unwrap();
+        dev.rms_norm(&x_view, &w_dev, &mut out_view, rows, cols, EPS)
+            .unwrap();
     }
     let got = dev.download(&out).unwrap();
     assert!(got[0].to_f64().is_nan(), "{what}: wrote before the view");
@@ -235,7 +248,11 @@ fn check_silu_mul<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         let in_dev = dev.upload(&gate_up).unwrap();
         let mut out = poisoned::<T>(dev, rows * inter);
         dev.silu_mul(&in_dev, &mut out, rows, inter).unwrap();
-        assert_close(&what, &dev.download(&out).unwrap(), &silu_mul_reference(&gate_up, inter));
+        assert_close(
+            &what,
+            &dev.download(&out).unwrap(),
+            &silu_mul_reference(&gate_up, inter),
+        );
     }
 }
 
@@ -275,7 +292,9 @@ fn check_embedding<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
 
 #[test]
 fn rms_norm_matches_reference() {
-    let Some(dev) = device("rms_norm_matches_reference") else { return };
+    let Some(dev) = device("rms_norm_matches_reference") else {
+        return;
+    };
     let mut rng = Rng(1);
     check_rms_norm::<f32>(&dev, &mut rng);
     check_rms_norm::<f16>(&dev, &mut rng);
@@ -287,7 +306,9 @@ fn rms_norm_matches_reference() {
 
 #[test]
 fn fused_add_rms_norm_matches_reference() {
-    let Some(dev) = device("fused_add_rms_norm_matches_reference") else { return };
+    let Some(dev) = device("fused_add_rms_norm_matches_reference") else {
+        return;
+    };
     let mut rng = Rng(2);
     check_fused_add_rms_norm::<f32>(&dev, &mut rng);
     check_fused_add_rms_norm::<f16>(&dev, &mut rng);
@@ -296,7 +317,9 @@ fn fused_add_rms_norm_matches_reference() {
 
 #[test]
 fn silu_mul_matches_reference() {
-    let Some(dev) = device("silu_mul_matches_reference") else { return };
+    let Some(dev) = device("silu_mul_matches_reference") else {
+        return;
+    };
     let mut rng = Rng(3);
     check_silu_mul::<f32>(&dev, &mut rng);
     check_silu_mul::<f16>(&dev, &mut rng);
@@ -305,7 +328,9 @@ fn silu_mul_matches_reference() {
 
 #[test]
 fn embedding_gathers_rows_exactly() {
-    let Some(dev) = device("embedding_gathers_rows_exactly") else { return };
+    let Some(dev) = device("embedding_gathers_rows_exactly") else {
+        return;
+    };
     let mut rng = Rng(4);
     check_embedding::<f32>(&dev, &mut rng);
     check_embedding::<f16>(&dev, &mut rng);
@@ -314,19 +339,36 @@ fn embedding_gathers_rows_exactly() {
 
 #[test]
 fn ops_reject_mismatched_buffers_and_bad_arguments() {
-    let Some(dev) = device("ops_reject_mismatched_buffers_and_bad_arguments") else { return };
+    let Some(dev) = device("ops_reject_mismatched_buffers_and_bad_arguments") else {
+        return;
+    };
     let x = dev.upload(&[1.0f32; 12]).unwrap();
     let w = dev.upload(&[1.0f32; 4]).unwrap();
     let mut short_out = dev.alloc_zeros::<f32>(11).unwrap();
     let err = dev.rms_norm(&x, &w, &mut short_out, 3, 4, EPS).unwrap_err();
-    assert_eq!(err.to_string(), "rms_norm: `out` holds 11 elements, expected 12");
+    assert_eq!(
+        err.to_string(),
+        "rms_norm: `out` holds 11 elements, expected 12"
+    );
 
     let mut out = dev.alloc_zeros::<f32>(12).unwrap();
     let err = dev.rms_norm(&x, &w, &mut out, 3, 4, f32::NAN).unwrap_err();
-    assert!(matches!(err, CudaError::InvalidArgument { argument: "eps", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CudaError::InvalidArgument {
+                argument: "eps",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let err = dev.silu_mul(&x, &mut out, 3, 4).unwrap_err();
-    assert_eq!(err.to_string(), "silu_mul: `gate_up` holds 12 elements, expected 24");
+    assert_eq!(
+        err.to_string(),
+        "silu_mul: `gate_up` holds 12 elements, expected 24"
+    );
 
     let ids = dev.upload(&[0u32, 1, 2]).unwrap();
     let err = dev.embedding(&x, &ids, &mut out, 5).unwrap_err();
@@ -351,7 +393,9 @@ fn opening_a_missing_device_is_a_clear_error() {
         }
         CudaError::NoDevice { ordinal, .. } => {
             assert_eq!(*ordinal, usize::MAX);
-            assert!(err.to_string().starts_with(&format!("no CUDA device {}", usize::MAX)));
+            assert!(err
+                .to_string()
+                .starts_with(&format!("no CUDA device {}", usize::MAX)));
         }
         other => panic!("expected a missing driver or device, got: {other}"),
     }
@@ -364,7 +408,10 @@ fn kernels_are_embedded_when_nvcc_was_required() {
         Ok("1" | "true" | "yes" | "on")
     );
     if required {
-        assert!(cuda::kernels_built(), "BRAID_REQUIRE_NVCC is set but no kernels were built");
+        assert!(
+            cuda::kernels_built(),
+            "BRAID_REQUIRE_NVCC is set but no kernels were built"
+        );
     }
     if !cuda::kernels_built() {
         assert_eq!(cuda::module_names().count(), 0);
@@ -374,8 +421,16 @@ fn kernels_are_embedded_when_nvcc_was_required() {
         let image = cuda::module_ptx_or_fatbin(name)
             .unwrap_or_else(|| panic!("module {name} is missing from the build"));
         // Fatbin magic 0xBA55ED50, little-endian.
-        assert_eq!(image.get(..4), Some(&[0x50, 0xED, 0x55, 0xBA][..]), "module {name}");
-        assert_eq!(image.as_ptr() as usize % 16, 0, "module {name} is not 16-byte aligned");
+        assert_eq!(
+            image.get(..4),
+            Some(&[0x50, 0xED, 0x55, 0xBA][..]),
+            "module {name}"
+        );
+        assert_eq!(
+            image.as_ptr() as usize % 16,
+            0,
+            "module {name} is not 16-byte aligned"
+        );
     }
     assert!(cuda::module_ptx_or_fatbin("no_such_module").is_none());
 }

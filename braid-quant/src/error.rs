@@ -48,7 +48,9 @@ pub enum QuantError {
     BigEndian { raw: u32 },
 
     /// A header field runs past the end of the file.
-    #[error("GGUF file is truncated: {what} needs bytes {start}..{end} but the file holds {file_len}")]
+    #[error(
+        "GGUF file is truncated: {what} needs bytes {start}..{end} but the file holds {file_len}"
+    )]
     Truncated {
         what: String,
         start: u64,
@@ -57,7 +59,9 @@ pub enum QuantError {
     },
 
     /// A count in the header is larger than the remaining bytes could possibly hold.
-    #[error("GGUF file is corrupt: {what} claims {count} entries but only {remaining} bytes remain")]
+    #[error(
+        "GGUF file is corrupt: {what} claims {count} entries but only {remaining} bytes remain"
+    )]
     CountTooLarge {
         what: String,
         count: u64,

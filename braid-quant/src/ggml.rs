@@ -264,7 +264,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
 ///
 /// Same rules as [`dequantize`]; useful to decode straight into a caller-owned buffer.
 pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    let kernel = ty.kernel().ok_or(QuantError::UnsupportedType { name: ty.name() })?;
+    let kernel = ty
+        .kernel()
+        .ok_or(QuantError::UnsupportedType { name: ty.name() })?;
     check_lengths(ty, bytes, out.len())?;
     match kernel {
         Kernel::F32 => run(bytes, out, 4, 1, |b, y| {
@@ -284,7 +286,8 @@ fn check_lengths(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<()> {
         return Err(QuantError::UnsupportedType { name: ty.name() });
     }
     let block_size = ty.block_size();
-    if n_elements % block_size != 0 {
+    let partial = n_elements % block_size;
+    if partial != 0 {
         return Err(QuantError::PartialBlock {
             ty: ty.name(),
             block_size,
@@ -357,7 +360,10 @@ mod tests {
         let err = dequantize(GgmlType::Q4_0, &[0; 18], 16).unwrap_err();
         assert!(matches!(err, QuantError::PartialBlock { .. }), "{err}");
         let err = dequantize(GgmlType::Q4_0, &[0; 17], 32).unwrap_err();
-        assert_eq!(err.to_string(), "Q4_0 data for 32 values must be 18 bytes, got 17");
+        assert_eq!(
+            err.to_string(),
+            "Q4_0 data for 32 values must be 18 bytes, got 17"
+        );
         let err = dequantize(GgmlType::Q4_0, &[0; 18], usize::MAX - 31).unwrap_err();
         assert!(matches!(err, QuantError::ByteLength { .. }), "{err}");
     }
@@ -395,9 +401,16 @@ mod tests {
         // More values than one task holds, so the parallel split itself is exercised.
         let n = VALUES_PER_TASK * 3 + 64;
         let bytes: Vec<u8> = (0..n)
-            .flat_map(|i| half::f16::from_f32((i % 1000) as f32).to_bits().to_le_bytes())
+            .flat_map(|i| {
+                half::f16::from_f32((i % 1000) as f32)
+                    .to_bits()
+                    .to_le_bytes()
+            })
             .collect();
         let values = dequantize(GgmlType::F16, &bytes, n).unwrap();
-        assert!(values.iter().enumerate().all(|(i, v)| *v == (i % 1000) as f32));
+        assert!(values
+            .iter()
+            .enumerate()
+            .all(|(i, v)| *v == (i % 1000) as f32));
     }
 }

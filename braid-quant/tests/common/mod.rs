@@ -66,9 +66,8 @@ impl Builder {
     }
     /// Zero padding up to the next multiple of `alignment`.
     pub fn pad_to(&mut self, alignment: usize) -> &mut Self {
-        while self.bytes.len() % alignment != 0 {
-            self.bytes.push(0);
-        }
+        let padding = (alignment - self.bytes.len() % alignment) % alignment;
+        self.bytes.resize(self.bytes.len() + padding, 0);
         self
     }
     pub fn build(&self) -> Vec<u8> {

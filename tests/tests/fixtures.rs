@@ -1,0 +1,108 @@
+//! Every tiny model saved by transformers (tests/fixtures/models, made by scripts/make_fixtures.py)
+//! loads and runs on the CPU with transformers' logits (rel. L2 < 1e-4) and greedy tokens.
+
+use braid_core::{Braid, Engine, EngineConfig, FinishReason, GenerationParams, Prompt, SamplingParams};
+use braid_models::source::ModelLocation;
+use braid_tests::*;
+use serde_json::Value;
+
+const LOGITS_TOLERANCE: f64 = 1e-4;
+/// A greedy step closer than this may flip under f32 reordering alone.
+const MIN_MARGIN: f32 = 1e-3;
+
+fn fixture_models() -> Vec<(String, ModelLocation, Value)> {
+    let dir = fixtures_dir().join("models");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let location = if path.join("model.gguf").exists() {
+            ModelLocation::Gguf(path.join("model.gguf"))
+        } else {
+            ModelLocation::HfDir(path.clone())
+        };
+        out.push((name, location, read_json(&path.join("expected.json"))));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(out.len() >= 10, "expected every fixture model, found {}", out.len());
+    out
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: true }
+}
+
+/// Each prompt, and the chat prompt, of a fixture.
+fn cases(expected: &Value) -> Vec<&Value> {
+    let mut v: Vec<&Value> = expected["prompts"].as_array().unwrap().iter().collect();
+    v.push(&expected["chat"]);
+    v
+}
+
+#[test]
+fn logits_match_transformers() {
+    for (name, location, expected) in fixture_models() {
+        let loaded = braid_models::load(&location).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for case in cases(&expected) {
+            let ids = as_ids(&case["input_ids"]);
+            let ours = prefill_logits(&loaded.model, &ids);
+            let err = rel_l2(&ours, &as_f32s(&case["last_logits"]));
+            assert!(err < LOGITS_TOLERANCE, "{name}: logits rel. L2 {err:.2e} for {:?}", case["text"]);
+        }
+    }
+}
+
+#[test]
+fn tokenizer_and_chat_template_give_transformers_ids() {
+    for (name, location, expected) in fixture_models() {
+        let braid = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), EngineConfig::default()).unwrap()).unwrap();
+        for case in expected["prompts"].as_array().unwrap() {
+            let ids = braid.tokenize(&Prompt::Raw(case["text"].as_str().unwrap().into())).unwrap();
+            assert_eq!(ids, as_ids(&case["input_ids"]), "{name}: raw prompt ids");
+        }
+        let chat = &expected["chat"];
+        let messages = serde_json::from_value(chat["messages"].clone()).unwrap();
+        let ids = braid.tokenize(&Prompt::Chat(messages)).unwrap();
+        assert_eq!(ids, as_ids(&chat["input_ids"]), "{name}: chat-templated ids");
+    }
+}
+
+#[test]
+fn greedy_tokens_match_transformers() {
+    for (name, location, expected) in fixture_models() {
+        let mut braid = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), EngineConfig::default()).unwrap()).unwrap();
+        for case in cases(&expected) {
+            let want = as_ids(&case["greedy_ids"]);
+            let out = braid.generate(Prompt::Ids(as_ids(&case["input_ids"])), &greedy(want.len())).unwrap();
+            assert_eq!(out.finish_reason, FinishReason::Length);
+            assert_greedy_matches(&name, &out.token_ids, &want, &as_f32s(&case["greedy_margins"]), MIN_MARGIN);
+        }
+    }
+}
+
+/// Continuous batching: all prompts of a model run at once, with a small step budget that forces
+/// chunked prefill and a KV pool so small that sequences are preempted and recomputed; every
+/// sequence still produces transformers' greedy tokens.
+#[test]
+fn batched_chunked_and_preempted_generation_is_unchanged() {
+    for (name, location, expected) in fixture_models().into_iter().filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding") {
+        let config = EngineConfig { block_size: 4, kv_cache_tokens: Some(96), max_batch_tokens: 7, max_running: 8 };
+        let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
+        let mut requests = Vec::new();
+        for case in cases(&expected) {
+            let want = as_ids(&case["greedy_ids"]);
+            let id = engine.add_request(as_ids(&case["input_ids"]), greedy(want.len())).unwrap();
+            requests.push((id, want, as_f32s(&case["greedy_margins"]), Vec::new()));
+        }
+        while engine.has_work() {
+            for ev in engine.step().unwrap() {
+                let r = requests.iter_mut().find(|r| r.0 == ev.request).unwrap();
+                r.3.extend(ev.token);
+            }
+        }
+        assert!(engine.stats().preemptions > 0, "{name}: the pool was meant to overflow");
+        for (_, want, margins, got) in &requests {
+            assert_greedy_matches(&name, got, want, margins, MIN_MARGIN);
+        }
+    }
+}
