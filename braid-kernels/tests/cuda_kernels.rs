@@ -375,9 +375,10 @@ fn ops_reject_mismatched_buffers_and_bad_arguments() {
     assert!(matches!(err, CudaError::InvalidArgument { .. }), "{err}");
 
     // Nothing to do is not an error, and must not launch an empty grid.
-    let empty = dev.alloc_zeros::<f32>(0).unwrap();
-    let mut empty_out = dev.alloc_zeros::<f32>(0).unwrap();
-    dev.rms_norm(&empty, &w, &mut empty_out, 0, 4, EPS).unwrap();
+    dev.rms_norm(&x.slice(0..0), &w, &mut out.slice_mut(0..0), 0, 4, EPS)
+        .unwrap();
+    dev.silu_mul(&x.slice(0..0), &mut out.slice_mut(0..0), 0, 4)
+        .unwrap();
     dev.synchronize().unwrap();
 }
 

@@ -461,6 +461,23 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A short human description of a value for error messages, e.g. `uint32 48`.
+fn describe(value: &GgufValue) -> String {
+    let shown = match value {
+        GgufValue::String(s) => format!("{s:?}"),
+        GgufValue::Array(items) => format!("of {} items", items.len()),
+        GgufValue::Bool(b) => b.to_string(),
+        GgufValue::F32(v) => v.to_string(),
+        GgufValue::F64(v) => v.to_string(),
+        other => other
+            .as_i64()
+            .map(|v| v.to_string())
+            .or_else(|| other.as_u64().map(|v| v.to_string()))
+            .unwrap_or_default(),
+    };
+    format!("{} {shown}", value.type_name())
+}
+
 /// Fewest bytes one value of GGUF type `type_id` can occupy; `None` for an unknown type.
 fn min_value_bytes(type_id: u32) -> Option<u64> {
     match type_id {
@@ -512,7 +529,7 @@ fn parse(bytes: &[u8]) -> Result<Header> {
         Some(GgufValue::U32(a)) if a.is_power_of_two() => u64::from(*a),
         Some(other) => {
             return Err(QuantError::BadAlignment {
-                found: format!("{} {:?}", other.type_name(), other),
+                found: describe(other),
             })
         }
     };

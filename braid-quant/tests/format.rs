@@ -219,6 +219,12 @@ fn custom_alignment_moves_the_data_section() {
             "{value}/{type_id}: {err}"
         );
     }
+    let mut b = Builder::header(3, 0, 1);
+    b.kv_u32("general.alignment", 48);
+    assert_eq!(
+        parse_err(b.build()).to_string(),
+        "GGUF file is corrupt: general.alignment is uint32 48, expected a non-zero power of two of type uint32"
+    );
 }
 
 #[test]
