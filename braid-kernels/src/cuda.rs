@@ -33,6 +33,11 @@ pub use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, DriverError,
 };
 
+mod attention;
+mod linear;
+mod rope;
+mod sampling;
+
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 }
@@ -209,6 +214,10 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     /// Indexed by `op as usize * 3 + dtype index`.
     functions: Vec<CudaFunction>,
+    /// Every embedded module, by name, for op families that look their kernels up by name.
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    /// Kernels looked up by name so far.
+    named: std::sync::Mutex<std::collections::HashMap<String, CudaFunction>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -288,12 +297,44 @@ impl CudaDevice {
                 functions.push(function);
             }
         }
+        for name in module_names() {
+            if modules.iter().all(|(n, _)| *n != name) {
+                let image = module_ptx_or_fatbin(name).ok_or(CudaError::KernelsNotBuilt)?;
+                let module = ctx
+                    .load_module(Ptx::from_binary(image.to_vec()))
+                    .map_err(|source| CudaError::ModuleLoad { module: name, ordinal, source })?;
+                modules.push((name, module));
+            }
+        }
         Ok(CudaDevice {
             ordinal,
             ctx,
             stream,
             functions,
+            modules,
+            named: Default::default(),
         })
+    }
+
+    /// The kernel named `kernel` in module `module` (a `cuda/<module>.cu` file), loaded once and cached.
+    pub(crate) fn kernel(&self, module: &'static str, kernel: &str) -> Result<CudaFunction, CudaError> {
+        let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = named.get(kernel) {
+            return Ok(f.clone());
+        }
+        let (_, m) = self.modules.iter().find(|(n, _)| *n == module).ok_or(CudaError::KernelsNotBuilt)?;
+        let f = m.load_function(kernel).map_err(|source| CudaError::MissingKernel {
+            kernel: kernel.to_owned(),
+            module,
+            source,
+        })?;
+        named.insert(kernel.to_owned(), f.clone());
+        Ok(f)
+    }
+
+    /// The context this device's buffers belong to.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
     /// The device ordinal this handle was opened with.
