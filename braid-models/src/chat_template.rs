@@ -209,7 +209,7 @@ fn strftime(format: &str, unix_seconds: i64) -> String {
             'Z' => write!(out, "UTC"),
             'z' => write!(out, "+0000"),
             's' => write!(out, "{unix_seconds}"),
-            'n' => write!(out, "\n"),
+            'n' => writeln!(out),
             't' => write!(out, "\t"),
             '%' => write!(out, "%"),
             other => write!(out, "%{other}"),
