@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Puts Braid's benchmark results and PyTorch's side by side in one markdown table.
+
+    python3 scripts/bench_report.py --torch torch.json --braid braid.json [--out merged.json]
+
+torch.json is what scripts/bench_torch.py writes; braid.json is what `braid bench` writes:
+{"gpu", "date", "decode_tok_s": {"1": ..}, "ttft_ms": {"512": ..}, "peak_memory_gib", "startup_s",
+"smollm2_decode_tok_s"}. Rows are workloads, columns the three engines and Braid's ratio to each
+PyTorch baseline (Braid's value divided by the other's: above 1 is better for throughput, below 1
+is better for latency, memory and start-up). A value a file lacks prints as "—". Needs only the
+standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MISSING = "—"
+ENGINES = ("braid", "transformers_eager", "torch_compiled")
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
+
+
+def _ms(v: float) -> str:
+    return f"{v:,.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _gib(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def _secs(v: float) -> str:
+    return f"{v:.1f}" if v >= 1 else f"{v:.2f}"
+
+
+# (label, path inside one engine's results, formatter, shown only when Braid has it)
+ROWS = [
+    ("decode tok/s, batch 1 ↑", ("decode_tok_s", "1"), _rate, False),
+    ("decode tok/s, batch 8 ↑", ("decode_tok_s", "8"), _rate, False),
+    ("decode tok/s, batch 64 ↑", ("decode_tok_s", "64"), _rate, False),
+    ("decode tok/s, batch 256 ↑", ("decode_tok_s", "256"), _rate, False),
+    ("TTFT 512 tokens, ms ↓", ("ttft_ms", "512"), _ms, False),
+    ("TTFT 4096 tokens, ms ↓", ("ttft_ms", "4096"), _ms, False),
+    ("peak GPU memory, GiB ↓", ("peak_memory_gib",), _gib, False),
+    ("start-up, s ↓", ("startup_s",), _secs, False),
+    ("SmolLM2-135M decode tok/s, batch 1 ↑", ("smollm2_decode_tok_s",), _rate, True),
+]
+
+
+class ReportError(Exception):
+    """A results file that cannot be used."""
+
+
+def load(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ReportError(f"cannot read the {what} results file {path}: {err.strerror}.") from err
+    except json.JSONDecodeError as err:
+        raise ReportError(f"the {what} results file {path} is not valid JSON ({err.msg}, line {err.lineno}).") from err
+    if not isinstance(data, dict):
+        raise ReportError(f"the {what} results file {path} holds a {type(data).__name__}, expected a JSON object.")
+    return data
+
+
+def number(results: dict | None, path: tuple[str, ...]) -> float | None:
+    """The number at path, or None where the key is missing or not a number."""
+    value: object = results
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    # The SmolLM2 figure may come per batch size; batch 1 is the one this row means.
+    if isinstance(value, dict) and path == ("smollm2_decode_tok_s",):
+        value = value.get("1")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def ratio(braid: float | None, other: float | None) -> float | None:
+    if braid is None or other is None or other == 0:
+        return None
+    return braid / other
+
+
+def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
+    frameworks = torch_data.get("frameworks") if isinstance(torch_data.get("frameworks"), dict) else {}
+    engines = {
+        "braid": braid_data,
+        "transformers_eager": frameworks.get("transformers_eager"),
+        "torch_compiled": frameworks.get("torch_compiled"),
+    }
+
+    gpu = torch_data.get("gpu") or braid_data.get("gpu") or "unknown GPU"
+    bandwidth = number(torch_data, ("copy_bandwidth_gbs",))
+    limit = number(torch_data, ("batch1_limit_tok_s",))
+    weights = number(torch_data, ("weight_bytes",))
+    parts = [f"GPU: {gpu}"]
+    if braid_data.get("gpu") and torch_data.get("gpu") and braid_data["gpu"] != torch_data["gpu"]:
+        parts.append(f"Braid measured on {braid_data['gpu']}")
+    parts.append(f"date: {torch_data.get('date', MISSING)} (PyTorch), {braid_data.get('date', MISSING)} (Braid)")
+    parts.append(f"copy bandwidth: {f'{bandwidth:,.0f} GB/s' if bandwidth is not None else MISSING}")
+    limit_text = f"{limit:,.0f} tok/s" if limit is not None else MISSING
+    if limit is not None and weights is not None:
+        limit_text += f" ({weights / 1e9:.2f} GB of weights read per token)"
+    parts.append(f"batch-1 physical limit: {limit_text}")
+    lines = [" · ".join(parts), ""]
+
+    header = ["workload", "Braid", "transformers eager", "torch compiled", "Braid / eager", "Braid / compiled"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---|" + "---:|" * (len(header) - 1))
+    rows = []
+    for label, path, fmt, braid_only in ROWS:
+        values = {name: number(engines[name], path) for name in ENGINES}
+        if braid_only and values["braid"] is None:
+            continue
+        ratios = {
+            "braid_over_eager": ratio(values["braid"], values["transformers_eager"]),
+            "braid_over_compiled": ratio(values["braid"], values["torch_compiled"]),
+        }
+        cells = [fmt(values[name]) if values[name] is not None else MISSING for name in ENGINES]
+        cells += [f"{r:.2f}×" if r is not None else MISSING for r in ratios.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append({"workload": label, "key": "/".join(path), **values, **ratios})
+
+    notes = []
+    for name, title in (("transformers_eager", "transformers eager"), ("torch_compiled", "torch compiled")):
+        new_tokens = number(engines[name], ("new_tokens",))
+        if new_tokens is not None:
+            notes.append(f"{title} decode over {new_tokens:.0f} new tokens")
+    prompt = number(torch_data, ("prompt_tokens",))
+    if prompt is not None:
+        notes.append(f"prompts of {prompt:.0f} tokens")
+    check = engines["torch_compiled"].get("check") if isinstance(engines["torch_compiled"], dict) else None
+    if isinstance(check, dict) and "passed" in check:
+        agree, of = number(check, ("greedy_tokens_agree",)), number(check, ("of_tokens",))
+        worst = [v for v in (number(check, ("prefill_logits_rel_l2",)), number(check, ("decode_logits_rel_l2_max",))) if v is not None]
+        detail = []
+        if agree is not None and of is not None:
+            detail.append(f"{agree:.0f} of {of:.0f} greedy tokens agree")
+        if worst:
+            detail.append(f"logits rel. L2 ≤ {max(worst):.3f}")
+        verdict = "passed" if check["passed"] is True else "FAILED"
+        notes.append(f"compiled decoder checked against transformers ({', '.join(detail)}): {verdict}")
+    errors = torch_data.get("errors")
+    if isinstance(errors, dict) and errors:
+        notes.append(f"PyTorch measurements that failed: {', '.join(sorted(errors))}")
+    if notes:
+        lines += ["", "; ".join(notes) + "."]
+
+    merged = {
+        "gpu": gpu,
+        "date": torch_data.get("date"),
+        "braid_gpu": braid_data.get("gpu"),
+        "braid_date": braid_data.get("date"),
+        "torch": torch_data.get("torch"),
+        "transformers": torch_data.get("transformers"),
+        "copy_bandwidth_gbs": bandwidth,
+        "weight_bytes": weights,
+        "batch1_limit_tok_s": limit,
+        "frameworks": {name: engines[name] for name in ENGINES if engines[name] is not None},
+        "rows": rows,
+    }
+    return lines, merged
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torch", required=True, type=Path, help="JSON from scripts/bench_torch.py")
+    parser.add_argument("--braid", required=True, type=Path, help="JSON from `braid bench`")
+    parser.add_argument("--out", type=Path, help="write the merged results here")
+    args = parser.parse_args()
+    try:
+        lines, merged = build(load(args.torch, "PyTorch"), load(args.braid, "Braid"))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    if args.out is not None:
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n")
+        except OSError as err:
+            print(f"error: cannot write the merged results to {args.out}: {err.strerror}.", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
