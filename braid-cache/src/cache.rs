@@ -1,21 +1,21 @@
-//! The engine-facing cache: storage plus the pool that hands its blocks to block tables.
+//! The engine-facing block accounting: the pool that hands KV blocks to block tables. The blocks'
+//! contents live wherever the backend keeps them ([`crate::KvStorage`] on the CPU, device memory on a GPU).
 
-use crate::{BlockPool, BlockTable, CacheError, KvLayout, KvStorage};
+use crate::{BlockPool, BlockTable, CacheError, KvLayout};
 
-/// KV storage and the block pool that shares it out among sequences.
+/// The block pool of one KV cache and the layout its blocks follow.
 #[derive(Debug, Clone)]
-pub struct PagedKvCache {
-    /// Keys and values of every layer; the forward pass reads and writes it directly.
-    pub storage: KvStorage,
+pub struct BlockManager {
+    layout: KvLayout,
     pool: BlockPool,
 }
 
-impl PagedKvCache {
+impl BlockManager {
     /// An empty cache for `layout`, or an error naming the field when the layout is unusable.
     pub fn try_new(layout: KvLayout) -> Result<Self, CacheError> {
-        let storage = KvStorage::try_new(layout)?;
+        layout.validate()?;
         Ok(Self {
-            storage,
+            layout,
             pool: BlockPool::new(layout.num_blocks),
         })
     }
@@ -23,7 +23,7 @@ impl PagedKvCache {
     /// An empty cache for `layout`.
     ///
     /// # Panics
-    /// If the layout fails [`KvLayout::validate`]; use [`PagedKvCache::try_new`] for layouts
+    /// If the layout fails [`KvLayout::validate`]; use [`BlockManager::try_new`] for layouts
     /// built from user settings.
     pub fn new(layout: KvLayout) -> Self {
         match Self::try_new(layout) {
@@ -34,7 +34,7 @@ impl PagedKvCache {
 
     /// The cache's layout.
     pub fn layout(&self) -> &KvLayout {
-        self.storage.layout()
+        &self.layout
     }
 
     /// Blocks `table` still lacks to hold `new_len` tokens (zero if it already can).
@@ -107,8 +107,8 @@ impl PagedKvCache {
 mod tests {
     use super::*;
 
-    fn cache(num_blocks: usize) -> PagedKvCache {
-        PagedKvCache::new(KvLayout {
+    fn cache(num_blocks: usize) -> BlockManager {
+        BlockManager::new(KvLayout {
             num_layers: 1,
             num_kv_heads: 1,
             head_dim: 2,
@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(table.blocks().len(), 1, "still fits in one block");
         cache.reserve(&mut table, 9).unwrap();
         assert_eq!(table.blocks(), &[0, 1, 2]);
-        PagedKvCache::set_len(&mut table, 9);
+        BlockManager::set_len(&mut table, 9);
         assert_eq!(table.num_tokens(), 9);
         assert_eq!(cache.num_free_blocks(), 1);
         assert!(cache.can_fit(1));
@@ -158,7 +158,7 @@ mod tests {
         let mut b = BlockTable::new();
         cache.reserve(&mut a, 5).unwrap();
         cache.reserve(&mut b, 1).unwrap();
-        PagedKvCache::set_len(&mut a, 5);
+        BlockManager::set_len(&mut a, 5);
         cache.release(&mut a);
         assert_eq!(a, BlockTable::new());
         assert_eq!(cache.num_free_blocks(), 2);
@@ -176,7 +176,7 @@ mod tests {
             num_blocks: 0,
         };
         assert!(matches!(
-            PagedKvCache::try_new(layout),
+            BlockManager::try_new(layout),
             Err(CacheError::InvalidLayout {
                 field: "num_blocks",
                 ..

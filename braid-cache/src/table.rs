@@ -5,7 +5,7 @@ use crate::BlockId;
 /// The blocks of one sequence, in token order, and the number of tokens stored in them.
 ///
 /// Token `pos` lives in block `blocks()[pos / block_size]` at offset `pos % block_size`.
-/// Tables are grown and emptied only through [`crate::PagedKvCache`], which keeps the pool's
+/// Tables are grown and emptied only through [`crate::BlockManager`], which keeps the pool's
 /// accounting in step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockTable {

@@ -1,7 +1,7 @@
 //! Property tests: block ownership stays exclusive and fully accounted through any sequence of
 //! reserve / set_len / release calls over several tables.
 
-use braid_cache::{BlockTable, CacheError, KvLayout, PagedKvCache};
+use braid_cache::{BlockTable, CacheError, KvLayout, BlockManager};
 use proptest::prelude::*;
 use std::collections::HashSet;
 
@@ -24,7 +24,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check_invariants(cache: &PagedKvCache, tables: &[BlockTable]) -> Result<(), TestCaseError> {
+fn check_invariants(cache: &BlockManager, tables: &[BlockTable]) -> Result<(), TestCaseError> {
     let mut owned = HashSet::new();
     for table in tables {
         for &id in table.blocks() {
@@ -45,7 +45,7 @@ proptest! {
     #[test]
     fn blocks_are_exclusive_and_never_leak(ops in prop::collection::vec(op(), 1..80)) {
         let layout = KvLayout { num_layers: 1, num_kv_heads: 1, head_dim: 1, block_size: BLOCK_SIZE, num_blocks: NUM_BLOCKS };
-        let mut cache = PagedKvCache::new(layout);
+        let mut cache = BlockManager::new(layout);
         let mut tables = vec![BlockTable::new(); TABLES];
 
         for op in ops {
@@ -72,7 +72,7 @@ proptest! {
                 }
                 Op::SetLen { table, fraction } => {
                     let len = (tables[table].capacity() as f64 * fraction).floor() as usize;
-                    PagedKvCache::set_len(&mut tables[table], len);
+                    BlockManager::set_len(&mut tables[table], len);
                     prop_assert_eq!(tables[table].num_tokens(), len);
                 }
                 Op::Release { table } => {

@@ -61,6 +61,38 @@ pub enum Command {
     },
     /// List the built-in model aliases and whether each is cached.
     Models,
+    /// Measure decode throughput, time to first token, start-up and memory; print JSON.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        bench: BenchArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Batch sizes to measure decode throughput at.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,256")]
+    pub batch: Vec<usize>,
+    /// Prompt length of the decode runs.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Tokens generated per sequence in the decode runs.
+    #[arg(long, default_value_t = 512)]
+    pub new_tokens: usize,
+    /// Prompt lengths to time the first token for.
+    #[arg(long, value_delimiter = ',', default_value = "512,4096")]
+    pub ttft: Vec<usize>,
+    /// Most tokens per forward step (prefill chunk size).
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch_tokens: usize,
+    /// Date to record in the JSON (the harness passes it).
+    #[arg(long, default_value = "")]
+    pub date: String,
+    /// Write the JSON here instead of stdout.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Clone)]

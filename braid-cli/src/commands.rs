@@ -11,8 +11,9 @@ use braid_models::source;
 
 use crate::args::{Cli, Command, GenArgs, ModelArgs};
 
-pub fn run(cli: Cli) -> Result<()> {
+pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
     match cli.command {
+        Command::Bench { model, bench } => crate::bench::run(&model, &bench, process_start),
         Command::Run { model, prompt: Some(prompt), gen } => {
             let mut braid = load(&model)?;
             let messages = conversation(&gen, &prompt);
@@ -56,31 +57,35 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Resolve, fetch if needed, and load a model on the requested device.
+/// Resolve, fetch if needed, and load a model on the requested device, with a default engine.
 fn load(args: &ModelArgs) -> Result<Braid> {
-    match (args.device, args.dtype) {
-        (Device::Cuda(_), _) => bail!(
-            "this build runs models on the CPU only; the CUDA backend is not available yet, so use --device cpu"
-        ),
+    let config = EngineConfig { kv_cache_tokens: args.kv_cache_tokens, ..EngineConfig::default() };
+    Ok(Braid::with_engine(load_engine(args, config)?)?)
+}
+
+/// Resolve, fetch if needed, and load a model on the requested device into an engine.
+pub fn load_engine(args: &ModelArgs, config: EngineConfig) -> Result<Engine> {
+    if args.kv_cache_tokens == Some(0) {
+        bail!("--kv-cache-tokens must be at least 1");
+    }
+    let dtype = match (args.device, args.dtype) {
         (Device::Cpu, Some(dtype)) if dtype != DType::F32 => {
             bail!("the CPU computes in f32; --dtype {dtype} applies to GPU runs only")
         }
-        _ => {}
-    }
+        (Device::Cpu, _) => DType::F32,
+        (Device::Cuda(_), Some(DType::F32)) => bail!("the GPU computes in bf16 or f16; --dtype f32 runs on the CPU only"),
+        (Device::Cuda(_), dtype) => dtype.unwrap_or(DType::BF16),
+    };
     let spec = args.model.as_deref().unwrap_or(source::DEFAULT_MODEL);
     let location = source::resolve(spec).with_context(|| format!("cannot open model '{spec}'"))?;
     let start = Instant::now();
     let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("loading {spec}"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(100));
-    let loaded = braid_models::load(&location);
+    let loaded = braid_models::load_on(&location, args.device, dtype);
     spinner.finish_and_clear();
-    let loaded = loaded.with_context(|| format!("cannot load model '{spec}'"))?;
+    let loaded = loaded.with_context(|| format!("cannot load model '{spec}' on {}", args.device))?;
     tracing::info!(model = spec, seconds = start.elapsed().as_secs_f64(), "model loaded");
-    let config = EngineConfig { kv_cache_tokens: args.kv_cache_tokens, ..EngineConfig::default() };
-    if args.kv_cache_tokens == Some(0) {
-        bail!("--kv-cache-tokens must be at least 1");
-    }
-    Ok(Braid::with_engine(Engine::new(loaded, config)?)?)
+    Ok(Engine::new(loaded, config)?)
 }
 
 pub fn params(gen: &GenArgs) -> Result<GenerationParams> {

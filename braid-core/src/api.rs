@@ -88,17 +88,17 @@ impl Braid {
 
     /// Turn a prompt into token ids.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let model = self.engine.model();
+        let tokenizer = self.engine.tokenizer();
         let ids = match prompt {
             Prompt::Ids(ids) => ids.clone(),
-            Prompt::Raw(text) => model.tokenizer.encode(text, true)?,
+            Prompt::Raw(text) => tokenizer.encode(text, true)?,
             Prompt::Chat(messages) => {
-                let template = model.chat_template.as_ref().ok_or_else(|| {
+                let template = self.engine.chat_template().ok_or_else(|| {
                     EngineError::InvalidRequest("this model has no chat template; use a raw prompt instead".into())
                 })?;
                 let text = template.render(messages, true)?;
                 // The template writes the special tokens itself.
-                model.tokenizer.encode(&text, false)?
+                tokenizer.encode(&text, false)?
             }
         };
         Ok(ids)

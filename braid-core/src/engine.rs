@@ -5,13 +5,16 @@
 
 use std::collections::VecDeque;
 
-use braid_cache::{BlockTable, KvLayout, PagedKvCache, DEFAULT_BLOCK_SIZE};
-use braid_models::{LoadedModel, SeqInput};
+use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage, DEFAULT_BLOCK_SIZE};
+use braid_models::chat_template::ChatTemplate;
+use braid_models::tokenizer::Tokenizer;
+use braid_models::{Backend, CudaCacheConfig, CudaModel, LoadedModel, Model, ModelInfo, SeqInput};
 
 use crate::detokenizer::{Decode, IncrementalDetokenizer};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationParams, RequestId, StepEvent};
 use crate::sampling::Sampler;
+use braid_kernels::cuda::SamplingRow;
 use crate::sequence::Sequence;
 use crate::stop::StopChecker;
 
@@ -43,9 +46,18 @@ pub struct EngineStats {
     pub preemptions: u64,
 }
 
+/// Runs forward passes on one backend.
+enum Executor {
+    Cpu { model: Model, kv: KvStorage },
+    Cuda(Box<CudaModel>),
+}
+
 pub struct Engine {
-    model: LoadedModel,
-    kv: PagedKvCache,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    executor: Executor,
+    kv: BlockManager,
     config: EngineConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -53,7 +65,7 @@ pub struct Engine {
     stats: EngineStats,
 }
 
-struct TokenizerDecode<'a>(&'a braid_models::tokenizer::Tokenizer);
+struct TokenizerDecode<'a>(&'a Tokenizer);
 
 impl Decode for TokenizerDecode<'_> {
     fn decode(&self, ids: &[u32]) -> String {
@@ -64,7 +76,8 @@ impl Decode for TokenizerDecode<'_> {
 
 impl Engine {
     pub fn new(model: LoadedModel, config: EngineConfig) -> Result<Self, EngineError> {
-        let c = &model.info.config;
+        let LoadedModel { info, backend, tokenizer, chat_template } = model;
+        let c = &info.config;
         if config.block_size == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
             return Err(EngineError::InvalidConfig(
                 "block_size, max_batch_tokens and max_running must all be at least 1".into(),
@@ -78,22 +91,75 @@ impl Engine {
             block_size: config.block_size,
             num_blocks: tokens.div_ceil(config.block_size).max(1),
         };
-        let kv = PagedKvCache::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+        let kv = BlockManager::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+        let executor = match backend {
+            Backend::Cpu(model) => {
+                let storage = KvStorage::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+                Executor::Cpu { model, kv: storage }
+            }
+            Backend::Cuda(mut model) => {
+                model.allocate(CudaCacheConfig {
+                    num_blocks: layout.num_blocks,
+                    block_size: layout.block_size,
+                    max_batch_tokens: config.max_batch_tokens,
+                    max_seqs: config.max_running,
+                    max_seq_len: c.max_position_embeddings.min(layout.num_blocks * layout.block_size),
+                })?;
+                Executor::Cuda(model)
+            }
+        };
         tracing::info!(
             blocks = layout.num_blocks,
             tokens = layout.num_blocks * layout.block_size,
-            mib = layout.num_blocks * layout.block_size * layout.bytes_per_token_f32() / (1 << 20),
             "KV cache allocated"
         );
-        Ok(Engine { model, kv, config, waiting: VecDeque::new(), running: Vec::new(), next_id: 0, stats: EngineStats::default() })
+        Ok(Engine {
+            info,
+            tokenizer,
+            chat_template,
+            executor,
+            kv,
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            stats: EngineStats::default(),
+        })
     }
 
-    pub fn model(&self) -> &LoadedModel {
-        &self.model
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// What runs the model, e.g. "cpu" or the GPU's name.
+    pub fn device_name(&mut self) -> String {
+        match &mut self.executor {
+            Executor::Cpu { .. } => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Executor::Cuda(model) => model.device_name(),
+        }
+    }
+
+    /// Bytes held by the weights and by the KV cache, and (on a GPU) the device memory in use.
+    pub fn memory_report(&mut self) -> (usize, usize, Option<usize>) {
+        match &mut self.executor {
+            Executor::Cpu { model, kv } => (model.weight_bytes(), kv.layout().num_blocks * kv.layout().block_size * kv.layout().bytes_per_token_f32(), None),
+            Executor::Cuda(model) => {
+                let (weights, kv) = model.memory_bytes();
+                (weights, kv, model.device_memory_used())
+            }
+        }
     }
 
     /// Tokens the KV pool can hold.
@@ -104,7 +170,7 @@ impl Engine {
     /// Queue a request. Fails at once, with nothing queued, if the prompt cannot ever run.
     pub fn add_request(&mut self, prompt_ids: Vec<u32>, params: GenerationParams) -> Result<RequestId, EngineError> {
         params.validate().map_err(EngineError::InvalidRequest)?;
-        let c = &self.model.info.config;
+        let c = &self.info.config;
         if prompt_ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -135,6 +201,8 @@ impl Engine {
             num_computed: 0,
             table: BlockTable::new(),
             sampler: Sampler::new(params.sampling.clone()),
+            // An unseeded request gets a random seed of its own.
+            seed: params.sampling.seed.unwrap_or_else(|| std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), id)),
             stop: StopChecker::new(params.stop.clone()),
             params,
             max_total,
@@ -174,23 +242,47 @@ impl Engine {
                 SeqInput { tokens: &s.tokens[s.num_computed..s.num_computed + n], start_pos: s.num_computed, block_table: s.table.blocks() }
             })
             .collect();
-        let logits = self.model.model.forward(&inputs, &mut self.kv.storage)?;
+        // Which sequences sample this step: those whose last pending token runs now.
+        let samples: Vec<bool> = scheduled.iter().map(|&(i, n)| self.running[i].pending() == n).collect();
+        // The GPU chooses tokens itself (only ids come back) unless a repetition penalty needs the
+        // host sampler, which sees the whole history.
+        let on_device = scheduled.iter().all(|&(i, _)| self.running[i].params.sampling.repetition_penalty == 1.0);
+        let all_greedy = scheduled.iter().all(|&(i, _)| self.running[i].params.sampling.is_greedy());
+        let sampled: Vec<u32> = match &mut self.executor {
+            Executor::Cuda(model) if on_device => {
+                let rows: Option<Vec<SamplingRow>> = (!all_greedy).then(|| {
+                    scheduled.iter().map(|&(i, _)| device_row(&self.running[i])).collect()
+                });
+                model.forward_sample(&inputs, rows.as_deref())?
+            }
+            executor => {
+                let logits = match executor {
+                    Executor::Cpu { model, kv } => model.forward(&inputs, kv)?,
+                    Executor::Cuda(model) => model.forward_logits(&inputs)?,
+                };
+                let mut ids = Vec::with_capacity(logits.len());
+                for ((&(i, _), mut logits), &samples) in scheduled.iter().zip(logits).zip(&samples) {
+                    let seq = &mut self.running[i];
+                    ids.push(if samples { seq.sampler.sample(&mut logits, &seq.tokens) } else { 0 });
+                }
+                ids
+            }
+        };
         self.stats.steps += 1;
 
         let mut events = Vec::new();
-        let decoder = TokenizerDecode(&self.model.tokenizer);
-        let eos = self.model.tokenizer.eos_ids();
-        for (&(i, n), mut logits) in scheduled.iter().zip(logits) {
+        let decoder = TokenizerDecode(&self.tokenizer);
+        let eos = self.tokenizer.eos_ids();
+        for (&(i, n), token) in scheduled.iter().zip(sampled) {
             let seq = &mut self.running[i];
             if seq.num_computed < seq.prompt_len {
                 self.stats.prompt_tokens += n.min(seq.prompt_len - seq.num_computed) as u64;
             }
             seq.num_computed += n;
-            PagedKvCache::set_len(&mut seq.table, seq.num_computed);
+            BlockManager::set_len(&mut seq.table, seq.num_computed);
             if seq.pending() > 0 {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
-            let token = seq.sampler.sample(&mut logits, &seq.tokens);
             seq.tokens.push(token);
             self.stats.generated_tokens += 1;
 
@@ -285,5 +377,19 @@ impl Engine {
         self.stats.preemptions += 1;
         tracing::debug!(request = s.id, "preempted: KV cache full");
         self.waiting.push_front(s);
+    }
+}
+
+/// A sequence's sampling parameters as the GPU sampler reads them. The draw is a function of the
+/// seed and the number of tokens generated, so a preempted and recomputed sequence draws the same.
+fn device_row(seq: &Sequence) -> SamplingRow {
+    let p = &seq.params.sampling;
+    SamplingRow {
+        temperature: p.temperature,
+        top_k: p.top_k.min(u32::MAX as usize) as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        seed: seq.seed,
+        step: seq.num_generated() as u64,
     }
 }

@@ -17,6 +17,8 @@ pub(crate) struct Sequence {
     pub table: BlockTable,
     pub params: GenerationParams,
     pub sampler: Sampler,
+    /// Seed of the GPU sampler's random stream (the request's seed, or a random one).
+    pub seed: u64,
     pub detok: IncrementalDetokenizer,
     pub stop: StopChecker,
     /// Generation may not run past this many tokens in total (prompt + output).

@@ -12,6 +12,7 @@
 pub mod arch;
 pub mod chat_template;
 pub mod config;
+pub mod cuda_model;
 pub mod error;
 mod loader;
 pub mod model;
@@ -22,5 +23,6 @@ pub mod weights;
 pub use arch::Architecture;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use loader::{inspect, load, LoadedModel, ModelInfo};
+pub use cuda_model::{CudaCacheConfig, CudaModel};
+pub use loader::{inspect, load, load_on, Backend, LoadedModel, ModelInfo};
 pub use model::{Model, SeqInput};

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use braid_kernels::{DType, Device};
 use braid_quant::GgufFile;
 use serde_json::Value;
 
 use crate::chat_template::ChatTemplate;
 use crate::config::ModelConfig;
+use crate::cuda_model::CudaModel;
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use crate::source::ModelLocation;
@@ -29,12 +31,30 @@ pub struct ModelInfo {
     pub has_chat_template: bool,
 }
 
+/// Where the weights were loaded and the forward pass runs.
+pub enum Backend {
+    /// f32 weights in host memory.
+    Cpu(Model),
+    /// bf16/f16 weights on a GPU.
+    Cuda(Box<CudaModel>),
+}
+
 /// A model with everything needed to turn text into text.
 pub struct LoadedModel {
     pub info: ModelInfo,
-    pub model: Model,
+    pub backend: Backend,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
+}
+
+impl LoadedModel {
+    /// The CPU model, when the weights were loaded for the CPU.
+    pub fn cpu_model(&self) -> Option<&Model> {
+        match &self.backend {
+            Backend::Cpu(m) => Some(m),
+            Backend::Cuda(_) => None,
+        }
+    }
 }
 
 /// The parts of a model other than the forward pass.
@@ -45,11 +65,22 @@ struct Assets {
     chat_template: Option<ChatTemplate>,
 }
 
-/// Load a model for running.
+/// Load a model for running on the CPU.
 pub fn load(location: &ModelLocation) -> Result<LoadedModel> {
+    load_on(location, Device::Cpu, DType::F32)
+}
+
+/// Load a model for running on `device`: the CPU computes in f32; a GPU in `dtype` (bf16 or f16).
+pub fn load_on(location: &ModelLocation, device: Device, dtype: DType) -> Result<LoadedModel> {
     let a = open(location)?;
-    let model = Model::load(&a.info.config, &a.weights)?;
-    Ok(LoadedModel { info: a.info, model, tokenizer: a.tokenizer, chat_template: a.chat_template })
+    let backend = match device {
+        Device::Cpu if dtype != DType::F32 => {
+            return Err(ModelError::Config(format!("the CPU computes in f32; {dtype} applies to GPU runs only")))
+        }
+        Device::Cpu => Backend::Cpu(Model::load(&a.info.config, &a.weights)?),
+        Device::Cuda(ordinal) => Backend::Cuda(Box::new(CudaModel::load(&a.info.config, &a.weights, ordinal, dtype)?)),
+    };
+    Ok(LoadedModel { info: a.info, backend, tokenizer: a.tokenizer, chat_template: a.chat_template })
 }
 
 /// Read a model's description without loading its weights.

@@ -108,6 +108,20 @@ impl Model {
         &self.config
     }
 
+    /// Bytes of host memory the f32 weights take.
+    pub fn weight_bytes(&self) -> usize {
+        let layer_floats: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.len() + l.qkv.numel() + l.qkv_bias.as_ref().map_or(0, Vec::len)
+                    + l.q_norm.as_ref().map_or(0, Vec::len) + l.k_norm.as_ref().map_or(0, Vec::len)
+                    + l.o_proj.numel() + l.mlp_norm.len() + l.gate_up.numel() + l.down.numel()
+            })
+            .sum();
+        4 * (layer_floats + self.embed.numel() + self.norm.len() + self.lm_head.as_ref().map_or(0, Tensor::numel))
+    }
+
     /// Run the new tokens of every sequence in one batch, writing their K/V into `kv`, and return the
     /// logits ([vocab]) at the last new token of each sequence.
     pub fn forward(&self, seqs: &[SeqInput<'_>], kv: &mut KvStorage) -> Result<Vec<Vec<f32>>> {

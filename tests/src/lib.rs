@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use braid_cache::{KvLayout, PagedKvCache, BlockTable};
+use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
 use braid_models::{Model, SeqInput};
 use serde_json::Value;
 
@@ -48,11 +48,12 @@ pub fn prefill_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
         block_size: 16,
         num_blocks: ids.len().div_ceil(16) + 1,
     };
-    let mut cache = PagedKvCache::new(layout);
+    let mut cache = BlockManager::new(layout);
+    let mut storage = KvStorage::new(layout);
     let mut table = BlockTable::new();
     cache.reserve(&mut table, ids.len()).expect("the cache was sized for the prompt");
     let input = SeqInput { tokens: ids, start_pos: 0, block_table: table.blocks() };
-    model.forward(&[input], &mut cache.storage).expect("forward").remove(0)
+    model.forward(&[input], &mut storage).expect("forward").remove(0)
 }
 
 /// Greedy tokens must equal the reference's up to the first step whose top-2 margin is too small

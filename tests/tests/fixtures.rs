@@ -45,7 +45,7 @@ fn logits_match_transformers() {
         let loaded = braid_models::load(&location).unwrap_or_else(|e| panic!("{name}: {e}"));
         for case in cases(&expected) {
             let ids = as_ids(&case["input_ids"]);
-            let ours = prefill_logits(&loaded.model, &ids);
+            let ours = prefill_logits(loaded.cpu_model().unwrap(), &ids);
             let err = rel_l2(&ours, &as_f32s(&case["last_logits"]));
             assert!(err < LOGITS_TOLERANCE, "{name}: logits rel. L2 {err:.2e} for {:?}", case["text"]);
         }

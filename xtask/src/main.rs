@@ -1,8 +1,11 @@
 //! Project chores, run as `cargo xtask <task>`:
+//! - `bench [OUT_DIR] [SMOLLM2_GGUF]`: build the bundle and run its `bench.sh` here (needs a GPU and
+//!   python3 with torch; on a GPU machine without Rust, copy the bundle and run `bench.sh` there);
 //! - `fixtures [--smollm2 GGUF]`: regenerate the reference fixtures with transformers (needs python3
 //!   with torch and transformers; see docs/fixtures.md);
 //! - `device-bundle [--out DIR]`: build the release `braid` binary and the test binaries into one
-//!   self-contained folder, with the fixtures and a `run.sh`, to copy to a GPU machine that has no Rust.
+//!   self-contained folder, with the fixtures, `run.sh` (every test) and `bench.sh` (the benchmark
+//!   against PyTorch), to copy to a GPU machine that has no Rust.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +25,13 @@ fn main() -> Result<()> {
             };
             device_bundle(&root, &out)
         }
-        _ => bail!("usage: cargo xtask fixtures [--smollm2 GGUF] | cargo xtask device-bundle [--out DIR]"),
+        Some("bench") => {
+            // On a machine with cargo, a GPU and PyTorch: build the bundle and run its benchmark.
+            let out = root.join("device-bundle");
+            device_bundle(&root, &out)?;
+            run(Command::new(out.join("bench.sh")).args(&args[1..]).current_dir(&out))
+        }
+        _ => bail!("usage: cargo xtask fixtures [--smollm2 GGUF] | device-bundle [--out DIR] | bench [OUT_DIR] [SMOLLM2_GGUF]"),
     }
 }
 
@@ -83,6 +92,12 @@ fn device_bundle(root: &Path, out: &Path) -> Result<()> {
         names.push(name);
     }
     copy_dir(&root.join("tests/fixtures"), &out.join("fixtures"))?;
+    let scripts = out.join("scripts");
+    std::fs::create_dir_all(&scripts)?;
+    for name in ["make_bench_model.py", "bench_torch.py", "bench_report.py"] {
+        std::fs::copy(root.join("scripts").join(name), scripts.join(name))?;
+    }
+    write_executable(&out.join("bench.sh"), BENCH_SH)?;
     let script = format!(
         r#"#!/usr/bin/env bash
 # Runs Braid's tests and a generation on this machine. Usage: ./run.sh [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
@@ -102,17 +117,49 @@ exit $failed
 "#,
         tests = names.join(" ")
     );
-    let run_sh = out.join("run.sh");
-    std::fs::write(&run_sh, script)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&run_sh, std::fs::Permissions::from_mode(0o755))?;
-    }
+    write_executable(&out.join("run.sh"), &script)?;
     let size = dir_size(out)?;
     eprintln!("device bundle: {} ({:.1} MiB, {} test binaries)", out.display(), size as f64 / (1 << 20) as f64, names.len());
     if size > 64 << 20 {
         bail!("the bundle is {:.1} MiB, over the 64 MiB a transfer may carry", size as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}
+
+/// The benchmark, run on the GPU machine from inside the bundle: Braid and PyTorch on the same
+/// random-weight Qwen3-0.6B-shaped model, then one table. Usage: ./bench.sh [OUT_DIR] [SMOLLM2_GGUF]
+const BENCH_SH: &str = r#"#!/usr/bin/env bash
+set -euo pipefail
+cd "$(dirname "$0")"
+out="${1:-bench-out}"
+smol="${2:-}"
+mkdir -p "$out"
+model=/tmp/braid-bench-qwen3-0.6b
+date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+[ -f "$model/model.safetensors" ] || python3 scripts/make_bench_model.py --out "$model"
+./bin/braid bench --model "$model" --device cuda --date "$date" --json "$out/braid.json"
+if [ -n "$smol" ]; then
+    ./bin/braid bench --model "$smol" --device cuda --batch 1 --ttft 512 --date "$date" --json "$out/braid-smollm2.json"
+fi
+python3 scripts/bench_torch.py --model "$model" --out "$out/torch.json"
+python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+braid = json.loads((out / "braid.json").read_text())
+smol = out / "braid-smollm2.json"
+if smol.exists():
+    braid["smollm2_decode_tok_s"] = json.loads(smol.read_text())["decode_tok_s"]["1"]
+(out / "braid.json").write_text(json.dumps(braid, indent=2))
+PY
+python3 scripts/bench_report.py --torch "$out/torch.json" --braid "$out/braid.json" --out "$out/merged.json"
+"#;
+
+fn write_executable(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
     }
     Ok(())
 }

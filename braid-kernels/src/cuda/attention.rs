@@ -1,1 +1,752 @@
-//! (in progress)
+//! Paged attention on the GPU: split-K (flash-decoding) decode and flash-attention prefill over
+//! the paged KV cache, with GQA, causal masking and an optional sliding window.
+//!
+//! Both ops read everything that changes from step to step (context lengths, block tables, query
+//! offsets) from device memory, size their grids only from shapes fixed for a batch bucket, and
+//! take any scratch memory from the caller, so their launches can be captured into CUDA graphs.
+//!
+//! The KV cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and the
+//! same for V, in f16 or bf16. Every block-table entry a sequence uses must be below `num_blocks`:
+//! the kernels follow the tables without checking them.
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{launch_error, CudaDevice, CudaError, KernelFloat};
+
+/// Geometry and options of one attention call, shared by decode and prefill.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// Query heads.
+    pub num_heads: usize,
+    /// KV heads; query head `h` reads KV head `h / (num_heads / num_kv_heads)`.
+    pub num_kv_heads: usize,
+    /// One of 16, 32, 64, 128 or 256.
+    pub head_dim: usize,
+    /// Tokens per KV block: a power of two.
+    pub block_size: usize,
+    /// Width of the block tables; fixed per batch bucket, it sets the decode grid.
+    pub max_blocks_per_seq: usize,
+    /// Multiplies `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// A query at position `p` sees keys `j` with `p - w < j <= p`; 0 means no window.
+    pub sliding_window: usize,
+}
+
+// Kernel launch constants; each must match the constant of the same name in the `.cu` file.
+/// attention_decode.cu `THREADS`.
+const DECODE_THREADS: u32 = 256;
+/// attention_decode.cu `MAX_PARTITION`: the scores of one partition live in shared memory.
+const DECODE_MAX_PARTITION: usize = 512;
+/// attention_decode.cu `MERGE_THREADS`.
+const DECODE_MERGE_THREADS: u32 = 128;
+/// attention_prefill.cu `THREADS`.
+const PREFILL_THREADS: u32 = 128;
+/// attention_prefill.cu `BM`: query rows per block.
+const PREFILL_BLOCK_M: usize = 64;
+
+/// Smallest decode partition, used only by batches below `DECODE_TINY_BATCH` sequences: they are
+/// latency-bound, and more, shorter partitions put more SMs to work on one context.
+const DECODE_MIN_PARTITION: usize = 64;
+/// Smallest decode partition of larger batches: below it each block's fixed work (staging,
+/// reductions, the merge) outweighs the extra parallelism.
+const DECODE_MIN_BATCH_PARTITION: usize = 128;
+const DECODE_TINY_BATCH: usize = 4;
+/// Partitions are halved (down to the minimum) until a batch has at least this many
+/// (sequence, partition) pairs, so a few long sequences still spread over the GPU's SMs.
+const DECODE_TARGET_PAIRS: usize = 256;
+/// The largest GQA group one decode block handles per pass; larger groups loop.
+const DECODE_MAX_GROUP_CHUNK: usize = 8;
+/// Token capacity of a block table (`max_blocks_per_seq * block_size`) the kernels index with
+/// 32-bit integers, with headroom for position arithmetic.
+const MAX_CAPACITY: usize = 1 << 30;
+/// Largest gridDim.y / gridDim.z.
+const MAX_GRID_YZ: usize = 65_535;
+/// The opt-in limit above which a block's dynamic shared memory needs an explicit attribute.
+const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
+
+const SUPPORTED_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
+
+/// What the validated parameters imply for a launch.
+struct Geometry {
+    block_size_log2: i32,
+    capacity: usize,
+}
+
+impl AttentionParams {
+    fn validate<T: KernelFloat>(&self, op: &'static str) -> Result<Geometry, CudaError> {
+        if T::SUFFIX == "f32" {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "the storage dtype",
+                expected: "f16 or bf16",
+                found: "f32".to_string(),
+            });
+        }
+        if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "head_dim",
+                expected: "one of 16, 32, 64, 128 or 256",
+                found: self.head_dim.to_string(),
+            });
+        }
+        if self.num_kv_heads == 0 {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "num_kv_heads",
+                expected: "at least 1",
+                found: "0".to_string(),
+            });
+        }
+        let group = self.num_heads / self.num_kv_heads;
+        if group == 0 || group * self.num_kv_heads != self.num_heads {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "num_heads",
+                expected: "a non-zero multiple of num_kv_heads",
+                found: format!("{} for {} KV heads", self.num_heads, self.num_kv_heads),
+            });
+        }
+        if self.num_heads > MAX_GRID_YZ {
+            return Err(CudaError::TooLarge {
+                op,
+                dimension: "num_heads",
+                value: self.num_heads,
+                limit: MAX_GRID_YZ,
+            });
+        }
+        if !self.block_size.is_power_of_two() {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "block_size",
+                expected: "a power of two",
+                found: self.block_size.to_string(),
+            });
+        }
+        if self.max_blocks_per_seq == 0 {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "max_blocks_per_seq",
+                expected: "at least 1",
+                found: "0".to_string(),
+            });
+        }
+        let capacity = self.max_blocks_per_seq.saturating_mul(self.block_size);
+        if capacity > MAX_CAPACITY {
+            return Err(CudaError::TooLarge {
+                op,
+                dimension: "the block-table capacity (max_blocks_per_seq * block_size)",
+                value: capacity,
+                limit: MAX_CAPACITY,
+            });
+        }
+        if !self.scale.is_finite() {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "scale",
+                expected: "a finite number",
+                found: self.scale.to_string(),
+            });
+        }
+        if self.sliding_window > i32::MAX as usize {
+            return Err(CudaError::TooLarge {
+                op,
+                dimension: "sliding_window",
+                value: self.sliding_window,
+                limit: i32::MAX as usize,
+            });
+        }
+        Ok(Geometry {
+            block_size_log2: self.block_size.trailing_zeros() as i32,
+            capacity,
+        })
+    }
+
+    /// Elements of one token row of `q`/`out`, and of one cache block.
+    fn q_row(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    fn block_elems(&self) -> usize {
+        self.block_size * self.num_kv_heads * self.head_dim
+    }
+}
+
+/// Tokens per decode partition for a batch bucket: it depends only on the bucket's shape, so the
+/// grid and the workspace stay fixed while context lengths grow.
+///
+/// Measured on an H100 (Qwen3-0.6B layer, context 640): this picks 64 tokens at batch 1,
+/// 128 at batches 8 and 64, 512 at 256, each within 5% of the best fixed size.
+fn decode_partition_tokens(num_seqs: usize, capacity: usize) -> usize {
+    let min = if num_seqs < DECODE_TINY_BATCH {
+        DECODE_MIN_PARTITION
+    } else {
+        DECODE_MIN_BATCH_PARTITION
+    };
+    let mut tokens = DECODE_MAX_PARTITION;
+    while tokens > min && num_seqs.saturating_mul(capacity.div_ceil(tokens)) < DECODE_TARGET_PAIRS {
+        tokens /= 2;
+    }
+    tokens
+}
+
+/// (sequence, partition) pairs whose partial results a decode batch stores: 0 when a single
+/// partition lets the partition kernel write the output directly.
+fn decode_units(num_seqs: usize, capacity: usize) -> usize {
+    let partitions = capacity.div_ceil(decode_partition_tokens(num_seqs, capacity));
+    if partitions <= 1 {
+        0
+    } else {
+        num_seqs.saturating_mul(partitions)
+    }
+}
+
+/// An upper bound of `decode_units(s, c)` over every `s <= num_seqs` and `c <= capacity`,
+/// itself monotone in both. The halving loop of `decode_partition_tokens` either keeps 512-token
+/// partitions, or stops after a halving, which at most doubles a pair count that was still below
+/// `DECODE_TARGET_PAIRS`; and no partition is shorter than `DECODE_MIN_PARTITION`.
+fn decode_units_bound(num_seqs: usize, capacity: usize) -> usize {
+    if capacity <= DECODE_MIN_PARTITION {
+        return 0;
+    }
+    let at_max = num_seqs.saturating_mul(capacity.div_ceil(DECODE_MAX_PARTITION));
+    let at_min = num_seqs.saturating_mul(capacity.div_ceil(DECODE_MIN_PARTITION));
+    at_max.max(at_min.min(2 * (DECODE_TARGET_PAIRS - 1)))
+}
+
+/// Query heads a decode block handles per pass: the group size rounded up to a power of two,
+/// capped at `DECODE_MAX_GROUP_CHUNK`.
+fn decode_group_chunk(group: usize) -> usize {
+    group.next_power_of_two().min(DECODE_MAX_GROUP_CHUNK)
+}
+
+/// Keys per prefill K/V tile (attention_prefill.cu `Tile::BN`).
+fn prefill_block_n(head_dim: usize) -> usize {
+    if head_dim <= 128 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of a prefill block: Q, then two stages of K and V, rows padded by 8.
+fn prefill_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
+    (PREFILL_BLOCK_M + 4 * prefill_block_n(head_dim)) * (head_dim + 8) * elem_bytes
+}
+
+fn check_aligned(op: &'static str, argument: &'static str, ptr: u64) -> Result<(), CudaError> {
+    if ptr & 15 == 0 {
+        Ok(())
+    } else {
+        Err(CudaError::InvalidArgument {
+            op,
+            argument,
+            expected: "16-byte aligned (a view starting at a multiple of 16 bytes)",
+            found: format!("address {ptr:#x}"),
+        })
+    }
+}
+
+fn to_i32(value: usize) -> i32 {
+    // Callers have bounded every value by MAX_CAPACITY, the grid limits or i32::MAX.
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+impl CudaDevice {
+    /// f32 elements of a scratch buffer that serves [`CudaDevice::paged_attention_decode`] for
+    /// every batch of at most `num_seqs` sequences with tables at most `max_blocks_per_seq` wide
+    /// (same heads, head_dim and block size): partial outputs and their softmax statistics for
+    /// every (sequence, head, partition). One buffer sized for the largest bucket therefore
+    /// serves all smaller ones. Zero when every such batch fits one partition.
+    pub fn paged_attention_decode_workspace_len(
+        num_seqs: usize,
+        num_heads: usize,
+        head_dim: usize,
+        max_blocks_per_seq: usize,
+        block_size: usize,
+    ) -> usize {
+        let capacity = max_blocks_per_seq.saturating_mul(block_size);
+        decode_units_bound(num_seqs, capacity)
+            .saturating_mul(num_heads)
+            .saturating_mul(head_dim.saturating_add(2))
+    }
+
+    /// Attention of one new query token per sequence over its paged KV cache.
+    ///
+    /// `q` and `out` are `[num_seqs, num_heads * head_dim]`; `block_tables` is
+    /// `[num_seqs, max_blocks_per_seq]`; `context_lens[s]` counts the tokens in sequence `s`'s
+    /// cache including the new one, whose position is `context_lens[s] - 1` (a length of 0 marks
+    /// a padding slot and gives a zero output). `num_seqs` is `context_lens.len()`. `workspace`
+    /// holds at least [`CudaDevice::paged_attention_decode_workspace_len`] elements.
+    ///
+    /// The context is split into fixed partitions computed in parallel and merged by
+    /// log-sum-exp; `q`, both caches and `out` must start 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_decode<T: KernelFloat>(
+        &self,
+        q: &impl DevicePtr<T>,
+        k_cache: &impl DevicePtr<T>,
+        v_cache: &impl DevicePtr<T>,
+        block_tables: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "paged_attention_decode";
+        let geo = p.validate::<T>(OP)?;
+        let num_seqs = context_lens.len();
+        self.check_context(OP, "context_lens", context_lens)?;
+        if num_seqs > MAX_GRID_YZ {
+            return Err(CudaError::TooLarge {
+                op: OP,
+                dimension: "the number of sequences",
+                value: num_seqs,
+                limit: MAX_GRID_YZ,
+            });
+        }
+        self.check_buffer(OP, "q", q, num_seqs * p.q_row())?;
+        self.check_buffer(OP, "out", out, num_seqs * p.q_row())?;
+        self.check_buffer(
+            OP,
+            "block_tables",
+            block_tables,
+            num_seqs * p.max_blocks_per_seq,
+        )?;
+        self.check_cache(OP, k_cache, v_cache, p)?;
+        let needed = decode_units(num_seqs, geo.capacity)
+            .saturating_mul(p.num_heads)
+            .saturating_mul(p.head_dim + 2);
+        self.check_context(OP, "workspace", workspace)?;
+        if workspace.len() < needed {
+            return Err(CudaError::InvalidArgument {
+                op: OP,
+                argument: "the workspace length",
+                expected: "at least paged_attention_decode_workspace_len(...) elements",
+                found: format!("{} elements where {needed} are needed", workspace.len()),
+            });
+        }
+        if num_seqs == 0 {
+            return Ok(());
+        }
+
+        let partition_tokens = decode_partition_tokens(num_seqs, geo.capacity);
+        let partitions = geo.capacity.div_ceil(partition_tokens);
+        let chunk = decode_group_chunk(p.num_heads / p.num_kv_heads);
+        let name = format!(
+            "paged_attention_decode_d{}_g{chunk}_{}",
+            p.head_dim,
+            T::SUFFIX
+        );
+        let kernel = self.kernel("attention_decode", &name)?;
+
+        let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
+        let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
+        let (v_ptr, _v_sync) = v_cache.device_ptr(&self.stream);
+        let (bt_ptr, _bt_sync) = block_tables.device_ptr(&self.stream);
+        let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let (ws_ptr, _ws_sync) = workspace.device_ptr_mut(&self.stream);
+        check_aligned(OP, "the q buffer", q_ptr)?;
+        check_aligned(OP, "the k_cache buffer", k_ptr)?;
+        check_aligned(OP, "the v_cache buffer", v_ptr)?;
+        check_aligned(OP, "the out buffer", out_ptr)?;
+
+        // One partition: the partition kernel writes `out` itself (signalled by a null workspace).
+        let (ws_o, ws_ml) = if partitions > 1 {
+            let o_bytes =
+                num_seqs * p.num_heads * partitions * p.head_dim * std::mem::size_of::<f32>();
+            (ws_ptr, ws_ptr + o_bytes as u64)
+        } else {
+            (0u64, 0u64)
+        };
+        let num_heads = to_i32(p.num_heads);
+        let num_kv_heads = to_i32(p.num_kv_heads);
+        let max_blocks = to_i32(p.max_blocks_per_seq);
+        let partition_tokens_i = to_i32(partition_tokens);
+        let window = to_i32(p.sliding_window);
+        let cfg = LaunchConfig {
+            grid_dim: (partitions as u32, p.num_kv_heads as u32, num_seqs as u32),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&kernel);
+        launch
+            .arg(&q_ptr)
+            .arg(&k_ptr)
+            .arg(&v_ptr)
+            .arg(&bt_ptr)
+            .arg(&cl_ptr)
+            .arg(&out_ptr)
+            .arg(&ws_o)
+            .arg(&ws_ml)
+            .arg(&num_heads)
+            .arg(&num_kv_heads)
+            .arg(&geo.block_size_log2)
+            .arg(&max_blocks)
+            .arg(&partition_tokens_i)
+            .arg(&p.scale)
+            .arg(&window);
+        // SAFETY: the arguments match `paged_attention_decode_d*_g*_*` in attention_decode.cu;
+        // the buffer lengths checked above cover every index the grid derives from the shapes,
+        // the kernel clamps context lengths to the block tables' capacity, and the workspace
+        // holds the partial results of every (sequence, head, partition).
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+
+        if partitions > 1 {
+            let merge = self.kernel(
+                "attention_decode",
+                &format!("paged_attention_decode_merge_{}", T::SUFFIX),
+            )?;
+            let head_dim = to_i32(p.head_dim);
+            let partitions_i = to_i32(partitions);
+            let capacity = to_i32(geo.capacity);
+            let cfg = LaunchConfig {
+                grid_dim: (p.num_heads as u32, num_seqs as u32, 1),
+                block_dim: (DECODE_MERGE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = self.stream.launch_builder(&merge);
+            launch
+                .arg(&ws_o)
+                .arg(&ws_ml)
+                .arg(&cl_ptr)
+                .arg(&out_ptr)
+                .arg(&head_dim)
+                .arg(&partitions_i)
+                .arg(&capacity)
+                .arg(&partition_tokens_i)
+                .arg(&window);
+            // SAFETY: the arguments match `paged_attention_decode_merge_*` in
+            // attention_decode.cu; it reads only the partitions the first kernel wrote (both
+            // derive them from the same context length) and writes `out`, checked above.
+            unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        }
+        Ok(())
+    }
+
+    /// Causal attention of a variable-length batch of new tokens over the paged KV cache, whose
+    /// K/V must already hold the new tokens.
+    ///
+    /// `q` and `out` are `[total_q, num_heads * head_dim]`, sequence `s` owning rows
+    /// `q_starts[s]..q_starts[s + 1]` (`q_starts` has `num_seqs + 1` cumulative entries);
+    /// `context_lens[s]` counts all of its keys, the new tokens being the last ones, so query
+    /// `i` of a sequence sits at position `context_lens[s] - q_len + i`. `max_q_len` bounds
+    /// every sequence's `q_len` (it sizes the grid). `q`, both caches and `out` must start
+    /// 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_prefill<T: KernelFloat>(
+        &self,
+        q: &impl DevicePtr<T>,
+        k_cache: &impl DevicePtr<T>,
+        v_cache: &impl DevicePtr<T>,
+        block_tables: &impl DevicePtr<u32>,
+        q_starts: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        num_seqs: usize,
+        max_q_len: usize,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "paged_attention_prefill";
+        let geo = p.validate::<T>(OP)?;
+        if num_seqs > MAX_GRID_YZ {
+            return Err(CudaError::TooLarge {
+                op: OP,
+                dimension: "the number of sequences",
+                value: num_seqs,
+                limit: MAX_GRID_YZ,
+            });
+        }
+        self.check_context(OP, "q", q)?;
+        let row = p.q_row();
+        if q.len() % row != 0 {
+            return Err(CudaError::InvalidArgument {
+                op: OP,
+                argument: "the q length",
+                expected: "a whole number of num_heads * head_dim rows",
+                found: format!("{} elements for rows of {row}", q.len()),
+            });
+        }
+        let total_q = q.len() / row;
+        if total_q > i32::MAX as usize {
+            return Err(CudaError::TooLarge {
+                op: OP,
+                dimension: "the number of query tokens",
+                value: total_q,
+                limit: i32::MAX as usize,
+            });
+        }
+        self.check_buffer(OP, "out", out, q.len())?;
+        self.check_buffer(OP, "q_starts", q_starts, num_seqs + 1)?;
+        self.check_buffer(OP, "context_lens", context_lens, num_seqs)?;
+        self.check_buffer(
+            OP,
+            "block_tables",
+            block_tables,
+            num_seqs * p.max_blocks_per_seq,
+        )?;
+        self.check_cache(OP, k_cache, v_cache, p)?;
+        let q_tiles = max_q_len.div_ceil(PREFILL_BLOCK_M);
+        if q_tiles > i32::MAX as usize {
+            return Err(CudaError::TooLarge {
+                op: OP,
+                dimension: "max_q_len",
+                value: max_q_len,
+                limit: i32::MAX as usize,
+            });
+        }
+        if num_seqs == 0 || q_tiles == 0 {
+            return Ok(());
+        }
+
+        let name = format!("paged_attention_prefill_d{}_{}", p.head_dim, T::SUFFIX);
+        let kernel = self.kernel("attention_prefill", &name)?;
+        let smem = prefill_smem_bytes(p.head_dim, std::mem::size_of::<T>());
+        self.allow_dynamic_smem(OP, &kernel, smem)?;
+
+        let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
+        let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
+        let (v_ptr, _v_sync) = v_cache.device_ptr(&self.stream);
+        let (bt_ptr, _bt_sync) = block_tables.device_ptr(&self.stream);
+        let (qs_ptr, _qs_sync) = q_starts.device_ptr(&self.stream);
+        let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        check_aligned(OP, "the q buffer", q_ptr)?;
+        check_aligned(OP, "the k_cache buffer", k_ptr)?;
+        check_aligned(OP, "the v_cache buffer", v_ptr)?;
+        check_aligned(OP, "the out buffer", out_ptr)?;
+
+        let total_q = to_i32(total_q);
+        let num_heads = to_i32(p.num_heads);
+        let num_kv_heads = to_i32(p.num_kv_heads);
+        let max_blocks = to_i32(p.max_blocks_per_seq);
+        let window = to_i32(p.sliding_window);
+        let cfg = LaunchConfig {
+            grid_dim: (q_tiles as u32, p.num_heads as u32, num_seqs as u32),
+            block_dim: (PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut launch = self.stream.launch_builder(&kernel);
+        launch
+            .arg(&q_ptr)
+            .arg(&k_ptr)
+            .arg(&v_ptr)
+            .arg(&bt_ptr)
+            .arg(&qs_ptr)
+            .arg(&cl_ptr)
+            .arg(&out_ptr)
+            .arg(&total_q)
+            .arg(&num_heads)
+            .arg(&num_kv_heads)
+            .arg(&geo.block_size_log2)
+            .arg(&max_blocks)
+            .arg(&p.scale)
+            .arg(&window);
+        // SAFETY: the arguments match `paged_attention_prefill_d*_*` in attention_prefill.cu;
+        // the kernel clamps query ranges to `total_q` rows and key positions to the block tables'
+        // capacity, so with the lengths checked above every access stays inside the buffers.
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        Ok(())
+    }
+
+    /// Checks that K and V are equal-length whole numbers of cache blocks of this geometry.
+    fn check_cache<T>(
+        &self,
+        op: &'static str,
+        k_cache: &impl DevicePtr<T>,
+        v_cache: &impl DevicePtr<T>,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        self.check_context(op, "k_cache", k_cache)?;
+        let block = p.block_elems();
+        if k_cache.len() == 0 || k_cache.len() % block != 0 {
+            return Err(CudaError::InvalidArgument {
+                op,
+                argument: "the k_cache length",
+                expected: "a non-zero multiple of block_size * num_kv_heads * head_dim",
+                found: format!("{} elements for blocks of {block}", k_cache.len()),
+            });
+        }
+        self.check_buffer(op, "v_cache", v_cache, k_cache.len())
+    }
+
+    /// Raises a kernel's dynamic shared-memory limit when a launch needs more than the default.
+    fn allow_dynamic_smem(
+        &self,
+        op: &'static str,
+        kernel: &CudaFunction,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
+        if bytes <= DEFAULT_DYNAMIC_SMEM {
+            return Ok(());
+        }
+        kernel
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                to_i32(bytes),
+            )
+            .map_err(|source| CudaError::Driver { op, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_partitions_shrink_for_small_batches_only() {
+        assert_eq!(decode_partition_tokens(1, 640), 64);
+        assert_eq!(decode_partition_tokens(8, 640), 128);
+        assert_eq!(decode_partition_tokens(64, 640), 128);
+        assert_eq!(decode_partition_tokens(256, 640), 512);
+        assert_eq!(decode_partition_tokens(1, 1 << 20), 512);
+        // Never below the minimum, however small the batch or short the context.
+        assert_eq!(decode_partition_tokens(1, 16), DECODE_MIN_PARTITION);
+        assert_eq!(decode_partition_tokens(7, 16), DECODE_MIN_BATCH_PARTITION);
+    }
+
+    #[test]
+    fn decode_workspace_covers_every_partition_or_is_empty() {
+        // 640 tokens at batch 1: ten partitions of 64.
+        assert_eq!(decode_units(1, 640), 10);
+        assert_eq!(
+            CudaDevice::paged_attention_decode_workspace_len(1, 16, 128, 40, 16),
+            16 * 10 * 130
+        );
+        // A capacity within one partition writes the output directly.
+        assert_eq!(decode_units(256, 512), 0);
+        assert_eq!(
+            CudaDevice::paged_attention_decode_workspace_len(256, 16, 128, 4, 16),
+            0
+        );
+        assert_eq!(
+            CudaDevice::paged_attention_decode_workspace_len(0, 16, 128, 40, 16),
+            0
+        );
+    }
+
+    #[test]
+    fn decode_workspace_for_the_largest_bucket_serves_every_smaller_one() {
+        let capacities = (1..=80)
+            .map(|b| b * 16)
+            .chain([2_000, 8_192, 8_200, 130_000, 131_072]);
+        let capacities: Vec<usize> = capacities.collect();
+        for &capacity in &capacities {
+            let mut covered = 0;
+            for num_seqs in 0..=300 {
+                covered = covered.max(decode_units(num_seqs, capacity));
+                let bound = decode_units_bound(num_seqs, capacity);
+                assert!(bound >= covered, "{num_seqs} seqs, capacity {capacity}");
+                assert!(bound >= decode_units_bound(num_seqs.saturating_sub(1), capacity));
+            }
+        }
+        // Capacities ascend, so a running maximum covers every narrower table.
+        for num_seqs in [1, 3, 4, 7, 64, 256] {
+            let (mut covered, mut previous_bound) = (0, 0);
+            for &capacity in &capacities {
+                covered = covered.max(decode_units(num_seqs, capacity));
+                let bound = decode_units_bound(num_seqs, capacity);
+                assert!(bound >= covered, "{num_seqs} seqs, capacity {capacity}");
+                assert!(
+                    bound >= previous_bound,
+                    "{num_seqs} seqs, capacity {capacity}"
+                );
+                previous_bound = bound;
+            }
+        }
+    }
+
+    #[test]
+    fn group_chunks_are_powers_of_two_up_to_eight() {
+        let chunks: Vec<usize> = [1, 2, 3, 4, 5, 7, 8, 16]
+            .iter()
+            .map(|&g| decode_group_chunk(g))
+            .collect();
+        assert_eq!(chunks, [1, 2, 4, 4, 8, 8, 8, 8]);
+    }
+
+    #[test]
+    fn prefill_shared_memory_fits_an_h100_block() {
+        for d in SUPPORTED_HEAD_DIMS {
+            let bytes = prefill_smem_bytes(d, 2);
+            assert!(bytes <= 227 * 1024, "head_dim {d}: {bytes} bytes");
+            // Two blocks per SM at the common head_dim.
+            if d == 128 {
+                assert!(2 * bytes <= 228 * 1024);
+            }
+        }
+    }
+
+    fn params() -> AttentionParams {
+        AttentionParams {
+            num_heads: 16,
+            num_kv_heads: 8,
+            head_dim: 128,
+            block_size: 16,
+            max_blocks_per_seq: 4,
+            scale: 0.088,
+            sliding_window: 0,
+        }
+    }
+
+    #[test]
+    fn params_are_validated_with_one_clear_sentence() {
+        assert!(params().validate::<half::bf16>("op").is_ok());
+        let err = AttentionParams {
+            head_dim: 96,
+            ..params()
+        }
+        .validate::<half::bf16>("op")
+        .err()
+        .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("op: head_dim must be one of 16, 32, 64, 128 or 256, found 96")
+        );
+        let err = AttentionParams {
+            num_heads: 12,
+            ..params()
+        }
+        .validate::<half::f16>("op")
+        .err()
+        .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                "op: num_heads must be a non-zero multiple of num_kv_heads, found 12 for 8 KV heads"
+            )
+        );
+        assert!(AttentionParams {
+            block_size: 12,
+            ..params()
+        }
+        .validate::<half::f16>("op")
+        .is_err());
+        assert!(AttentionParams {
+            num_kv_heads: 0,
+            ..params()
+        }
+        .validate::<half::f16>("op")
+        .is_err());
+        assert!(AttentionParams {
+            max_blocks_per_seq: 0,
+            ..params()
+        }
+        .validate::<half::f16>("op")
+        .is_err());
+        assert!(AttentionParams {
+            scale: f32::NAN,
+            ..params()
+        }
+        .validate::<half::f16>("op")
+        .is_err());
+        assert!(params().validate::<f32>("op").is_err());
+        let geo = params()
+            .validate::<half::bf16>("op")
+            .ok()
+            .map(|g| (g.block_size_log2, g.capacity));
+        assert_eq!(geo, Some((4, 64)));
+    }
+}

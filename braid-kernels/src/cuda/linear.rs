@@ -1,1 +1,995 @@
-//! (in progress)
+//! Dense linear layers on the GPU, `y = x·Wᵀ (+ bias) (+ residual)`: our skinny tensor-core GEMM
+//! (`cuda/gemv.cu`) for decode-sized batches, cuBLASLt for everything else, and the dispatch
+//! between them.
+//!
+//! Both paths read W in PyTorch's `[out_features, in_features]` row-major layout, compute in f32
+//! and round once to the storage dtype, after the bias and residual were added. Neither
+//! allocates, synchronises or branches on device data, so a decode step that calls
+//! [`CudaDevice::linear`] can be captured into a CUDA graph; call
+//! [`CudaDevice::prepare_linear`] once before the first capture so the cuBLASLt handle and its
+//! workspace already exist.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublaslt::result::{self as lt, CublasError};
+use cudarc::cublaslt::sys as lt_sys;
+use cudarc::driver::sys::{self as driver_sys, CUdevice_attribute, CUdeviceptr};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+
+use super::{consts, launch_error, to_i32, CudaDevice, CudaError, KernelFloat};
+
+/// The kernel module built from `cuda/gemv.cu`.
+const MODULE: &str = "gemv";
+/// Largest batch the skinny kernel can take: eight 8-token groups of x (`NX` ≤ 8 in gemv.cu).
+const SKINNY_TOKEN_LIMIT: usize = 64;
+/// Elements per 16-byte load of an f16/bf16 row: k must be a multiple of it.
+const PACK: usize = 8;
+/// A k-block is one 16-byte pack for each of the 4 lanes of a quad (`kBlockK` in gemv.cu).
+const BLOCK_K: usize = 4 * PACK;
+/// `kMaxWarps` in gemv.cu: the kernels are compiled for at most this many warps per block.
+const SKINNY_MAX_WARPS: usize = 16;
+/// Shared memory a block may use without opting in to more.
+const SKINNY_MAX_SHARED: usize = 48 * 1024;
+/// Floats of one warp's 16×8 accumulator tile, staged in shared memory for the k reduction.
+const FRAGMENT_FLOATS: usize = 128;
+/// cuBLASLt's recommended workspace: 32 MiB on Hopper and later, 4 MiB before.
+const WORKSPACE_HOPPER: usize = 32 << 20;
+const WORKSPACE_OLDER: usize = 4 << 20;
+/// Largest alignment cuBLASLt distinguishes between (its default assumption for every pointer).
+const MAX_ALIGNMENT: u64 = 256;
+/// The bias epilogue reads the bias vector in 16-byte chunks; a less aligned bias is added by
+/// our own kernel after the matmul instead.
+const BIAS_EPILOGUE_ALIGNMENT: u64 = 16;
+
+/// Launch shape of the skinny kernel: `nx` 8-token groups, `row_groups` 8-row groups of W per
+/// block, `warps` warps per block splitting k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SkinnyConfig {
+    nx: usize,
+    row_groups: usize,
+    warps: usize,
+}
+
+impl SkinnyConfig {
+    fn token_groups(n: usize) -> usize {
+        n.div_ceil(8).next_power_of_two()
+    }
+
+    /// Whether gemv.cu instantiates this (token groups, row groups) pair.
+    fn compiled(nx: usize, row_groups: usize) -> bool {
+        [1, 2, 4, 8].contains(&nx) && [1, 2].contains(&row_groups)
+    }
+
+    fn shared_bytes(nx: usize, row_groups: usize, warps: usize) -> usize {
+        warps * nx.div_ceil(2) * row_groups * FRAGMENT_FLOATS * 4
+    }
+
+    /// Most warps whose k-reduction scratch fits in the default shared-memory allowance.
+    fn max_warps(nx: usize, row_groups: usize) -> usize {
+        (SKINNY_MAX_SHARED / Self::shared_bytes(nx, row_groups, 1)).min(SKINNY_MAX_WARPS)
+    }
+
+    /// The configuration `linear` uses, from a sweep on an H100 (KERNELS.md, "Linear"): about
+    /// 4 k-blocks per warp, so that a warp issues all its W loads in one or two trips, with
+    /// 1000-2000 warps in the grid on the decode shapes.
+    fn choose(n: usize, k: usize, m: usize) -> SkinnyConfig {
+        let nx = Self::token_groups(n);
+        // A second row group halves the x traffic per W byte, which matters from 9 tokens on;
+        // at n ≤ 8 it only pays where m is large enough to keep a thousand-odd warps busy.
+        let row_groups = if nx > 1 || m >= 4096 { 2 } else { 1 };
+        let kblocks = k.div_ceil(BLOCK_K);
+        let warps = kblocks
+            .div_ceil(4)
+            .clamp(1, Self::max_warps(nx, row_groups));
+        SkinnyConfig {
+            nx,
+            row_groups,
+            warps,
+        }
+    }
+
+    fn kernel_name<T: KernelFloat>(self) -> String {
+        format!(
+            "skinny_gemm_{}_x{}_r{}",
+            T::SUFFIX,
+            self.nx,
+            self.row_groups
+        )
+    }
+
+    fn launch_config(self, m: usize) -> LaunchConfig {
+        let rows_per_block = 8 * self.row_groups;
+        let shared = Self::shared_bytes(self.nx, self.row_groups, self.warps);
+        LaunchConfig {
+            grid_dim: (m.div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: ((self.warps * consts::WARP_SIZE as usize) as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        }
+    }
+}
+
+/// Which implementation runs a linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Skinny(SkinnyConfig),
+    CublasLt,
+}
+
+/// How a call was asked to run: a forced path (else the dispatch picks), and whether the skinny
+/// kernel may be launched with programmatic dependent launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Route {
+    path: Option<Path>,
+    overlapped: bool,
+}
+
+impl Route {
+    const AUTO: Route = Route {
+        path: None,
+        overlapped: false,
+    };
+
+    fn forced(path: Path) -> Route {
+        Route {
+            path: Some(path),
+            overlapped: false,
+        }
+    }
+}
+
+/// Device pointers and shape of one call, validated.
+struct Operands {
+    x: CUdeviceptr,
+    w: CUdeviceptr,
+    bias: Option<CUdeviceptr>,
+    residual: Option<CUdeviceptr>,
+    out: CUdeviceptr,
+    n: usize,
+    k: usize,
+    m: usize,
+}
+
+impl Operands {
+    /// Why the skinny kernel cannot take these operands, if it cannot.
+    fn skinny_obstacle<T: KernelFloat>(&self) -> Option<(&'static str, &'static str, String)> {
+        if T::SUFFIX == "f32" {
+            return Some(("the dtype", "f16 or bf16", T::SUFFIX.to_string()));
+        }
+        if self.n > SKINNY_TOKEN_LIMIT {
+            return Some(("n", "at most 64 for the skinny kernel", self.n.to_string()));
+        }
+        if !self.k.is_multiple_of(PACK) {
+            return Some((
+                "k",
+                "a multiple of 8 for the skinny kernel's 16-byte loads",
+                self.k.to_string(),
+            ));
+        }
+        for (name, ptr) in [("x", self.x), ("w", self.w)] {
+            if ptr % 16 != 0 {
+                return Some((
+                    if name == "x" {
+                        "the address of `x`"
+                    } else {
+                        "the address of `w`"
+                    },
+                    "16-byte aligned for the skinny kernel",
+                    format!("{ptr:#x}"),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Largest power of two (up to 256) dividing `ptr`: the alignment cuBLASLt may assume.
+fn alignment(ptr: CUdeviceptr) -> u32 {
+    if ptr == 0 {
+        return MAX_ALIGNMENT as u32;
+    }
+    (1u64 << ptr.trailing_zeros().min(MAX_ALIGNMENT.trailing_zeros())) as u32
+}
+
+fn cublas_error(call: &'static str, err: CublasError) -> CudaError {
+    CudaError::InvalidArgument {
+        op: "linear",
+        argument: call,
+        expected: "CUBLAS_STATUS_SUCCESS",
+        found: format!("{:?}", err.0),
+    }
+}
+
+/// Everything a cuBLASLt matmul of one shape needs besides the pointers, built once and reused:
+/// building descriptors and asking for a heuristic costs tens of microseconds of host time.
+struct Plan {
+    desc: MatmulDesc,
+    a: Layout,
+    b: Layout,
+    c: Layout,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlanKey {
+    dtype: usize,
+    n: usize,
+    k: usize,
+    m: usize,
+    bias_epilogue: bool,
+    residual: bool,
+    /// Alignments of W (A), x (B), the addend (C) and out (D).
+    alignments: [u32; 4],
+}
+
+struct MatmulDesc(lt_sys::cublasLtMatmulDesc_t);
+struct Layout(lt_sys::cublasLtMatrixLayout_t);
+struct Preference(lt_sys::cublasLtMatmulPreference_t);
+
+// Destruction failures are ignored: the handles are ours, and there is nothing to recover.
+impl Drop for MatmulDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulDescCreate and destroyed only here.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatrixLayoutCreate and destroyed only here.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+impl Drop for Preference {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulPreferenceCreate and destroyed only here.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+/// One cuBLASLt handle with its workspace and plan cache, per device stream.
+struct LtState {
+    handle: lt_sys::cublasLtHandle_t,
+    /// Owns the workspace memory; `workspace_ptr` is its address, taken once so matmuls do not
+    /// go through the buffer's event tracking.
+    _workspace: CudaSlice<u8>,
+    workspace_ptr: CUdeviceptr,
+    workspace_size: usize,
+    plans: HashMap<PlanKey, Plan>,
+}
+
+// SAFETY: the raw cuBLASLt handles are only used while the state's mutex is held, and cuBLASLt
+// handles and descriptors may be used from any thread as long as calls do not overlap.
+unsafe impl Send for LtState {}
+
+/// Keyed by the address of the device's stream. The entries live for the rest of the process
+/// (they hold the stream, so an address is never reused): handles cannot be tied to the
+/// lifetime of a `CudaDevice`, whose fields this module does not own.
+type LtTable = Mutex<Vec<(usize, Arc<Mutex<LtState>>)>>;
+static LT_STATES: OnceLock<LtTable> = OnceLock::new();
+
+fn set_desc_attribute<V>(
+    desc: &MatmulDesc,
+    attr: lt_sys::cublasLtMatmulDescAttributes_t,
+    value: &V,
+) -> Result<(), CudaError> {
+    // SAFETY: `value` points at a live `V` of exactly the size passed, the type cuBLASLt
+    // documents for `attr`.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc.0,
+            attr,
+            (value as *const V).cast(),
+            std::mem::size_of::<V>(),
+        )
+    }
+    .map_err(|e| cublas_error("cublasLtMatmulDescSetAttribute", e))
+}
+
+fn set_pref_attribute<V>(
+    pref: &Preference,
+    attr: lt_sys::cublasLtMatmulPreferenceAttributes_t,
+    value: &V,
+) -> Result<(), CudaError> {
+    // SAFETY: as in `set_desc_attribute`.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            attr,
+            (value as *const V).cast(),
+            std::mem::size_of::<V>(),
+        )
+    }
+    .map_err(|e| cublas_error("cublasLtMatmulPreferenceSetAttribute", e))
+}
+
+fn data_type<T: KernelFloat>() -> lt_sys::cudaDataType {
+    match T::SUFFIX {
+        "f16" => lt_sys::cudaDataType_t::CUDA_R_16F,
+        "bf16" => lt_sys::cudaDataType_t::CUDA_R_16BF,
+        _ => lt_sys::cudaDataType_t::CUDA_R_32F,
+    }
+}
+
+impl LtState {
+    fn plan<T: KernelFloat>(&mut self, key: PlanKey) -> Result<&Plan, CudaError> {
+        if !self.plans.contains_key(&key) {
+            let plan = self.build_plan::<T>(key)?;
+            self.plans.insert(key, plan);
+        }
+        self.plans.get(&key).ok_or(CudaError::InvalidArgument {
+            op: "linear",
+            argument: "the cuBLASLt plan cache",
+            expected: "to hold the plan just inserted",
+            found: "no entry".to_string(),
+        })
+    }
+
+    /// Column-major view of the row-major problem: D[m, n] = op(A)[m, k] · B[k, n] with
+    /// A = W stored as a k×m column-major matrix (transposed), B = x as k×n, D = out as m×n.
+    fn build_plan<T: KernelFloat>(&self, key: PlanKey) -> Result<Plan, CudaError> {
+        let ty = data_type::<T>();
+        let layout = |rows: usize, cols: usize, ld: usize| -> Result<Layout, CudaError> {
+            lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
+                .map(Layout)
+                .map_err(|e| cublas_error("cublasLtMatrixLayoutCreate", e))
+        };
+        let a = layout(key.k, key.m, key.k)?;
+        let b = layout(key.k, key.n, key.k)?;
+        let c = layout(key.m, key.n, key.m)?;
+
+        let desc = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map(MatmulDesc)
+        .map_err(|e| cublas_error("cublasLtMatmulDescCreate", e))?;
+        // cublasOperation_t values: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+        set_desc_attribute(
+            &desc,
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            &1i32,
+        )?;
+        set_desc_attribute(
+            &desc,
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            &0i32,
+        )?;
+        let epilogue = if key.bias_epilogue {
+            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set_desc_attribute(
+            &desc,
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epilogue,
+        )?;
+
+        let pref = lt::create_matmul_pref()
+            .map(Preference)
+            .map_err(|e| cublas_error("cublasLtMatmulPreferenceCreate", e))?;
+        set_pref_attribute(
+            &pref,
+            lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &self.workspace_size,
+        )?;
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let [align_a, align_b, align_c, align_d] = key.alignments;
+        set_pref_attribute(
+            &pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            &align_a,
+        )?;
+        set_pref_attribute(
+            &pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            &align_b,
+        )?;
+        set_pref_attribute(
+            &pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            &align_c,
+        )?;
+        set_pref_attribute(
+            &pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            &align_d,
+        )?;
+
+        // SAFETY: every descriptor passed is alive for the duration of the call.
+        let heuristic = unsafe {
+            lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
+        }
+        .map_err(|e| cublas_error("cublasLtMatmulAlgoGetHeuristic", e))?;
+        Ok(Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: heuristic.algo,
+        })
+    }
+}
+
+impl CudaDevice {
+    /// `out[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m]) (+ residual[n, m])`, with `w` in PyTorch
+    /// Linear layout (row-major `[out_features, in_features]`).
+    ///
+    /// Products accumulate in f32; bias and residual are added in f32 before the single rounding
+    /// to `T`. Batches of up to [`CudaDevice::LINEAR_SKINNY_MAX_TOKENS`] rows (decode) run our
+    /// skinny tensor-core kernel, which streams W at close to full memory bandwidth; larger
+    /// ones, f32, and operands the kernel cannot take (k not a multiple of 8, `x` or `w` not
+    /// 16-byte aligned) run cuBLASLt. `x` holds `n * k` elements, `w` `m * k`, `bias` `m`,
+    /// `residual` and `out` `n * m`; `out` must not overlap the inputs.
+    ///
+    /// A cuBLASLt-bound call builds and caches a plan for its shape on first use (host work
+    /// only); cuBLASLt failures are reported as [`CudaError::InvalidArgument`] naming the call
+    /// and its status.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        self.linear_on(Route::AUTO, x, n, k, w, m, bias, residual, out)
+    }
+
+    /// [`CudaDevice::linear`] with the skinny kernel launched through programmatic dependent
+    /// launch: it may start while the previous kernel on the stream is still running, streaming
+    /// `w` at once and waiting for that kernel only before it reads `x`, `bias` or `residual`
+    /// and writes `out`. This hides most of the launch gap and tail between back-to-back
+    /// kernels, which dominate at decode sizes.
+    ///
+    /// Use it only when no kernel that may still be running writes `w` (model weights
+    /// qualify). On the cuBLASLt path it is the same as `linear`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_overlapped<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let route = Route {
+            path: None,
+            overlapped: true,
+        };
+        self.linear_on(route, x, n, k, w, m, bias, residual, out)
+    }
+
+    /// [`CudaDevice::linear`] forced onto the skinny kernel: for benchmarks and tests. Fails
+    /// with [`CudaError::InvalidArgument`] where the kernel cannot run (f32, `n` above 64, `k`
+    /// not a multiple of 8, `x` or `w` not 16-byte aligned).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_skinny<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let config = SkinnyConfig::choose(n, k, m);
+        self.linear_on(
+            Route::forced(Path::Skinny(config)),
+            x,
+            n,
+            k,
+            w,
+            m,
+            bias,
+            residual,
+            out,
+        )
+    }
+
+    /// [`CudaDevice::linear`] forced onto cuBLASLt: for benchmarks and tests.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_cublaslt<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        self.linear_on(
+            Route::forced(Path::CublasLt),
+            x,
+            n,
+            k,
+            w,
+            m,
+            bias,
+            residual,
+            out,
+        )
+    }
+
+    /// Tuning hook: the skinny kernel with an explicit launch shape, `row_groups` groups of 8
+    /// W rows per block (1 or 2) and `warps` warps splitting k (1 to 16,
+    /// fewer at `n` > 16 where the reduction scratch grows), optionally overlapped as in
+    /// [`CudaDevice::linear_overlapped`].
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_skinny_tuned<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        out: &mut impl DevicePtrMut<T>,
+        row_groups: usize,
+        warps: usize,
+        overlapped: bool,
+    ) -> Result<(), CudaError> {
+        let nx = SkinnyConfig::token_groups(n);
+        if !SkinnyConfig::compiled(nx, row_groups)
+            || !(1..=SkinnyConfig::max_warps(nx, row_groups)).contains(&warps)
+        {
+            return Err(CudaError::InvalidArgument {
+                op: "linear",
+                argument: "the skinny launch shape",
+                expected:
+                    "a compiled row-group count and a warp count within the shared-memory limit",
+                found: format!("{row_groups} row groups and {warps} warps for n = {n}"),
+            });
+        }
+        let config = SkinnyConfig {
+            nx,
+            row_groups,
+            warps,
+        };
+        let route = Route {
+            path: Some(Path::Skinny(config)),
+            overlapped,
+        };
+        self.linear_on(route, x, n, k, w, m, None, None, out)
+    }
+
+    /// Creates this device's cuBLASLt handle and workspace now rather than on the first
+    /// cuBLASLt-bound `linear`. Call it before capturing a CUDA graph: the workspace is a
+    /// stream-ordered allocation, which must not land inside a capture.
+    pub fn prepare_linear(&self) -> Result<(), CudaError> {
+        self.lt_state().map(|_| ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_on<T: KernelFloat>(
+        &self,
+        route: Route,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "linear";
+        let x_len = self.check_matrix(OP, n, k)?;
+        let w_len = self.check_matrix(OP, m, k)?;
+        let out_len = self.check_matrix(OP, n, m)?;
+        if k == 0 {
+            return Err(CudaError::InvalidArgument {
+                op: OP,
+                argument: "k",
+                expected: "at least 1",
+                found: "0".to_string(),
+            });
+        }
+        self.check_buffer(OP, "x", x, x_len)?;
+        self.check_buffer(OP, "w", w, w_len)?;
+        if let Some(bias) = bias {
+            self.check_buffer(OP, "bias", bias, m)?;
+        }
+        if let Some(residual) = residual {
+            self.check_buffer(OP, "residual", residual, out_len)?;
+        }
+        self.check_buffer(OP, "out", out, out_len)?;
+
+        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+        let (w_ptr, _w_sync) = w.device_ptr(&self.stream);
+        let bias_ptr = bias.map(|b| b.device_ptr(&self.stream));
+        let residual_ptr = residual.map(|r| r.device_ptr(&self.stream));
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let ops = Operands {
+            x: x_ptr,
+            w: w_ptr,
+            bias: bias_ptr.as_ref().map(|(p, _)| *p),
+            residual: residual_ptr.as_ref().map(|(p, _)| *p),
+            out: out_ptr,
+            n,
+            k,
+            m,
+        };
+        if out_len == 0 {
+            return Ok(());
+        }
+
+        let path = match route.path {
+            Some(path) => path,
+            None if n <= Self::LINEAR_SKINNY_MAX_TOKENS && ops.skinny_obstacle::<T>().is_none() => {
+                Path::Skinny(SkinnyConfig::choose(n, k, m))
+            }
+            None => Path::CublasLt,
+        };
+        match path {
+            Path::Skinny(config) => {
+                if let Some((argument, expected, found)) = ops.skinny_obstacle::<T>() {
+                    return Err(CudaError::InvalidArgument {
+                        op: OP,
+                        argument,
+                        expected,
+                        found,
+                    });
+                }
+                self.launch_skinny::<T>(&ops, config, route.overlapped)
+            }
+            Path::CublasLt => self.launch_cublaslt::<T>(&ops),
+        }
+    }
+
+    fn launch_skinny<T: KernelFloat>(
+        &self,
+        ops: &Operands,
+        config: SkinnyConfig,
+        overlapped: bool,
+    ) -> Result<(), CudaError> {
+        let function = self.kernel(MODULE, &config.kernel_name::<T>())?;
+        let (n, k, m) = (to_i32(ops.n), to_i32(ops.k), to_i32(ops.m));
+        let null: CUdeviceptr = 0;
+        let bias = ops.bias.unwrap_or(null);
+        let residual = ops.residual.unwrap_or(null);
+        let cfg = config.launch_config(ops.m);
+        if overlapped {
+            let mut params: [*mut c_void; 8] = [
+                (&ops.x as *const CUdeviceptr).cast_mut().cast(),
+                (&ops.w as *const CUdeviceptr).cast_mut().cast(),
+                (&bias as *const CUdeviceptr).cast_mut().cast(),
+                (&residual as *const CUdeviceptr).cast_mut().cast(),
+                (&ops.out as *const CUdeviceptr).cast_mut().cast(),
+                (&n as *const i32).cast_mut().cast(),
+                (&k as *const i32).cast_mut().cast(),
+                (&m as *const i32).cast_mut().cast(),
+            ];
+            // SAFETY: as below; `params` points at live values of exactly the kernel's
+            // parameter types, in order, for the duration of the call.
+            return unsafe { self.launch_with_dependency_overlap(&function, cfg, &mut params) };
+        }
+        let mut launch = self.stream.launch_builder(&function);
+        launch
+            .arg(&ops.x)
+            .arg(&ops.w)
+            .arg(&bias)
+            .arg(&residual)
+            .arg(&ops.out)
+            .arg(&n)
+            .arg(&k)
+            .arg(&m);
+        // SAFETY: the arguments match `skinny_gemm_*(const T*, const T*, const T*, const T*, T*,
+        // int, int, int)` in gemv.cu; the buffer lengths were checked against n, k and m, and
+        // `skinny_obstacle` enforced the kernel's alignment and k requirements.
+        unsafe { launch.launch(cfg) }.map_err(|source| launch_error("linear", source))?;
+        Ok(())
+    }
+
+    /// Launches with the programmatic-stream-serialization attribute, which cudarc's launch
+    /// builder cannot set.
+    ///
+    /// # Safety
+    /// `params` must hold one pointer per kernel parameter, each to a live value of that
+    /// parameter's type, and the kernel's accesses must stay inside their buffers.
+    unsafe fn launch_with_dependency_overlap(
+        &self,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        // SAFETY: a zeroed attribute value is valid plain data; the one field read is set.
+        let mut value: driver_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = driver_sys::CUlaunchAttribute {
+            id: driver_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = driver_sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|source| launch_error("linear", source))?;
+        // SAFETY: `config` and `attribute` outlive the call; the caller vouches for `params`.
+        unsafe {
+            driver_sys::cuLaunchKernelEx(
+                &config,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|source| launch_error("linear", source))
+    }
+
+    fn launch_cublaslt<T: KernelFloat>(&self, ops: &Operands) -> Result<(), CudaError> {
+        let state = self.lt_state()?;
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let bias_epilogue = ops.bias.is_some_and(|p| p % BIAS_EPILOGUE_ALIGNMENT == 0);
+        let addend = ops.residual.unwrap_or(ops.out);
+        let key = PlanKey {
+            dtype: T::INDEX,
+            n: ops.n,
+            k: ops.k,
+            m: ops.m,
+            bias_epilogue,
+            residual: ops.residual.is_some(),
+            alignments: [
+                alignment(ops.w),
+                alignment(ops.x),
+                alignment(addend),
+                alignment(ops.out),
+            ],
+        };
+        let handle = state.handle;
+        let (workspace, workspace_size) = (state.workspace_ptr, state.workspace_size);
+        let plan = state.plan::<T>(key)?;
+        if bias_epilogue {
+            if let Some(bias) = ops.bias {
+                set_desc_attribute(
+                    &plan.desc,
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias,
+                )?;
+            }
+        }
+        let alpha = 1.0f32;
+        let beta = if ops.residual.is_some() { 1.0f32 } else { 0.0 };
+        // SAFETY: the plan's layouts describe exactly the checked buffers behind these pointers,
+        // the workspace is this state's own allocation of `workspace_size` bytes, and the state
+        // lock keeps the descriptor's bias pointer stable until the matmul is enqueued.
+        unsafe {
+            lt::matmul(
+                handle,
+                plan.desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                ops.w as *const _,
+                plan.a.0,
+                ops.x as *const _,
+                plan.b.0,
+                addend as *const _,
+                plan.c.0,
+                ops.out as *mut _,
+                plan.c.0,
+                &plan.algo,
+                workspace as *mut _,
+                workspace_size,
+                self.stream.cu_stream() as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| cublas_error("cublasLtMatmul", e))?;
+        drop(state);
+
+        match ops.bias {
+            Some(bias) if !bias_epilogue => self.add_row_bias::<T>(ops.out, bias, ops.n, ops.m),
+            _ => Ok(()),
+        }
+    }
+
+    /// `out[r, j] += bias[j]`, for a bias the cuBLASLt epilogue cannot read.
+    fn add_row_bias<T: KernelFloat>(
+        &self,
+        out: CUdeviceptr,
+        bias: CUdeviceptr,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
+        let function = self.kernel(MODULE, &format!("add_row_bias_{}", T::SUFFIX))?;
+        let threads = consts::ELEMENTWISE_BLOCK_THREADS as usize;
+        let blocks = (rows * cols).div_ceil(threads).clamp(1, 4096);
+        let (rows, cols) = (to_i32(rows), to_i32(cols));
+        let mut launch = self.stream.launch_builder(&function);
+        launch.arg(&out).arg(&bias).arg(&rows).arg(&cols);
+        // SAFETY: matches `add_row_bias_*(T*, const T*, int, int)` in gemv.cu; `out` holds
+        // rows * cols elements and `bias` cols, as checked by `linear_on`.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|source| launch_error("linear", source))?;
+        Ok(())
+    }
+
+    /// This device stream's cuBLASLt state, created on first use.
+    fn lt_state(&self) -> Result<Arc<Mutex<LtState>>, CudaError> {
+        let key = Arc::as_ptr(&self.stream) as usize;
+        let table = LT_STATES.get_or_init(Default::default);
+        let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, state)) = table.iter().find(|(k, _)| *k == key) {
+            return Ok(state.clone());
+        }
+
+        // SAFETY: only tries to load the library; without this check cudarc panics on the
+        // first cuBLASLt call when the library is missing.
+        if !unsafe { lt_sys::is_culib_present() } {
+            return Err(CudaError::InvalidArgument {
+                op: "linear",
+                argument: "the cuBLASLt library",
+                expected: "loadable (libcublasLt from the CUDA toolkit)",
+                found: "no libcublasLt on the library search path".to_string(),
+            });
+        }
+        let driver = |op: &'static str| move |source| CudaError::Driver { op, source };
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuBLASLt initialisation"))?;
+        let major = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(driver("device attribute query"))?;
+        let workspace_size = if major >= 9 {
+            WORKSPACE_HOPPER
+        } else {
+            WORKSPACE_OLDER
+        };
+        let workspace = self.alloc_zeros::<u8>(workspace_size)?;
+        let workspace_ptr = {
+            let (ptr, _sync) = workspace.device_ptr(&self.stream);
+            ptr
+        };
+        let handle = lt::create_handle().map_err(|e| cublas_error("cublasLtCreate", e))?;
+        let state = Arc::new(Mutex::new(LtState {
+            handle,
+            _workspace: workspace,
+            workspace_ptr,
+            workspace_size,
+            plans: HashMap::new(),
+        }));
+        table.push((key, state.clone()));
+        Ok(state)
+    }
+}
+
+impl CudaDevice {
+    /// Largest batch `linear` sends to the skinny kernel; larger batches go to cuBLASLt, which
+    /// was as fast or faster from 32 rows on for every Qwen3-0.6B decode shape on an H100.
+    pub const LINEAR_SKINNY_MAX_TOKENS: usize = 16;
+}
+
+const _: () = assert!(CudaDevice::LINEAR_SKINNY_MAX_TOKENS <= SKINNY_TOKEN_LIMIT);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_groups_are_the_compiled_powers_of_two() {
+        let expect = [
+            (1, 1),
+            (8, 1),
+            (9, 2),
+            (16, 2),
+            (17, 4),
+            (32, 4),
+            (33, 8),
+            (64, 8),
+        ];
+        for (n, nx) in expect {
+            assert_eq!(SkinnyConfig::token_groups(n), nx, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn chosen_configs_stay_within_the_compiled_kernels() {
+        for n in [1, 3, 8, 9, 16, 33, 64] {
+            for k in [8, 64, 576, 1000, 1024, 3072, 8192] {
+                for m in [1, 7, 1000, 8192, 151_936] {
+                    let c = SkinnyConfig::choose(n, k, m);
+                    assert!(SkinnyConfig::compiled(c.nx, c.row_groups), "{c:?}");
+                    assert!(8 * c.nx >= n);
+                    assert!((1..=SkinnyConfig::max_warps(c.nx, c.row_groups)).contains(&c.warps));
+                    let cfg = c.launch_config(m);
+                    assert!(cfg.grid_dim.0 as usize * 8 * c.row_groups >= m);
+                    assert!(cfg.block_dim.0 as usize <= SKINNY_MAX_WARPS * 32);
+                    assert!(cfg.shared_mem_bytes as usize <= SKINNY_MAX_SHARED);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_shapes_get_the_measured_launch_shapes() {
+        let shape = |n, k, m| {
+            let c = SkinnyConfig::choose(n, k, m);
+            (c.row_groups, c.warps)
+        };
+        assert_eq!(shape(1, 1024, 4096), (2, 8));
+        assert_eq!(shape(1, 2048, 1024), (1, 16));
+        assert_eq!(shape(1, 1024, 6144), (2, 8));
+        assert_eq!(shape(1, 3072, 1024), (1, 16));
+        assert_eq!(shape(1, 1024, 151_936), (2, 8));
+        assert_eq!(shape(16, 2048, 1024), (2, 16));
+        // 64 tokens need four accumulator tiles: the reduction scratch caps the warps.
+        assert_eq!(shape(64, 3072, 1024), (2, 12));
+    }
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1002), 2);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0), 256);
+    }
+
+    #[test]
+    fn skinny_obstacles_name_the_problem() {
+        let ops = |n, k, x| Operands {
+            x,
+            w: 0x2000,
+            bias: None,
+            residual: None,
+            out: 0x3000,
+            n,
+            k,
+            m: 16,
+        };
+        assert!(ops(8, 64, 0x1000).skinny_obstacle::<half::bf16>().is_none());
+        assert_eq!(
+            ops(8, 64, 0x1000).skinny_obstacle::<f32>().map(|o| o.0),
+            Some("the dtype")
+        );
+        assert_eq!(
+            ops(65, 64, 0x1000)
+                .skinny_obstacle::<half::f16>()
+                .map(|o| o.0),
+            Some("n")
+        );
+        assert_eq!(
+            ops(1, 63, 0x1000)
+                .skinny_obstacle::<half::f16>()
+                .map(|o| o.0),
+            Some("k")
+        );
+        assert_eq!(
+            ops(1, 64, 0x1002)
+                .skinny_obstacle::<half::f16>()
+                .map(|o| o.0),
+            Some("the address of `x`")
+        );
+    }
+}

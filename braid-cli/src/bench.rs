@@ -1,0 +1,125 @@
+//! `braid bench`: Braid's side of the benchmark — decode throughput at several batch sizes, time to
+//! first token, start-up time and memory — printed as a table and written as JSON for
+//! `scripts/bench_report.py` to set beside PyTorch's figures from the same machine.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use braid_core::{Engine, EngineConfig, GenerationParams, SamplingParams};
+use serde_json::{json, Value};
+
+use crate::args::{BenchArgs, ModelArgs};
+
+/// Random-looking but reproducible prompt ids in `1..vocab`.
+fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            1 + (s % (vocab as u64 - 1)) as u32
+        })
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: true }
+}
+
+/// Decode tokens per second with `batch` sequences running together: tokens produced after every
+/// sequence has its first token, over the time that took.
+fn decode_throughput(engine: &mut Engine, batch: usize, prompt_len: usize, new_tokens: usize) -> Result<f64> {
+    let vocab = engine.info().config.vocab_size;
+    for i in 0..batch {
+        engine.add_request(prompt(prompt_len, i as u64 + 1, vocab), greedy(new_tokens))?;
+    }
+    let mut started = 0usize;
+    let mut window: Option<(Instant, usize)> = None;
+    let mut produced = 0usize;
+    while engine.has_work() {
+        let events = engine.step()?;
+        for ev in &events {
+            if ev.token.is_some() {
+                produced += 1;
+                if produced <= batch {
+                    started += 1;
+                }
+            }
+        }
+        if window.is_none() && started == batch {
+            window = Some((Instant::now(), produced));
+        }
+    }
+    let Some((t0, at)) = window else { bail!("no sequence produced a token") };
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((produced - at) as f64 / secs)
+}
+
+/// Median time to the first token of one request with a `len`-token prompt.
+fn time_to_first_token(engine: &mut Engine, len: usize, runs: usize) -> Result<f64> {
+    let vocab = engine.info().config.vocab_size;
+    let mut times = Vec::new();
+    for r in 0..runs + 1 {
+        let t0 = Instant::now();
+        engine.add_request(prompt(len, 1000 + r as u64, vocab), greedy(1))?;
+        while engine.has_work() {
+            engine.step()?;
+        }
+        if r > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2] * 1e3)
+}
+
+pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Result<()> {
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    let kv_tokens = (max_batch * (args.prompt_len + args.new_tokens)).max(args.ttft.iter().copied().max().unwrap_or(0) + 16);
+    let config = EngineConfig {
+        kv_cache_tokens: Some(model.kv_cache_tokens.unwrap_or(kv_tokens)),
+        max_running: max_batch.max(1),
+        max_batch_tokens: args.max_batch_tokens,
+        ..EngineConfig::default()
+    };
+    let mut engine = crate::commands::load_engine(model, config)?;
+    // Start-up: process start to the first generated token.
+    time_to_first_token(&mut engine, 16, 0)?;
+    let startup_s = process_start.elapsed().as_secs_f64();
+
+    let mut decode = BTreeMap::new();
+    for &b in &args.batch {
+        let tps = decode_throughput(&mut engine, b, args.prompt_len, args.new_tokens)?;
+        eprintln!("decode  batch {b:>4}: {tps:>10.1} tok/s");
+        decode.insert(b.to_string(), json!(tps));
+    }
+    let mut ttft = BTreeMap::new();
+    for &len in &args.ttft {
+        let ms = time_to_first_token(&mut engine, len, 3)?;
+        eprintln!("TTFT    {len:>5} tokens: {ms:>8.2} ms");
+        ttft.insert(len.to_string(), json!(ms));
+    }
+    let memory = engine.memory_report();
+    let out: Value = json!({
+        "model": model.model,
+        "device": engine.device_name(),
+        "date": args.date,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "decode_tok_s": decode,
+        "ttft_ms": ttft,
+        "startup_s": startup_s,
+        "weights_gib": memory.0 as f64 / (1u64 << 30) as f64,
+        "kv_cache_gib": memory.1 as f64 / (1u64 << 30) as f64,
+        "peak_memory_gib": memory.2.map(|b| b as f64 / (1u64 << 30) as f64),
+    });
+    eprintln!("start-up {startup_s:.2} s; {}", serde_json::to_string(&out["peak_memory_gib"])?);
+    let text = serde_json::to_string_pretty(&out)?;
+    match &args.json {
+        Some(path) => std::fs::write(path, text)?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}

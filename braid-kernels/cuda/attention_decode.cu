@@ -1,0 +1,399 @@
+// Paged attention for decode steps (one new query token per sequence), flash-decoding style:
+// paged_attention_decode_d<D>_g<GC>_<dtype> computes one partition of a sequence's context for
+// one KV head and every query head of its GQA group; paged_attention_decode_merge_<dtype>
+// combines the partitions by log-sum-exp. Storage f16/bf16, f32 accumulation.
+//
+// Everything that changes between decode steps (context lengths, block tables) is read from
+// device memory and the grid depends only on (num_seqs, num_kv_heads, partitions), so a launch
+// can be captured into a CUDA graph and replayed.
+#include "common.cuh"
+
+namespace braid {
+namespace attn_decode {
+
+// These three must match the constants of the same names in src/cuda/attention.rs.
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / BRAID_WARP_SIZE;
+constexpr int MAX_PARTITION = 512;
+constexpr int MERGE_THREADS = 128;
+// Independent 16-byte loads a thread issues before using the first one: enough bytes in flight to
+// cover DRAM latency even when a small batch leaves most SMs idle.
+constexpr int UNROLL = 4;
+constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8], __half) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 v = __half22float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8], __nv_bfloat16) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 v = __bfloat1622float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// Read-only, streamed once: bypass L1 allocation so the KV stream does not evict the block tables.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The visible key range of a sequence and which partitions intersect it. Shared by both kernels
+// so they always agree on which partitions wrote the workspace.
+struct Span {
+    int len;          // keys in the cache (clamped to the block table's capacity); 0: no query
+    int win_start;    // first visible key
+    int first_part;   // partitions [first_part, last_part] hold visible keys
+    int last_part;
+};
+
+__device__ __forceinline__ Span sequence_span(const uint32_t* context_lens, int seq, int capacity,
+                                              int partition_tokens, int sliding_window) {
+    Span s;
+    s.len = static_cast<int>(min(context_lens[seq], static_cast<uint32_t>(capacity)));
+    s.win_start = (sliding_window > 0 && s.len > sliding_window) ? s.len - sliding_window : 0;
+    s.first_part = s.win_start / partition_tokens;
+    s.last_part = s.len > 0 ? (s.len - 1) / partition_tokens : -1;
+    return s;
+}
+
+// Grid: (partitions, num_kv_heads, num_seqs); block: THREADS.
+//
+// A key row of D elements is read by TPK = D/8 consecutive threads, one 16-byte pack each, so a
+// block covers KPI keys per step and every K/V byte is fetched once for the whole GQA group. The
+// partition's scores stay in shared memory (at most MAX_PARTITION per head), which keeps the
+// three passes (scores, softmax, weighted V sum) simple and the query in registers.
+//
+// Query heads are processed GC at a time (GC a compile-time power of two), so registers hold the
+// GC query vectors and accumulators; groups larger than GC loop and re-read the partition's K/V,
+// mostly from L2.
+//
+// With a single partition (`ws_o == nullptr`) the block writes the normalised output directly
+// and no merge is needed; otherwise it writes the partition's normalised output and its
+// (max, sum) in the log2 domain to the workspace.
+template <typename T, int D, int GC>
+__device__ __forceinline__ void decode_partition(
+    const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    const uint32_t* __restrict__ block_tables, const uint32_t* __restrict__ context_lens,
+    T* __restrict__ out, float* __restrict__ ws_o, float* __restrict__ ws_ml, int num_heads,
+    int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int partition_tokens,
+    float scale, int sliding_window) {
+    constexpr int TPK = D / 8;
+    constexpr int KPI = THREADS / TPK;
+
+    __shared__ float scores[GC][MAX_PARTITION];
+    __shared__ float partial[WARPS][D];
+    __shared__ float row_max[GC];
+    __shared__ float row_sum[GC];
+    __shared__ uint32_t part_blocks[MAX_PARTITION];
+
+    const int part = blockIdx.x;
+    const int kv_head = blockIdx.y;
+    const int seq = blockIdx.z;
+    const int num_partitions = gridDim.x;
+    const int group = num_heads / num_kv_heads;
+    const int block_size = 1 << block_size_log2;
+    const int capacity = max_blocks_per_seq << block_size_log2;
+    const Span span = sequence_span(context_lens, seq, capacity, partition_tokens, sliding_window);
+    const int tid = threadIdx.x;
+    const int warp = tid / BRAID_WARP_SIZE;
+    const int lane = tid % BRAID_WARP_SIZE;
+
+    if (span.len == 0) {
+        // A padding slot of a graph bucket: give it a defined (zero) output.
+        if (ws_o == nullptr) {
+            for (int i = tid; i < group * D; i += THREADS) {
+                out[(static_cast<size_t>(seq) * num_heads + kv_head * group) * D + i] = from_float<T>(0.0f);
+            }
+        }
+        return;
+    }
+    if (part < span.first_part || part > span.last_part) return;
+
+    const int begin = max(part * partition_tokens, span.win_start);
+    const int end = min((part + 1) * partition_tokens, span.len);
+    const int n = end - begin;
+
+    const int lane_k = tid % TPK;
+    const int key_group = tid / TPK;
+    const size_t slot_stride = static_cast<size_t>(num_kv_heads) * D;
+    const T* k_base = k_cache + static_cast<size_t>(kv_head) * D + lane_k * 8;
+    const T* v_base = v_cache + static_cast<size_t>(kv_head) * D + lane_k * 8;
+    const float q_scale = scale * LOG2E;
+    constexpr int STEP = KPI * UNROLL;
+
+    // Query packs of heads h0 .. h0+GC-1 (zeros past the group), as raw 16-byte loads so they
+    // travel alongside the block-table loads below.
+    auto load_q = [&](int h0, uint4 (&raw)[GC]) {
+#pragma unroll
+        for (int c = 0; c < GC; ++c) {
+            const int h = h0 + c;
+            raw[c] = h < group ? *reinterpret_cast<const uint4*>(
+                                     q + (static_cast<size_t>(seq) * num_heads + kv_head * group + h) * D + lane_k * 8)
+                               : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 q_raw[GC];
+    load_q(0, q_raw);
+
+    // The partition's block ids, staged once: every K and V row address derives from them.
+    const int first_block = begin >> block_size_log2;
+    const int last_block = (end - 1) >> block_size_log2;
+    const uint32_t* table = block_tables + static_cast<size_t>(seq) * max_blocks_per_seq;
+    for (int b = tid; b <= last_block - first_block; b += THREADS) part_blocks[b] = table[first_block + b];
+    __syncthreads();
+
+    // One round: UNROLL rows per thread, KPI rows apart; rows past the partition read nothing.
+    auto load_round = [&](const T* base_ptr, int base, uint4 (&r)[UNROLL]) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int i = base + u * KPI + key_group;
+            if (i < n) {
+                const int j = begin + i;
+                const size_t slot =
+                    (static_cast<size_t>(part_blocks[(j >> block_size_log2) - first_block]) << block_size_log2) +
+                    (j & (block_size - 1));
+                r[u] = load_stream(base_ptr + slot * slot_stride);
+            } else {
+                r[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+
+    for (int h0 = 0; h0 < group; h0 += GC) {
+        // ---- scores: s[c][i] = (q_c . k_i) * scale * log2(e) ----
+        if (h0 > 0) load_q(h0, q_raw);
+        uint4 kr[UNROLL];
+        load_round(k_base, 0, kr);
+        float qr[GC][8];
+#pragma unroll
+        for (int c = 0; c < GC; ++c) {
+            unpack8(q_raw[c], qr[c], T());
+#pragma unroll
+            for (int e = 0; e < 8; ++e) qr[c][e] *= q_scale;
+        }
+
+        // The step is uniform across the block so every lane reaches the shuffles below. Loads
+        // are not double-buffered across rounds: the extra registers cost more occupancy than the
+        // overlap gains (measured on an H100).
+        for (int base = 0; base < n; base += STEP) {
+            if (base > 0) load_round(k_base, base, kr);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int i = base + u * KPI + key_group;
+                float kf[8];
+                unpack8(kr[u], kf, T());
+#pragma unroll
+                for (int c = 0; c < GC; ++c) {
+                    float s = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) s = fmaf(qr[c][e], kf[e], s);
+#pragma unroll
+                    for (int off = TPK / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+                    if (lane_k == 0 && i < n) scores[c][i] = s;
+                }
+            }
+        }
+
+        // V's first round flies while the softmax runs.
+        uint4 vr[UNROLL];
+        load_round(v_base, 0, vr);
+        __syncthreads();
+
+        // ---- softmax over the partition, one warp per head ----
+        for (int c = warp; c < GC; c += WARPS) {
+            if (h0 + c >= group) continue;
+            float m = -INFINITY;
+            for (int i = lane; i < n; i += BRAID_WARP_SIZE) m = fmaxf(m, scores[c][i]);
+#pragma unroll
+            for (int off = BRAID_WARP_SIZE / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+            float sum = 0.0f;
+            for (int i = lane; i < n; i += BRAID_WARP_SIZE) {
+                const float p = fast_exp2(scores[c][i] - m);
+                scores[c][i] = p;
+                sum += p;
+            }
+            sum = warp_reduce_sum(sum);
+            if (lane == 0) {
+                row_max[c] = m;
+                row_sum[c] = sum;
+            }
+        }
+        __syncthreads();
+
+        // ---- weighted sum of V rows ----
+        float acc[GC][8];
+#pragma unroll
+        for (int c = 0; c < GC; ++c)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[c][e] = 0.0f;
+
+        for (int base = 0; base < n; base += STEP) {
+            if (base > 0) load_round(v_base, base, vr);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int i = base + u * KPI + key_group;
+                if (i < n) {
+                    float vf[8];
+                    unpack8(vr[u], vf, T());
+#pragma unroll
+                    for (int c = 0; c < GC; ++c) {
+                        if (h0 + c < group) {
+                            const float p = scores[c][i];
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) acc[c][e] = fmaf(p, vf[e], acc[c][e]);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Lanes holding the same 8 dims of different keys: fold within the warp, then across warps.
+#pragma unroll
+        for (int c = 0; c < GC; ++c)
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+#pragma unroll
+                for (int off = TPK; off < BRAID_WARP_SIZE; off <<= 1)
+                    acc[c][e] += __shfl_xor_sync(0xffffffffu, acc[c][e], off);
+
+#pragma unroll
+        for (int c = 0; c < GC; ++c) {
+            if (h0 + c >= group) break;
+            if (lane < TPK) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) partial[warp][lane * 8 + e] = acc[c][e];
+            }
+            __syncthreads();
+            const int head = kv_head * group + h0 + c;
+            for (int d = tid; d < D; d += THREADS) {
+                float o = 0.0f;
+#pragma unroll
+                for (int w = 0; w < WARPS; ++w) o += partial[w][d];
+                o /= row_sum[c];
+                if (ws_o == nullptr) {
+                    out[(static_cast<size_t>(seq) * num_heads + head) * D + d] = from_float<T>(o);
+                } else {
+                    ws_o[((static_cast<size_t>(seq) * num_heads + head) * num_partitions + part) * D + d] = o;
+                }
+            }
+            if (ws_o != nullptr && tid == 0) {
+                const size_t idx = (static_cast<size_t>(seq) * num_heads + head) * num_partitions + part;
+                ws_ml[2 * idx] = row_max[c];
+                ws_ml[2 * idx + 1] = row_sum[c];
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// Grid: (num_heads, num_seqs); block: MERGE_THREADS. Combines the partitions of one query head:
+// out = sum_p o_p * l_p * 2^(m_p - M) / sum_p l_p * 2^(m_p - M), with M the largest m_p.
+template <typename T>
+__device__ __forceinline__ void decode_merge(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
+                                             const uint32_t* __restrict__ context_lens, T* __restrict__ out,
+                                             int head_dim, int num_partitions, int capacity,
+                                             int partition_tokens, int sliding_window) {
+    __shared__ float shared_max;
+    __shared__ float shared_inv_sum;
+    const int head = blockIdx.x;
+    const int seq = blockIdx.y;
+    const int num_heads = gridDim.x;
+    const Span span = sequence_span(context_lens, seq, capacity, partition_tokens, sliding_window);
+    T* o = out + (static_cast<size_t>(seq) * num_heads + head) * head_dim;
+    if (span.len == 0) {
+        for (int d = threadIdx.x; d < head_dim; d += MERGE_THREADS) o[d] = from_float<T>(0.0f);
+        return;
+    }
+    const size_t row = static_cast<size_t>(seq) * num_heads + head;
+    const float* ml = ws_ml + 2 * row * num_partitions;
+    const float* parts = ws_o + row * num_partitions * head_dim;
+
+    if (threadIdx.x < BRAID_WARP_SIZE) {
+        float m = -INFINITY;
+        for (int p = span.first_part + threadIdx.x; p <= span.last_part; p += BRAID_WARP_SIZE) m = fmaxf(m, ml[2 * p]);
+#pragma unroll
+        for (int off = BRAID_WARP_SIZE / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        float l = 0.0f;
+        for (int p = span.first_part + threadIdx.x; p <= span.last_part; p += BRAID_WARP_SIZE) {
+            l += ml[2 * p + 1] * fast_exp2(ml[2 * p] - m);
+        }
+        l = warp_reduce_sum(l);
+        if (threadIdx.x == 0) {
+            shared_max = m;
+            shared_inv_sum = 1.0f / l;
+        }
+    }
+    __syncthreads();
+    const float m = shared_max;
+    const float inv_sum = shared_inv_sum;
+    for (int d = threadIdx.x; d < head_dim; d += MERGE_THREADS) {
+        float acc = 0.0f;
+        for (int p = span.first_part; p <= span.last_part; ++p) {
+            acc += parts[static_cast<size_t>(p) * head_dim + d] * ml[2 * p + 1] * fast_exp2(ml[2 * p] - m);
+        }
+        o[d] = from_float<T>(acc * inv_sum);
+    }
+}
+
+}  // namespace attn_decode
+}  // namespace braid
+
+#define BRAID_DECODE_ARGS(T)                                                                            \
+    const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache,             \
+        const uint32_t *__restrict__ block_tables, const uint32_t *__restrict__ context_lens,          \
+        T *__restrict__ out, float *__restrict__ ws_o, float *__restrict__ ws_ml, int num_heads,        \
+        int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int partition_tokens,            \
+        float scale, int sliding_window
+
+#define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                                   \
+    extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS)                          \
+        paged_attention_decode_d##D##_g##GC##_##SUFFIX(BRAID_DECODE_ARGS(T)) {                          \
+        braid::attn_decode::decode_partition<T, D, GC>(q, k_cache, v_cache, block_tables, context_lens, \
+                                                       out, ws_o, ws_ml, num_heads, num_kv_heads,       \
+                                                       block_size_log2, max_blocks_per_seq,             \
+                                                       partition_tokens, scale, sliding_window);        \
+    }
+
+#define BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, D)  \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 1)   \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 2)   \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 4)   \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 8)
+
+#define BRAID_DEFINE_DECODE_DTYPE(T, SUFFIX)                                                           \
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 16)                                                          \
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 32)                                                          \
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 64)                                                          \
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 128)                                                         \
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 256)                                                         \
+    extern "C" __global__ void __launch_bounds__(braid::attn_decode::MERGE_THREADS)                    \
+        paged_attention_decode_merge_##SUFFIX(const float* __restrict__ ws_o,                          \
+                                              const float* __restrict__ ws_ml,                         \
+                                              const uint32_t* __restrict__ context_lens,               \
+                                              T* __restrict__ out, int head_dim, int num_partitions,   \
+                                              int capacity, int partition_tokens, int sliding_window) { \
+        braid::attn_decode::decode_merge<T>(ws_o, ws_ml, context_lens, out, head_dim, num_partitions,  \
+                                            capacity, partition_tokens, sliding_window);               \
+    }
+
+BRAID_DEFINE_DECODE_DTYPE(__half, f16)
+BRAID_DEFINE_DECODE_DTYPE(__nv_bfloat16, bf16)
