@@ -57,8 +57,10 @@ fn decode_throughput(engine: &mut Engine, batch: usize, prompt_len: usize, new_t
     Ok((produced - at) as f64 / secs)
 }
 
-/// Median time to the first token of one request with a `len`-token prompt.
+/// Median time to the first token of one request with a `len`-token prompt, over `runs` runs
+/// after one warm-up run.
 fn time_to_first_token(engine: &mut Engine, len: usize, runs: usize) -> Result<f64> {
+    let runs = runs.max(1);
     let vocab = engine.info().config.vocab_size;
     let mut times = Vec::new();
     for r in 0..runs + 1 {
@@ -86,7 +88,11 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
     };
     let mut engine = crate::commands::load_engine(model, config)?;
     // Start-up: process start to the first generated token.
-    time_to_first_token(&mut engine, 16, 0)?;
+    let vocab = engine.info().config.vocab_size;
+    engine.add_request(prompt(16, 0, vocab), greedy(1))?;
+    while engine.has_work() {
+        engine.step()?;
+    }
     let startup_s = process_start.elapsed().as_secs_f64();
 
     let mut decode = BTreeMap::new();

@@ -9,7 +9,12 @@ use braid_models::Backend;
 use braid_tests::*;
 use serde_json::Value;
 
-const BF16_TOLERANCE: f64 = 2e-2;
+/// bf16 keeps 8 bits of mantissa: on these tiny random fixtures (weights of std 0.2, so large
+/// activations) its rounding alone moves the logits by up to 3.5e-2 (measured on an H100). The same
+/// kernels in f16 (11 bits) land 8x closer, which is what pure rounding predicts; the f16 bound is
+/// the one that would catch a real error.
+const BF16_TOLERANCE: f64 = 4e-2;
+const F16_TOLERANCE: f64 = 6e-3;
 /// Greedy steps closer than this may flip under bf16 rounding.
 const BF16_MIN_MARGIN: f32 = 0.25;
 
@@ -53,22 +58,29 @@ fn gpu_logits_match_the_cpu() {
     if !cuda_available() {
         return;
     }
+    let mut failures = Vec::new();
     for (name, location, expected) in fixture_models() {
         let cpu = braid_models::load(&location).unwrap();
         let cpu_model = cpu.cpu_model().unwrap();
-        let loaded = braid_models::load_on(&location, Device::Cuda(0), DType::BF16).unwrap();
-        let Backend::Cuda(mut gpu) = loaded.backend else { panic!("{name}: not on the GPU") };
-        let c = &loaded.info.config;
-        gpu.allocate(braid_models::CudaCacheConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 256, max_seqs: 8, max_seq_len: c.max_position_embeddings.min(1024) }).unwrap();
-        for case in expected["prompts"].as_array().unwrap() {
-            let ids = as_ids(&case["input_ids"]);
-            let want = prefill_logits(cpu_model, &ids);
-            let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
-            let got = gpu.forward_logits(&[braid_models::SeqInput { tokens: &ids, start_pos: 0, block_table: &blocks }]).unwrap().remove(0);
-            let err = rel_l2(&got, &want);
-            assert!(err < BF16_TOLERANCE, "{name}: GPU logits rel. L2 {err:.2e}");
+        for (dtype, tolerance) in [(DType::BF16, BF16_TOLERANCE), (DType::F16, F16_TOLERANCE)] {
+            let loaded = braid_models::load_on(&location, Device::Cuda(0), dtype).unwrap();
+            let Backend::Cuda(mut gpu) = loaded.backend else { panic!("{name}: not on the GPU") };
+            let c = &loaded.info.config;
+            gpu.allocate(braid_models::CudaCacheConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 256, max_seqs: 8, max_seq_len: c.max_position_embeddings.min(1024) }).unwrap();
+            for case in expected["prompts"].as_array().unwrap() {
+                let ids = as_ids(&case["input_ids"]);
+                let want = prefill_logits(cpu_model, &ids);
+                let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+                let got = gpu.forward_logits(&[braid_models::SeqInput { tokens: &ids, start_pos: 0, block_table: &blocks }]).unwrap().remove(0);
+                let err = rel_l2(&got, &want);
+                eprintln!("{name} {dtype}: logits rel. L2 {err:.2e}");
+                if err >= tolerance {
+                    failures.push(format!("{name} {dtype}: {err:.2e}"));
+                }
+            }
         }
     }
+    assert!(failures.is_empty(), "GPU logits off the CPU's: {failures:?}");
 }
 
 #[test]

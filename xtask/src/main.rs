@@ -59,11 +59,10 @@ fn fixtures(root: &Path, extra: &[String]) -> Result<()> {
     run(Command::new("python3").arg(root.join("scripts/make_gguf_fixtures.py")).current_dir(root))
 }
 
-/// Test targets worth running on the GPU machine: everything, so the same bodies run on both backends.
 fn device_bundle(root: &Path, out: &Path) -> Result<()> {
     run(Command::new("cargo").args(["build", "--release", "-p", "braid-cli"]).current_dir(root))?;
     let output = Command::new("cargo")
-        .args(["test", "--release", "--workspace", "--no-run", "--message-format=json"])
+        .args(["test", "--release", "--workspace", "--no-run", "--message-format=json", "--test", "cuda_*"])
         .current_dir(root)
         .output()
         .context("cannot run cargo test --no-run")?;
@@ -74,7 +73,9 @@ fn device_bundle(root: &Path, out: &Path) -> Result<()> {
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
-            if let Some(exe) = msg["executable"].as_str() {
+            // The GPU suites (`cuda_*`); the CPU suites run in CI already.
+            let gpu_suite = msg["target"]["name"].as_str().is_some_and(|n| n.starts_with("cuda_"));
+            if let (true, Some(exe)) = (gpu_suite, msg["executable"].as_str()) {
                 tests.push(PathBuf::from(exe));
             }
         }
@@ -90,6 +91,14 @@ fn device_bundle(root: &Path, out: &Path) -> Result<()> {
         let name = exe.file_name().context("test binary without a name")?.to_string_lossy().into_owned();
         std::fs::copy(exe, bin.join(&name))?;
         names.push(name);
+    }
+    // Symbols are not needed to run; dropping them keeps the bundle within one transfer.
+    for entry in std::fs::read_dir(&bin)? {
+        let path = entry?.path();
+        if let Err(e) = Command::new("strip").arg(&path).status() {
+            eprintln!("not stripping {}: {e}", path.display());
+            break;
+        }
     }
     copy_dir(&root.join("tests/fixtures"), &out.join("fixtures"))?;
     let scripts = out.join("scripts");
