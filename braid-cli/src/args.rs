@@ -100,15 +100,18 @@ pub struct ModelArgs {
     /// Directory, .gguf file, Hugging Face cache id or alias (default: smollm2-135m).
     #[arg(long, short)]
     pub model: Option<String>,
-    /// Where to run: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: Device,
+    /// Where to run: cpu, cuda or cuda:N (default: the first GPU if there is one, else the CPU).
+    #[arg(long)]
+    pub device: Option<Device>,
     /// Compute type on the GPU: f32, bf16 or f16 (the CPU always computes in f32).
     #[arg(long)]
     pub dtype: Option<DType>,
     /// Tokens the KV cache holds (default: the model's context window).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kv_cache_gb")]
     pub kv_cache_tokens: Option<usize>,
+    /// Size of the KV cache in GiB, converted to tokens for the model and dtype.
+    #[arg(long, allow_hyphen_values = true)]
+    pub kv_cache_gb: Option<f64>,
 }
 
 #[derive(Args, Clone)]

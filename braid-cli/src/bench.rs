@@ -81,7 +81,7 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let kv_tokens = (max_batch * (args.prompt_len + args.new_tokens)).max(args.ttft.iter().copied().max().unwrap_or(0) + 16);
     let config = EngineConfig {
-        kv_cache_tokens: Some(model.kv_cache_tokens.unwrap_or(kv_tokens)),
+        kv_cache_tokens: Some(kv_tokens),
         max_running: max_batch.max(1),
         max_batch_tokens: args.max_batch_tokens,
         ..EngineConfig::default()

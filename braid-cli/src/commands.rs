@@ -59,16 +59,36 @@ pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
 
 /// Resolve, fetch if needed, and load a model on the requested device, with a default engine.
 fn load(args: &ModelArgs) -> Result<Braid> {
-    let config = EngineConfig { kv_cache_tokens: args.kv_cache_tokens, ..EngineConfig::default() };
-    Ok(Braid::with_engine(load_engine(args, config)?)?)
+    Ok(Braid::with_engine(load_engine(args, EngineConfig::default())?)?)
 }
 
-/// Resolve, fetch if needed, and load a model on the requested device into an engine.
-pub fn load_engine(args: &ModelArgs, config: EngineConfig) -> Result<Engine> {
+/// The device to run on: the one asked for, else the first GPU when one works, else the CPU.
+fn choose_device(args: &ModelArgs) -> Device {
+    if let Some(device) = args.device {
+        return device;
+    }
+    match braid_kernels::cuda::CudaDevice::new(0) {
+        Ok(_) => Device::Cuda(0),
+        Err(e) => {
+            eprintln!("warning: {e}; running on the CPU (pass --device cpu to silence this)");
+            Device::Cpu
+        }
+    }
+}
+
+/// Resolve, fetch if needed, and load a model on the requested device into an engine. The KV
+/// cache size comes from the flags when given (`config.kv_cache_tokens` otherwise).
+pub fn load_engine(args: &ModelArgs, mut config: EngineConfig) -> Result<Engine> {
     if args.kv_cache_tokens == Some(0) {
         bail!("--kv-cache-tokens must be at least 1");
     }
-    let dtype = match (args.device, args.dtype) {
+    if let Some(gb) = args.kv_cache_gb {
+        if !(gb > 0.0 && gb.is_finite()) {
+            bail!("--kv-cache-gb must be a positive number of GiB, got {gb}");
+        }
+    }
+    let device = choose_device(args);
+    let dtype = match (device, args.dtype) {
         (Device::Cpu, Some(dtype)) if dtype != DType::F32 => {
             bail!("the CPU computes in f32; --dtype {dtype} applies to GPU runs only")
         }
@@ -81,10 +101,29 @@ pub fn load_engine(args: &ModelArgs, config: EngineConfig) -> Result<Engine> {
     let start = Instant::now();
     let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("loading {spec}"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(100));
-    let loaded = braid_models::load_on(&location, args.device, dtype);
+    let loaded = braid_models::load_on(&location, device, dtype);
     spinner.finish_and_clear();
-    let loaded = loaded.with_context(|| format!("cannot load model '{spec}' on {}", args.device))?;
+    let loaded = loaded.with_context(|| format!("cannot load model '{spec}' on {device}"))?;
     tracing::info!(model = spec, seconds = start.elapsed().as_secs_f64(), "model loaded");
+
+    let c = &loaded.info.config;
+    let bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype.size_in_bytes();
+    if let Some(tokens) = args.kv_cache_tokens {
+        config.kv_cache_tokens = Some(tokens);
+    } else if let Some(gb) = args.kv_cache_gb {
+        let tokens = (gb * (1u64 << 30) as f64 / bytes_per_token as f64) as usize;
+        if tokens < config.block_size {
+            bail!("--kv-cache-gb {gb} holds {tokens} tokens of this model, less than one block of {}", config.block_size);
+        }
+        config.kv_cache_tokens = Some(tokens);
+    }
+    let tokens = config.kv_cache_tokens.unwrap_or(c.max_position_embeddings);
+    if device != Device::Cpu {
+        eprintln!(
+            "KV cache: {tokens} tokens ({:.2} GiB of {dtype}) on {device}",
+            (tokens * bytes_per_token) as f64 / (1u64 << 30) as f64
+        );
+    }
     Ok(Engine::new(loaded, config)?)
 }
 

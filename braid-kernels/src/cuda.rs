@@ -134,6 +134,8 @@ pub enum CudaError {
         ordinal: usize,
     },
     /// A driver call failed (allocation, copy, launch, or a fault reported on synchronisation).
+    #[error("allocating {bytes} bytes of device memory failed ({free} of {total} bytes free): {source}")]
+    Allocation { bytes: usize, free: usize, total: usize, source: DriverError },
     #[error("CUDA driver call failed during {op}: {source}")]
     Driver {
         op: &'static str,
@@ -408,12 +410,10 @@ impl CudaDevice {
         if len == 0 {
             return self.empty();
         }
-        self.stream
-            .alloc_zeros(len)
-            .map_err(|source| CudaError::Driver {
-                op: "device allocation",
-                source,
-            })
+        self.stream.alloc_zeros(len).map_err(|source| {
+            let (free, total) = self.memory_info().unwrap_or((0, 0));
+            CudaError::Allocation { bytes: len.saturating_mul(std::mem::size_of::<T>()), free, total, source }
+        })
     }
 
     /// A zero-length buffer through cudarc's dedicated path: zero-byte copies and memsets are
