@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use braid_kernels::{DType, Device};
-use braid_quant::GgufFile;
+use braid_quant::{GgufFile, GgufValue};
 use serde_json::Value;
 
 use crate::chat_template::ChatTemplate;
@@ -88,6 +88,28 @@ pub fn inspect(location: &ModelLocation) -> Result<ModelInfo> {
     open(location).map(|a| a.info)
 }
 
+impl Assets {
+    fn new(
+        path: &Path,
+        format: &'static str,
+        config: ModelConfig,
+        weights: Weights,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+    ) -> Self {
+        let info = ModelInfo {
+            path: path.to_owned(),
+            format,
+            weight_types: weights.type_summary(),
+            tokenizer_kind: tokenizer.kind().to_owned(),
+            tokenizer_vocab: tokenizer.vocab_size(),
+            has_chat_template: chat_template.is_some(),
+            config,
+        };
+        Assets { info, weights, tokenizer, chat_template }
+    }
+}
+
 fn open(location: &ModelLocation) -> Result<Assets> {
     match location {
         ModelLocation::HfDir(dir) => open_hf_dir(dir),
@@ -128,16 +150,7 @@ fn open_hf_dir(dir: &Path) -> Result<Assets> {
         .transpose()?;
 
     let weights = Weights::Safetensors(SafetensorsWeights::open_dir(dir)?);
-    let info = ModelInfo {
-        path: dir.to_owned(),
-        format: "safetensors",
-        weight_types: weights.type_summary(),
-        tokenizer_kind: tokenizer.kind().to_owned(),
-        tokenizer_vocab: tokenizer.vocab_size(),
-        has_chat_template: chat_template.is_some(),
-        config,
-    };
-    Ok(Assets { info, weights, tokenizer, chat_template })
+    Ok(Assets::new(dir, "safetensors", config, weights, tokenizer, chat_template))
 }
 
 fn open_gguf(path: &Path) -> Result<Assets> {
@@ -151,45 +164,21 @@ fn open_gguf(path: &Path) -> Result<Assets> {
         .map(|src| ChatTemplate::new(src, token_str(meta.bos_id), token_str(meta.eos_id)))
         .transpose()?;
     let weights = Weights::Gguf(GgufWeights::new(file, &config));
-    let info = ModelInfo {
-        path: path.to_owned(),
-        format: "gguf",
-        weight_types: weights.type_summary(),
-        tokenizer_kind: tokenizer.kind().to_owned(),
-        tokenizer_vocab: tokenizer.vocab_size(),
-        has_chat_template: chat_template.is_some(),
-        config,
-    };
-    Ok(Assets { info, weights, tokenizer, chat_template })
+    Ok(Assets::new(path, "gguf", config, weights, tokenizer, chat_template))
 }
 
 /// Collect the `tokenizer.ggml.*` keys.
 fn gguf_tokenizer_metadata(file: &GgufFile) -> Result<GgufTokenizerMetadata> {
     let bad = |what: &str| ModelError::Tokenizer(format!("GGUF tokenizer metadata: {what}"));
-    let strings = |key: &str| -> Result<Option<Vec<String>>> {
-        match file.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .ok_or_else(|| bad(&format!("{key} is not an array")))?
-                .iter()
-                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| bad(&format!("{key} holds a non-string"))))
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-        }
-    };
-    let numbers = |key: &str| -> Result<Option<Vec<f64>>> {
-        match file.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .ok_or_else(|| bad(&format!("{key} is not an array")))?
-                .iter()
-                .map(|x| x.as_f64().ok_or_else(|| bad(&format!("{key} holds a non-number"))))
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-        }
-    };
+    // An optional array key whose every element converts with `get` (else one sentence naming it).
+    fn array<T>(file: &GgufFile, key: &str, kind: &str, get: impl Fn(&GgufValue) -> Option<T>) -> Result<Option<Vec<T>>> {
+        let bad = |what: String| ModelError::Tokenizer(format!("GGUF tokenizer metadata: {what}"));
+        let Some(v) = file.get(key) else { return Ok(None) };
+        let items = v.as_array().ok_or_else(|| bad(format!("{key} is not an array")))?;
+        items.iter().map(|x| get(x).ok_or_else(|| bad(format!("{key} holds a non-{kind}")))).collect::<Result<Vec<_>>>().map(Some)
+    }
+    let strings = |key: &str| array(file, key, "string", |x| x.as_str().map(str::to_owned));
+    let numbers = |key: &str| array(file, key, "number", GgufValue::as_f64);
     let id = |key: &str| file.get_u64(key).map(|x| x as u32);
     Ok(GgufTokenizerMetadata {
         model: file.get_str("tokenizer.ggml.model").ok_or_else(|| bad("tokenizer.ggml.model is missing"))?.to_owned(),
