@@ -1,12 +1,38 @@
-//! Braid's paged KV cache: a pool of fixed-size token blocks, per-sequence block tables, and the
-//! per-layer key/value storage those blocks index into.
+//! Braid's paged KV cache: a pool of fixed-size token blocks, per-sequence block tables, the
+//! per-layer key/value storage those blocks index into, and exact automatic prefix caching.
 //!
-//! The engine holds one [`BlockManager`]; the CPU backend keeps the blocks' contents in a [`KvStorage`]. Each running sequence owns a [`BlockTable`]; before a
-//! forward step writes `n` more tokens, the engine calls [`BlockManager::reserve`] (all-or-nothing,
-//! so a failed admission leaves nothing half-allocated), the forward pass maps token positions to
-//! storage slots with [`BlockTable::slot`] and writes them through [`KvStorage::write`], and
+//! The engine holds one [`BlockManager`]; the CPU backend keeps the blocks' contents in a
+//! [`KvStorage`]. Each running sequence owns a [`BlockTable`]; before a forward step writes `n`
+//! more tokens, the engine calls [`BlockManager::reserve`] (all-or-nothing, so a failed admission
+//! leaves nothing half-allocated), the forward pass maps token positions to storage slots with
+//! [`BlockTable::slot`] and writes them through [`KvStorage::write`], and
 //! [`BlockManager::set_len`] records how many tokens are now valid. A finished sequence gives its
 //! blocks back with [`BlockManager::release`].
+//!
+//! # Prefix caching
+//!
+//! Blocks are reference-counted in the [`BlockPool`]: a full block may sit in several tables at
+//! once when their prompts share a prefix. Each full block can be registered in a prefix index
+//! under a [`PrefixKey`], a fixed 64-bit hash of its parent block's key and its own token ids
+//! (the first block's parent is [`PrefixKey::ROOT`]); keys depend on token ids alone and are the
+//! same in every run. The index also stores each block's token ids and the identity of the exact
+//! registration it follows, and every lookup compares both, so a hash collision can never hand
+//! out a block whose tokens, or whose earlier tokens, differ.
+//!
+//! - [`BlockManager::match_prefix`] attaches to a new, empty table the longest run of cached
+//!   blocks equal to the prompt's leading full blocks, leaving at least one token to compute.
+//! - [`BlockManager::commit`] registers a table's full blocks once their KV is computed. Where
+//!   another block already holds the same prefix, that one stays the cached copy.
+//! - When its last table lets go, a registered block becomes *evictable*: kept with its contents,
+//!   in least-recently-released order (a table's tail before its head); an unregistered one is
+//!   freed. [`BlockManager::reserve`] takes free blocks first, then evicts the oldest evictable
+//!   block, dropping its index entry. A referenced block is never reused.
+//! - Only full, committed blocks are shared by matching, so appending never writes into a shared
+//!   block. [`BlockManager::fork`] shares a whole table, partial last block included; before
+//!   writing to a forked (or shrunk) table, [`BlockManager::prepare_append`] gives it private
+//!   copies of the blocks it will write and names the block whose KV the backend must copy.
+//!
+//! [`BlockManager::stats`] reports cached, evictable and free blocks, hit tokens and evictions.
 //!
 //! ```
 //! use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
@@ -14,27 +40,41 @@
 //! let layout = KvLayout { num_layers: 2, num_kv_heads: 1, head_dim: 4, block_size: 16, num_blocks: 8 };
 //! let mut cache = BlockManager::new(layout);
 //! let mut storage = KvStorage::new(layout);
-//! let mut table = BlockTable::new();
-//! cache.reserve(&mut table, 20).unwrap(); // 20 tokens need 2 blocks of 16
-//! assert_eq!(table.blocks().len(), 2);
-//! BlockManager::set_len(&mut table, 20);
-//! let slot = table.slot(19, layout.block_size);
-//! storage.write(0, &[slot], &[1.0; 4], &[2.0; 4]);
-//! cache.release(&mut table);
-//! assert_eq!(cache.num_free_blocks(), 8);
+//! let prompt: Vec<u32> = (0..40).collect();
+//!
+//! // First request: nothing cached; compute all 40 tokens in 3 blocks.
+//! let mut first = BlockTable::new();
+//! assert_eq!(cache.match_prefix(&mut first, &prompt), 0);
+//! cache.reserve(&mut first, prompt.len()).unwrap();
+//! let slot = first.slot(39, layout.block_size);
+//! storage.write(0, &[slot], &[1.0; 4], &[2.0; 4]); // ... the forward pass writes every token
+//! BlockManager::set_len(&mut first, prompt.len());
+//! cache.commit(&first, &prompt); // the two full blocks become reusable
+//! cache.release(&mut first);
+//! assert_eq!(cache.stats().evictable_blocks, 2);
+//!
+//! // Second request with the same start: its first 32 tokens come from the cache.
+//! let mut second = BlockTable::new();
+//! assert_eq!(cache.match_prefix(&mut second, &prompt[..35]), 32);
+//! cache.reserve(&mut second, 35).unwrap(); // only the last block is new
+//! BlockManager::set_len(&mut second, 35);
+//! cache.release(&mut second);
+//! assert_eq!(cache.num_free_blocks(), 8, "cached blocks count as available");
 //! ```
 
 mod cache;
 mod error;
 mod layout;
 mod pool;
+mod prefix;
 mod storage;
 mod table;
 
-pub use cache::BlockManager;
+pub use cache::{BlockManager, CacheStats};
 pub use error::CacheError;
 pub use layout::{KvLayout, DEFAULT_BLOCK_SIZE};
-pub use pool::BlockPool;
+pub use pool::{BlockPool, BlockState};
+pub use prefix::PrefixKey;
 pub use storage::KvStorage;
 pub use table::BlockTable;
 

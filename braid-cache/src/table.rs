@@ -5,8 +5,9 @@ use crate::BlockId;
 /// The blocks of one sequence, in token order, and the number of tokens stored in them.
 ///
 /// Token `pos` lives in block `blocks()[pos / block_size]` at offset `pos % block_size`.
-/// Tables are grown and emptied only through [`crate::BlockManager`], which keeps the pool's
-/// accounting in step.
+/// Tables are grown, shared and emptied only through [`crate::BlockManager`], which keeps the
+/// pool's reference counts in step: a block may appear in several tables when they share a
+/// prefix. A clone is a view, not a second holder; release a table once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockTable {
     pub(crate) blocks: Vec<BlockId>,

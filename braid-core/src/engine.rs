@@ -44,11 +44,13 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub prefix_hit_tokens: u64,
 }
 
 /// Runs forward passes on one backend.
 enum Executor {
-    Cpu { model: Model, kv: KvStorage },
+    Cpu { model: Box<Model>, kv: KvStorage },
     Cuda(Box<CudaModel>),
 }
 
@@ -280,6 +282,9 @@ impl Engine {
             }
             seq.num_computed += n;
             BlockManager::set_len(&mut seq.table, seq.num_computed);
+            // Full blocks become reusable prefixes for later requests (and for this one after a
+            // preemption) as soon as their KV exists.
+            self.kv.commit(&seq.table, &seq.tokens);
             if seq.pending() > 0 {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
@@ -356,10 +361,18 @@ impl Engine {
         }
         while budget > 0 && self.running.len() < self.config.max_running {
             let Some(s) = self.waiting.front_mut() else { break };
+            // Exact prefix reuse: take the longest run of cached full blocks holding this
+            // sequence's leading tokens, and compute only the rest.
+            let hit = if s.table.blocks().is_empty() { self.kv.match_prefix(&mut s.table, &s.tokens) } else { 0 };
+            s.num_computed += hit;
             let n = s.pending().min(budget);
             if self.kv.reserve(&mut s.table, s.num_computed + n).is_err() {
+                // Not admitted: hand the matched blocks back so they stay evictable.
+                self.kv.release(&mut s.table);
+                s.num_computed = 0;
                 break;
             }
+            self.stats.prefix_hit_tokens += hit as u64;
             let Some(s) = self.waiting.pop_front() else { break };
             self.running.push(s);
             scheduled.push((self.running.len() - 1, n));

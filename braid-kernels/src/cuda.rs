@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUresult;
+use cudarc::driver::sys::{CUdeviceptr, CUresult};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
@@ -259,10 +259,7 @@ impl CudaDevice {
         if !kernels_built() {
             return Err(CudaError::KernelsNotBuilt);
         }
-        let ctx = CudaContext::new(ordinal).map_err(|source| CudaError::Driver {
-            op: "context creation",
-            source,
-        })?;
+        let ctx = CudaContext::new(ordinal).map_err(driver_error("context creation"))?;
         // Every op of this device runs on its one stream, so cudarc's cross-stream events are not
         // needed; they would also cost ~1 µs per buffer per launch and cannot sit inside a
         // CUDA graph capture.
@@ -270,10 +267,7 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         // A dedicated stream rather than the legacy default one, so launches can be captured
         // into CUDA graphs.
-        let stream = ctx.new_stream().map_err(|source| CudaError::Driver {
-            op: "stream creation",
-            source,
-        })?;
+        let stream = ctx.new_stream().map_err(driver_error("stream creation"))?;
 
         let mut modules: Vec<(&'static str, Arc<CudaModule>)> = Vec::new();
         let mut functions = Vec::with_capacity(Op::ALL.len() * DTYPE_SUFFIXES.len());
@@ -282,15 +276,7 @@ impl CudaDevice {
             let module = match modules.iter().find(|(name, _)| *name == module_name) {
                 Some((_, module)) => module.clone(),
                 None => {
-                    let image =
-                        module_ptx_or_fatbin(module_name).ok_or(CudaError::KernelsNotBuilt)?;
-                    let module =
-                        ctx.load_module(Ptx::from_binary(image.to_vec()))
-                            .map_err(|source| CudaError::ModuleLoad {
-                                module: module_name,
-                                ordinal,
-                                source,
-                            })?;
+                    let module = load_module(&ctx, module_name, ordinal)?;
                     modules.push((module_name, module.clone()));
                     module
                 }
@@ -310,11 +296,7 @@ impl CudaDevice {
         }
         for name in module_names() {
             if modules.iter().all(|(n, _)| *n != name) {
-                let image = module_ptx_or_fatbin(name).ok_or(CudaError::KernelsNotBuilt)?;
-                let module = ctx
-                    .load_module(Ptx::from_binary(image.to_vec()))
-                    .map_err(|source| CudaError::ModuleLoad { module: name, ordinal, source })?;
-                modules.push((name, module));
+                modules.push((name, load_module(&ctx, name, ordinal)?));
             }
         }
         Ok(CudaDevice {
@@ -345,8 +327,8 @@ impl CudaDevice {
 
     /// Free and total device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
-        self.ctx.bind_to_thread().map_err(|source| CudaError::Driver { op: "context binding", source })?;
-        cudarc::driver::result::mem_get_info().map_err(|source| CudaError::Driver { op: "memory query", source })
+        self.ctx.bind_to_thread().map_err(driver_error("context binding"))?;
+        cudarc::driver::result::mem_get_info().map_err(driver_error("memory query"))
     }
 
     /// The context this device's buffers belong to.
@@ -361,10 +343,7 @@ impl CudaDevice {
 
     /// The device's marketing name (for logs and reports).
     pub fn name(&self) -> Result<String, CudaError> {
-        self.ctx.name().map_err(|source| CudaError::Driver {
-            op: "device name query",
-            source,
-        })
+        self.ctx.name().map_err(driver_error("device name query"))
     }
 
     /// The stream every op of this device is enqueued on.
@@ -379,10 +358,7 @@ impl CudaDevice {
         }
         self.stream
             .clone_htod(host)
-            .map_err(|source| CudaError::Driver {
-                op: "host-to-device copy",
-                source,
-            })
+            .map_err(driver_error("host-to-device copy"))
     }
 
     /// Waits for all queued work, then copies `buffer` back to the host.
@@ -394,10 +370,7 @@ impl CudaDevice {
         let host = self
             .stream
             .clone_dtoh(buffer)
-            .map_err(|source| CudaError::Driver {
-                op: "device-to-host copy",
-                source,
-            })?;
+            .map_err(driver_error("device-to-host copy"))?;
         self.synchronize()?;
         Ok(host)
     }
@@ -419,10 +392,7 @@ impl CudaDevice {
     /// A zero-length buffer through cudarc's dedicated path: zero-byte copies and memsets are
     /// not something to ask the driver for.
     fn empty<T>(&self) -> Result<CudaSlice<T>, CudaError> {
-        self.stream.null().map_err(|source| CudaError::Driver {
-            op: "device allocation",
-            source,
-        })
+        self.stream.null().map_err(driver_error("device allocation"))
     }
 
     /// Blocks until every op queued on this device's stream has finished; reports faults raised
@@ -430,10 +400,7 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.stream
             .synchronize()
-            .map_err(|source| CudaError::Driver {
-                op: "stream synchronisation",
-                source,
-            })
+            .map_err(driver_error("stream synchronisation"))
     }
 
     /// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight` for each of `rows` rows of `cols`
@@ -458,22 +425,12 @@ impl CudaDevice {
         if len == 0 {
             return Ok(());
         }
-        let cfg = norm_launch_config::<T>(rows, cols);
-        let cols = to_i32(cols);
         let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
         let (w_ptr, _w_sync) = weight.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let mut launch = self.stream.launch_builder(self.function::<T>(Op::RmsNorm));
-        launch
-            .arg(&x_ptr)
-            .arg(&w_ptr)
-            .arg(&out_ptr)
-            .arg(&cols)
-            .arg(&eps);
-        // SAFETY: the arguments match `rms_norm_*(const T*, const T*, T*, int, float)` in
+        // SAFETY: the pointers match `rms_norm_*(const T*, const T*, T*, int, float)` in
         // norm.cu, and the lengths checked above keep every access inside the buffers.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
-        Ok(())
+        unsafe { self.launch_norm::<T>(Op::RmsNorm, &[x_ptr, w_ptr, out_ptr], rows, cols, eps) }
     }
 
     /// Adds `x` into `residual` in place (rounded to the storage dtype), then writes
@@ -501,27 +458,15 @@ impl CudaDevice {
         if len == 0 {
             return Ok(());
         }
-        let cfg = norm_launch_config::<T>(rows, cols);
-        let cols = to_i32(cols);
         let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
         let (res_ptr, _res_sync) = residual.device_ptr_mut(&self.stream);
         let (w_ptr, _w_sync) = weight.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function::<T>(Op::FusedAddRmsNorm));
-        launch
-            .arg(&x_ptr)
-            .arg(&res_ptr)
-            .arg(&w_ptr)
-            .arg(&out_ptr)
-            .arg(&cols)
-            .arg(&eps);
-        // SAFETY: the arguments match `fused_add_rms_norm_*(const T*, T*, const T*, T*, int,
+        let ptrs = [x_ptr, res_ptr, w_ptr, out_ptr];
+        // SAFETY: the pointers match `fused_add_rms_norm_*(const T*, T*, const T*, T*, int,
         // float)` in norm.cu; lengths are checked above, and Rust's borrows guarantee that the
         // `__restrict__` buffers `residual` and `out` do not alias each other or `x`.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
-        Ok(())
+        unsafe { self.launch_norm::<T>(Op::FusedAddRmsNorm, &ptrs, rows, cols, eps) }
     }
 
     /// `out[r, j] = silu(gate_up[r, j]) * gate_up[r, inter + j]`: each input row is the gate
@@ -550,7 +495,7 @@ impl CudaDevice {
         launch.arg(&in_ptr).arg(&out_ptr).arg(&rows).arg(&inter);
         // SAFETY: the arguments match `silu_mul_*(const T*, T*, int, int)` in activation.cu and
         // the lengths checked above keep every access inside the buffers.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
 
@@ -572,20 +517,16 @@ impl CudaDevice {
         self.check_context(OP, "table", table)?;
         self.check_context(OP, "ids", ids)?;
         if dim == 0 || table.len() % dim != 0 {
-            return Err(CudaError::InvalidArgument {
-                op: OP,
-                argument: "the table length",
-                expected: "a non-zero multiple of dim",
-                found: format!("{} elements for dim {dim}", table.len()),
-            });
+            return Err(invalid_argument(
+                OP,
+                "the table length",
+                "a non-zero multiple of dim",
+                format!("{} elements for dim {dim}", table.len()),
+            ));
         }
         let vocab = table.len() / dim;
-        let vocab = u32::try_from(vocab).map_err(|_| CudaError::TooLarge {
-            op: OP,
-            dimension: "the vocabulary",
-            value: vocab,
-            limit: u32::MAX as usize,
-        })?;
+        check_limit(OP, "the vocabulary", vocab, u32::MAX as usize)?;
+        let vocab = vocab as u32;
         self.check_buffer(OP, "out", out, len)?;
         if len == 0 {
             return Ok(());
@@ -608,7 +549,33 @@ impl CudaDevice {
         // SAFETY: the arguments match `embedding_*(const uint32_t*, const T*, T*, int, int,
         // uint32_t)` in embedding.cu; output lengths are checked above and the kernel bounds
         // every table read by `vocab`.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
+        Ok(())
+    }
+
+    /// Launches the norm kernel of `op` over `rows` rows of `cols`: the buffer pointers `ptrs`,
+    /// then `cols` and `eps`.
+    ///
+    /// # Safety
+    /// `ptrs` must be the kernel's pointer parameters in order, each into a live buffer of this
+    /// device whose length was checked against `rows` and `cols`.
+    unsafe fn launch_norm<T: KernelFloat>(
+        &self,
+        op: Op,
+        ptrs: &[CUdeviceptr],
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let cfg = norm_launch_config::<T>(rows, cols);
+        let cols = to_i32(cols);
+        let mut launch = self.stream.launch_builder(self.function::<T>(op));
+        for ptr in ptrs {
+            launch.arg(ptr);
+        }
+        launch.arg(&cols).arg(&eps);
+        // SAFETY: the caller vouches for the pointers; `cols` and `eps` complete the signature.
+        unsafe { launch.launch(cfg) }.map_err(driver_error(op.name()))?;
         Ok(())
     }
 
@@ -619,22 +586,8 @@ impl CudaDevice {
 
     /// Checks a `[rows, cols]` shape against the kernels' limits and returns its element count.
     fn check_matrix(&self, op: &'static str, rows: usize, cols: usize) -> Result<usize, CudaError> {
-        if rows > MAX_ROWS {
-            return Err(CudaError::TooLarge {
-                op,
-                dimension: "the row count",
-                value: rows,
-                limit: MAX_ROWS,
-            });
-        }
-        if cols > MAX_DIM {
-            return Err(CudaError::TooLarge {
-                op,
-                dimension: "the row width",
-                value: cols,
-                limit: MAX_DIM,
-            });
-        }
+        check_limit(op, "the row count", rows, MAX_ROWS)?;
+        check_limit(op, "the row width", cols, MAX_DIM)?;
         // Both factors are below 2^31, so the product fits a 64-bit usize.
         Ok(rows * cols)
     }
@@ -679,20 +632,73 @@ fn check_eps(op: &'static str, eps: f32) -> Result<(), CudaError> {
     if eps.is_finite() && eps >= 0.0 {
         Ok(())
     } else {
-        Err(CudaError::InvalidArgument {
-            op,
-            argument: "eps",
-            expected: "a finite non-negative number",
-            found: eps.to_string(),
-        })
+        Err(invalid_argument(op, "eps", "a finite non-negative number", eps))
     }
 }
 
-fn launch_error(op: &'static str, source: DriverError) -> CudaError {
-    CudaError::Driver { op, source }
+/// `op`'s error for an `argument` outside the range `expected` describes.
+fn invalid_argument(
+    op: &'static str,
+    argument: &'static str,
+    expected: &'static str,
+    found: impl ToString,
+) -> CudaError {
+    CudaError::InvalidArgument {
+        op,
+        argument,
+        expected,
+        found: found.to_string(),
+    }
 }
 
-/// Callers have checked the value against `MAX_DIM`/`MAX_ROWS`, both below `i32::MAX`.
+/// Fails with `op`'s "must be at least 1" error when `value` is 0.
+fn check_nonzero(op: &'static str, argument: &'static str, value: usize) -> Result<(), CudaError> {
+    if value == 0 {
+        return Err(invalid_argument(op, argument, "at least 1", value));
+    }
+    Ok(())
+}
+
+/// Fails with [`CudaError::TooLarge`] when `value` exceeds `limit`.
+fn check_limit(
+    op: &'static str,
+    dimension: &'static str,
+    value: usize,
+    limit: usize,
+) -> Result<(), CudaError> {
+    if value > limit {
+        return Err(CudaError::TooLarge {
+            op,
+            dimension,
+            value,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Wraps a failed driver call of `op`, for `map_err`.
+fn driver_error(op: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+    move |source| CudaError::Driver { op, source }
+}
+
+/// Loads the embedded module `name` into `ctx`.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    name: &'static str,
+    ordinal: usize,
+) -> Result<Arc<CudaModule>, CudaError> {
+    let image = module_ptx_or_fatbin(name).ok_or(CudaError::KernelsNotBuilt)?;
+    ctx.load_module(Ptx::from_binary(image.to_vec()))
+        .map_err(|source| CudaError::ModuleLoad {
+            module: name,
+            ordinal,
+            source,
+        })
+}
+
+/// Callers have bounded the value below `i32::MAX` (by `MAX_DIM`, `MAX_ROWS`, a grid limit or
+/// an explicit check).
 fn to_i32(value: usize) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
 }

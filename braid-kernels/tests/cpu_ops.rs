@@ -107,6 +107,7 @@ fn embedding_rejects_ids_outside_the_vocabulary() {
 }
 
 /// Dense causal attention computed directly, for the paged kernel to match.
+#[allow(clippy::too_many_arguments)]
 fn dense_attention(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], heads: usize, kv_heads: usize, dim: usize, window: Option<usize>) -> Vec<f64> {
     let scale = 1.0 / (dim as f64).sqrt();
     let mut out = Vec::new();

@@ -7,81 +7,14 @@
 use std::io::Write as _;
 
 use braid_kernels::cpu::{self, AttentionShape};
-use braid_kernels::cuda::{AttentionParams, CudaDevice, CudaError, CudaSlice, KernelFloat};
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use braid_kernels::cuda::{AttentionParams, CudaDevice, CudaError, CudaSlice};
+use cudarc::driver::sys::CUevent_flags;
 use half::{bf16, f16};
 
-fn device(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(dev) => Some(dev),
-        Err(CudaError::NoDriver | CudaError::NoDevice { .. }) => {
-            let line = format!("{test}: skipped: no CUDA device\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
-        Err(other) => panic!("{test}: CUDA device 0 is present but could not be opened: {other}"),
-    }
-}
-
-trait TestFloat: KernelFloat + std::fmt::Debug {
-    /// Largest accepted ‖got − want‖ / ‖want‖ against the f32 reference.
-    const REL_L2: f64;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl TestFloat for f16 {
-    const REL_L2: f64 = 2e-3;
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
-
-impl TestFloat for bf16 {
-    const REL_L2: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-/// SplitMix64: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-
-    fn vec<T: TestFloat>(&mut self, len: usize, lo: f32, hi: f32) -> Vec<T> {
-        (0..len)
-            .map(|_| T::from_f32(self.uniform(lo, hi)))
-            .collect()
-    }
-
-    fn shuffle<X>(&mut self, items: &mut [X]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
-}
+mod common;
+use common::{
+    assert_rel_l2, capture, device, poisoned, single_stream_mode, to_f32, Rng, TestFloat,
+};
 
 /// A paged KV cache holding `lens[s]` tokens for each sequence, in shuffled blocks. Table
 /// entries past a sequence's blocks point at a block full of NaN, so any read beyond the
@@ -123,10 +56,6 @@ fn paged_cache<T: TestFloat>(rng: &mut Rng, p: &AttentionParams, lens: &[usize])
     PagedCache { block_tables, k, v }
 }
 
-fn to_f32<T: TestFloat>(values: &[T]) -> Vec<f32> {
-    values.iter().map(|v| v.to_f32()).collect()
-}
-
 fn shape(p: &AttentionParams) -> AttentionShape {
     AttentionShape {
         num_heads: p.num_heads,
@@ -152,27 +81,6 @@ fn reference_rows(
         cpu::paged_attention(&shape(p), q, positions, table, k, v, &mut out);
     }
     out
-}
-
-fn assert_close<T: TestFloat>(what: &str, got: &[T], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let (mut err, mut norm) = (0.0f64, 0.0f64);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let g = g.to_f32() as f64;
-        assert!(g.is_finite(), "{what}: element {i} is {g} (expected {w})");
-        err += (g - *w as f64).powi(2);
-        norm += (*w as f64).powi(2);
-    }
-    let rel = if norm > 0.0 {
-        (err / norm).sqrt()
-    } else {
-        err.sqrt()
-    };
-    assert!(
-        rel < T::REL_L2,
-        "{what}: relative L2 error {rel:.3e} is above {:.0e}",
-        T::REL_L2
-    );
 }
 
 fn params(
@@ -230,9 +138,7 @@ fn check_decode<T: TestFloat>(
     let v_d = dev.upload(&cache.v).unwrap();
     let bt_d = dev.upload(&cache.block_tables).unwrap();
     let cl_d = dev.upload(&lens_u32).unwrap();
-    let mut out_d = dev
-        .upload(&vec![T::from_f32(f32::NAN); num_seqs * row])
-        .unwrap();
+    let mut out_d = poisoned::<T>(dev, num_seqs * row);
     let mut ws_d = dev.upload(&vec![f32::NAN; ws_len]).unwrap();
     dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws_d, &p)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -252,7 +158,7 @@ fn check_decode<T: TestFloat>(
             &v,
         ));
     }
-    assert_close(&what, &got, &want);
+    assert_rel_l2(&what, &got, &want);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -294,9 +200,7 @@ fn check_prefill<T: TestFloat>(
     let bt_d = dev.upload(&cache.block_tables).unwrap();
     let qs_d = dev.upload(&q_starts).unwrap();
     let cl_d = dev.upload(&ctx_u32).unwrap();
-    let mut out_d = dev
-        .upload(&vec![T::from_f32(f32::NAN); total_q * row])
-        .unwrap();
+    let mut out_d = poisoned::<T>(dev, total_q * row);
     dev.paged_attention_prefill(
         &q_d, &k_d, &v_d, &bt_d, &qs_d, &cl_d, &mut out_d, num_seqs, max_q_len, &p,
     )
@@ -318,7 +222,7 @@ fn check_prefill<T: TestFloat>(
             &v,
         ));
     }
-    assert_close(&what, &got, &want);
+    assert_rel_l2(&what, &got, &want);
 }
 
 /// Context lengths of a batch: the brief's 1, 17, 300 and 1500 rotated so every size lands in
@@ -449,9 +353,7 @@ fn decode_replays_in_a_cuda_graph_with_new_data() {
     let Some(dev) = device("decode_replays_in_a_cuda_graph_with_new_data") else {
         return;
     };
-    // SAFETY: this test uses only the device's one stream, so cudarc's cross-stream events (which
-    // a stream capture cannot contain) are not needed for the buffers created below.
-    unsafe { dev.context().disable_event_tracking() };
+    single_stream_mode(&dev);
     let mut rng = Rng(13);
     let mut p = params(2, 2, 128, 16, 0);
     p.max_blocks_per_seq = 64;
@@ -475,16 +377,10 @@ fn decode_replays_in_a_cuda_graph_with_new_data() {
         .unwrap();
     dev.synchronize().unwrap();
 
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .unwrap();
-    let captured =
-        dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws_d, &p);
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-    captured.unwrap();
-    let graph = graph
-        .unwrap()
-        .expect("the capture recorded the decode launches");
+    let graph = capture(&dev, || {
+        dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws_d, &p)
+            .unwrap()
+    });
 
     for lens in steps {
         let mut cache = paged_cache::<bf16>(&mut rng, &p, &lens);
@@ -517,7 +413,7 @@ fn decode_replays_in_a_cuda_graph_with_new_data() {
                 &v,
             ));
         }
-        assert_close(&format!("graph replay, lens {lens:?}"), &got, &want);
+        assert_rel_l2(&format!("graph replay, lens {lens:?}"), &got, &want);
     }
 }
 
@@ -684,9 +580,9 @@ fn timing_report() {
     let Some(dev) = device("timing_report") else {
         return;
     };
-    // SAFETY: everything here runs on the device's one stream; without cudarc's cross-stream
-    // events the decode calls can be captured into a graph, as the engine will run them.
-    unsafe { dev.context().disable_event_tracking() };
+    // Without cudarc's cross-stream events the decode calls can be captured into a graph, as
+    // the engine will run them.
+    single_stream_mode(&dev);
     let mut rng = Rng(14);
     let (heads, kv_heads, d, bs) = (16usize, 8usize, 128usize, 16usize);
     let block = bs * kv_heads * d;
@@ -754,27 +650,21 @@ fn timing_report() {
         });
         // The same calls replayed from a CUDA graph, as decode steps run in the engine.
         const GRAPH_CALLS: usize = 20;
-        let stream = dev.stream().clone();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .unwrap();
-        for i in 0..GRAPH_CALLS {
-            dev.paged_attention_decode(
-                &q,
-                &k,
-                &v,
-                &tables[i % rotations],
-                &lens,
-                &mut out,
-                &mut ws,
-                &p,
-            )
-            .unwrap();
-        }
-        let graph = stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .unwrap()
-            .expect("decode calls were captured");
+        let graph = capture(&dev, || {
+            for i in 0..GRAPH_CALLS {
+                dev.paged_attention_decode(
+                    &q,
+                    &k,
+                    &v,
+                    &tables[i % rotations],
+                    &lens,
+                    &mut out,
+                    &mut ws,
+                    &p,
+                )
+                .unwrap();
+            }
+        });
         let graph_us = time_us(&dev, 10, 5, |_| graph.launch().unwrap()) / GRAPH_CALLS as f64;
         let bytes = (kv_bytes + 2 * batch * heads * d * 2) as f64;
         lines.push(format!(

@@ -2,118 +2,15 @@
 //! odd sizes, with output buffers poisoned beforehand. Without a device the GPU tests say
 //! "skipped: no CUDA device" and pass.
 
-use std::io::Write as _;
-
-use braid_kernels::cuda::{self, CudaDevice, CudaError, CudaSlice, KernelFloat};
+use braid_kernels::cuda::{self, CudaDevice, CudaError};
 use half::{bf16, f16};
+
+mod common;
+use common::{device, poisoned, Rng, TestFloat};
 
 /// Odd widths exercise the scalar tails and unaligned rows; multiples of 8 the 16-byte path.
 const WIDTHS: [usize; 7] = [1, 7, 8, 577, 1024, 4096, 4099];
 const EPS: f32 = 1e-6;
-
-fn device(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(dev) => Some(dev),
-        Err(CudaError::NoDriver | CudaError::NoDevice { .. }) => {
-            // Straight to the real stderr, in one write, so it shows even though the harness
-            // captures output and other tests print concurrently.
-            let line = format!("{test}: skipped: no CUDA device\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
-        Err(other) => panic!("{test}: CUDA device 0 is present but could not be opened: {other}"),
-    }
-}
-
-trait TestFloat: KernelFloat + std::fmt::Debug {
-    /// Tolerance of one output against the f64 reference: |got - want| <= ATOL + RTOL * |want|.
-    const RTOL: f64;
-    const ATOL: f64;
-    fn from_f64(v: f64) -> Self;
-    fn to_f64(self) -> f64;
-    /// The host rounding of an f32 result, which the kernels must reproduce exactly.
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl TestFloat for f32 {
-    const RTOL: f64 = 1e-5;
-    const ATOL: f64 = 1e-6;
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl TestFloat for f16 {
-    const RTOL: f64 = 2e-3;
-    const ATOL: f64 = 1e-4;
-    fn from_f64(v: f64) -> Self {
-        f16::from_f64(v)
-    }
-    fn to_f64(self) -> f64 {
-        f16::to_f64(self)
-    }
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
-
-impl TestFloat for bf16 {
-    const RTOL: f64 = 1e-2;
-    const ATOL: f64 = 1e-3;
-    fn from_f64(v: f64) -> Self {
-        bf16::from_f64(v)
-    }
-    fn to_f64(self) -> f64 {
-        bf16::to_f64(self)
-    }
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-/// SplitMix64: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn vec<T: TestFloat>(&mut self, len: usize, lo: f64, hi: f64) -> Vec<T> {
-        (0..len)
-            .map(|_| T::from_f64(self.uniform(lo, hi)))
-            .collect()
-    }
-}
-
-fn poisoned<T: TestFloat>(dev: &CudaDevice, len: usize) -> CudaSlice<T> {
-    dev.upload(&vec![T::from_f64(f64::NAN); len])
-        .expect("upload poisoned output")
-}
 
 fn assert_close<T: TestFloat>(what: &str, got: &[T], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -152,8 +49,8 @@ fn check_rms_norm<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     for cols in WIDTHS {
         let rows = rows_for(cols);
         let what = format!("rms_norm_{} [{rows}, {cols}]", T::SUFFIX);
-        let x: Vec<T> = rng.vec(rows * cols, -2.0, 2.0);
-        let w: Vec<T> = rng.vec(cols, 0.5, 1.5);
+        let x: Vec<T> = rng.vec_f64(rows * cols, -2.0, 2.0);
+        let w: Vec<T> = rng.vec_f64(cols, 0.5, 1.5);
         let x_dev = dev.upload(&x).unwrap();
         let w_dev = dev.upload(&w).unwrap();
         let mut out = poisoned::<T>(dev, rows * cols);
@@ -172,8 +69,8 @@ fn check_rms_norm<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
 fn check_rms_norm_unaligned<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     let (rows, cols) = (4, 1024);
     let what = format!("rms_norm_{} on unaligned views", T::SUFFIX);
-    let x: Vec<T> = rng.vec(rows * cols + 1, -2.0, 2.0);
-    let w: Vec<T> = rng.vec(cols, 0.5, 1.5);
+    let x: Vec<T> = rng.vec_f64(rows * cols + 1, -2.0, 2.0);
+    let w: Vec<T> = rng.vec_f64(cols, 0.5, 1.5);
     let x_dev = dev.upload(&x).unwrap();
     let w_dev = dev.upload(&w).unwrap();
     let mut out = poisoned::<T>(dev, rows * cols + 1);
@@ -192,9 +89,9 @@ fn check_fused_add_rms_norm<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     for cols in WIDTHS {
         let rows = rows_for(cols);
         let what = format!("fused_add_rms_norm_{} [{rows}, {cols}]", T::SUFFIX);
-        let x: Vec<T> = rng.vec(rows * cols, -2.0, 2.0);
-        let residual: Vec<T> = rng.vec(rows * cols, -2.0, 2.0);
-        let w: Vec<T> = rng.vec(cols, 0.5, 1.5);
+        let x: Vec<T> = rng.vec_f64(rows * cols, -2.0, 2.0);
+        let residual: Vec<T> = rng.vec_f64(rows * cols, -2.0, 2.0);
+        let w: Vec<T> = rng.vec_f64(cols, 0.5, 1.5);
         let x_dev = dev.upload(&x).unwrap();
         let mut res_dev = dev.upload(&residual).unwrap();
         let w_dev = dev.upload(&w).unwrap();
@@ -242,8 +139,8 @@ fn check_silu_mul<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         let what = format!("silu_mul_{} [{rows}, {inter}]", T::SUFFIX);
         let mut gate_up = Vec::with_capacity(rows * 2 * inter);
         for _ in 0..rows {
-            gate_up.extend(rng.vec::<T>(inter, -8.0, 8.0));
-            gate_up.extend(rng.vec::<T>(inter, -2.0, 2.0));
+            gate_up.extend(rng.vec_f64::<T>(inter, -8.0, 8.0));
+            gate_up.extend(rng.vec_f64::<T>(inter, -2.0, 2.0));
         }
         let in_dev = dev.upload(&gate_up).unwrap();
         let mut out = poisoned::<T>(dev, rows * inter);
@@ -261,9 +158,9 @@ fn check_embedding<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     let shapes = WIDTHS.iter().map(|&dim| (9usize, dim)).chain([(70_001, 2)]);
     for (rows, dim) in shapes {
         let what = format!("embedding_{} [{rows} ids, dim {dim}]", T::SUFFIX);
-        let table: Vec<T> = rng.vec(vocab * dim, -1.0, 1.0);
+        let table: Vec<T> = rng.vec_f64(vocab * dim, -1.0, 1.0);
         let mut ids: Vec<u32> = (0..rows)
-            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .map(|_| rng.below(vocab) as u32)
             .collect();
         // Out-of-range ids must give zero rows, not reads past the table.
         ids[rows / 2] = vocab as u32;

@@ -6,114 +6,19 @@
 use std::io::Write as _;
 
 use braid_kernels::cpu;
-use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView, KernelFloat};
+use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
 
-fn device(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(dev) => Some(dev),
-        Err(CudaError::NoDriver | CudaError::NoDevice { .. }) => {
-            // Straight to the real stderr, in one write, so it shows although the harness
-            // captures output.
-            let line = format!("{test}: skipped: no CUDA device\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
-        Err(other) => panic!("{test}: CUDA device 0 is present but could not be opened: {other}"),
-    }
-}
+mod common;
+use common::{
+    assert_rel_l2, capture, device, poisoned, single_stream_mode, to_f32, Rng, TestFloat,
+};
 
 /// Prints to the real stdout in one write, so tables survive the harness's capture.
 fn report(text: &str) {
     let _ = std::io::stdout().write_all(text.as_bytes());
     let _ = std::io::stdout().flush();
-}
-
-trait TestFloat: KernelFloat + std::fmt::Debug {
-    /// Largest accepted ‖got − want‖₂ / ‖want‖₂ against the f32 reference.
-    const REL_L2: f64;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl TestFloat for f32 {
-    const REL_L2: f64 = 1e-5;
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl TestFloat for f16 {
-    const REL_L2: f64 = 2e-3;
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
-
-impl TestFloat for bf16 {
-    const REL_L2: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-/// SplitMix64: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-
-    fn vec<T: TestFloat>(&mut self, len: usize, lo: f32, hi: f32) -> Vec<T> {
-        (0..len)
-            .map(|_| T::from_f32(self.uniform(lo, hi)))
-            .collect()
-    }
-}
-
-fn to_f32<T: TestFloat>(v: &[T]) -> Vec<f32> {
-    v.iter().map(|e| e.to_f32()).collect()
-}
-
-fn poisoned<T: TestFloat>(dev: &CudaDevice, len: usize) -> CudaSlice<T> {
-    dev.upload(&vec![T::from_f32(f32::NAN); len])
-        .expect("upload poisoned output")
-}
-
-/// ‖got − want‖₂ / ‖want‖₂ after checking that every element was written (NaN poison gone).
-fn rel_l2<T: TestFloat>(what: &str, got: &[T], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut diff = 0.0f64;
-    let mut norm = 0.0f64;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let g = g.to_f32() as f64;
-        assert!(
-            g.is_finite(),
-            "{what}: element {i} is {g} (unwritten or overflowed)"
-        );
-        diff += (g - *w as f64).powi(2);
-        norm += (*w as f64).powi(2);
-    }
-    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -228,8 +133,7 @@ impl<T: TestFloat> Case<T> {
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
         let got = dev.download(&out).unwrap();
-        let err = rel_l2(&what, &got, &self.want);
-        assert!(err < T::REL_L2, "{what}: relative L2 error {err:.3e}");
+        assert_rel_l2(&what, &got, &self.want);
     }
 }
 
@@ -348,8 +252,7 @@ fn linear_falls_back_where_the_skinny_kernel_cannot_run() {
             &mut out,
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let err = rel_l2(&what, &dev.download(&out).unwrap(), &case.want);
-        assert!(err < bf16::REL_L2, "{what}: relative L2 error {err:.3e}");
+        assert_rel_l2(&what, &dev.download(&out).unwrap(), &case.want);
     }
     let mut out = poisoned::<bf16>(&dev, n * m);
     let err = dev
@@ -420,15 +323,6 @@ fn linear_rejects_mismatched_buffers_and_empty_k() {
     dev.synchronize().unwrap();
 }
 
-/// Stops cudarc from recording and waiting on per-buffer events, which a single-stream caller
-/// does not need and which must not be issued inside a stream capture. Affects buffers
-/// allocated afterwards.
-fn single_stream_mode(dev: &CudaDevice) {
-    // SAFETY: every buffer of these tests lives on the device's one stream, so no cross-stream
-    // synchronisation is lost.
-    unsafe { dev.context().disable_event_tracking() };
-}
-
 /// A decode step is captured once and replayed with new inputs: the captured linear must read
 /// x, W, bias and residual from device memory at replay time, on every path.
 #[test]
@@ -473,15 +367,8 @@ fn linear_replays_in_a_cuda_graph_with_new_inputs() {
         run_all(&mut outs);
         dev.synchronize().unwrap();
 
+        let graph = capture(&dev, || run_all(&mut outs));
         let stream = dev.stream().clone();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .unwrap();
-        run_all(&mut outs);
-        let graph = stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .unwrap()
-            .expect("the capture recorded work");
 
         for case in [&first, &second] {
             stream.memcpy_htod(&case.x, &mut x).unwrap();
@@ -498,8 +385,7 @@ fn linear_replays_in_a_cuda_graph_with_new_inputs() {
             graph.launch().unwrap();
             for (route, out) in ROUTES.iter().zip(&outs) {
                 let what = format!("graph replay n={n} k={k} m={m} {route:?}");
-                let err = rel_l2(&what, &dev.download(out).unwrap(), &case.want);
-                assert!(err < bf16::REL_L2, "{what}: relative L2 error {err:.3e}");
+                assert_rel_l2(&what, &dev.download(out).unwrap(), &case.want);
             }
         }
     }
@@ -545,17 +431,9 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
         stream.memcpy_htod(&vec![bf16::NAN; n * m], &mut y).unwrap();
         chain(&mut h, &mut y);
         let what = format!("overlapped chain, stream round {round}");
-        let err = rel_l2(&what, &dev.download(&y).unwrap(), &want);
-        assert!(err < bf16::REL_L2, "{what}: relative L2 error {err:.3e}");
+        assert_rel_l2(&what, &dev.download(&y).unwrap(), &want);
     }
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .unwrap();
-    chain(&mut h, &mut y);
-    let graph = stream
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("the capture recorded work");
+    let graph = capture(&dev, || chain(&mut h, &mut y));
     for round in 0..20 {
         stream
             .memcpy_htod(&vec![bf16::NAN; n * hidden], &mut h)
@@ -563,8 +441,7 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
         stream.memcpy_htod(&vec![bf16::NAN; n * m], &mut y).unwrap();
         graph.launch().unwrap();
         let what = format!("overlapped chain, graph round {round}");
-        let err = rel_l2(&what, &dev.download(&y).unwrap(), &want);
-        assert!(err < bf16::REL_L2, "{what}: relative L2 error {err:.3e}");
+        assert_rel_l2(&what, &dev.download(&y).unwrap(), &want);
     }
 }
 

@@ -5,112 +5,16 @@
 //!
 //! `cargo test --release --test cuda_rope_sampling -- --ignored --nocapture` prints a timing table.
 
-use std::io::Write as _;
-
 use braid_kernels::cpu;
 use braid_kernels::cuda::{
-    CudaDevice, CudaError, CudaSlice, KernelFloat, RopeParams, SamplingBuffers, SamplingRow,
-    SAMPLE_MAX_VOCAB, SKIP_SLOT,
+    CudaDevice, CudaError, CudaSlice, RopeParams, SamplingBuffers, SamplingRow, SAMPLE_MAX_VOCAB, SKIP_SLOT,
 };
 use half::{bf16, f16};
 
+mod common;
+use common::{capture, device, poisoned, rel_l2, single_stream_mode, to_f32, Rng, TestFloat};
+
 const EPS: f32 = 1e-6;
-
-fn device(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(dev) => Some(dev),
-        Err(CudaError::NoDriver | CudaError::NoDevice { .. }) => {
-            let line = format!("{test}: skipped: no CUDA device\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
-        Err(other) => panic!("{test}: CUDA device 0 is present but could not be opened: {other}"),
-    }
-}
-
-trait TestFloat: KernelFloat + std::fmt::Debug + PartialEq {
-    /// Bound on the relative L2 error of a rounded result against the f32 reference.
-    const REL_L2: f64;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl TestFloat for f32 {
-    const REL_L2: f64 = 1e-5;
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl TestFloat for f16 {
-    const REL_L2: f64 = 2e-3;
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
-
-impl TestFloat for bf16 {
-    const REL_L2: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-/// SplitMix64: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-
-    fn vec<T: TestFloat>(&mut self, len: usize, lo: f32, hi: f32) -> Vec<T> {
-        (0..len).map(|_| T::from_f32(self.uniform(lo, hi))).collect()
-    }
-
-    fn shuffle<X>(&mut self, v: &mut [X]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-fn poisoned<T: TestFloat>(dev: &CudaDevice, len: usize) -> CudaSlice<T> {
-    dev.upload(&vec![T::from_f32(f32::NAN); len]).expect("upload poisoned output")
-}
-
-/// ‖got − want‖ / ‖want‖ in f64; NaN anywhere makes it NaN, which fails every bound.
-fn rel_l2<T: TestFloat>(got: &[T], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        let (g, w) = (g.to_f32() as f64, *w as f64);
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
 
 // ---------------------------------------------------------------------------------------------
 // RoPE + q/k-norm + KV write
@@ -186,7 +90,7 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
     let got_v = dev.download(&v_cache).unwrap();
 
     // CPU reference: exactly the model's f32 path.
-    let x: Vec<f32> = qkv.iter().map(|v| v.to_f32()).collect();
+    let x = to_f32(&qkv);
     let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
     for t in x.chunks(row) {
         q.extend_from_slice(&t[..q_dim]);
@@ -194,8 +98,8 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
         v.extend_from_slice(&t[q_dim + kv_dim..]);
     }
     if qk_norm {
-        let qn: Vec<f32> = q_norm.iter().map(|v| v.to_f32()).collect();
-        let kn: Vec<f32> = k_norm.iter().map(|v| v.to_f32()).collect();
+        let qn = to_f32(&q_norm);
+        let kn = to_f32(&k_norm);
         let q_in = q.clone();
         cpu::rms_norm(&q_in, &qn, EPS, &mut q);
         let k_in = k.clone();
@@ -207,7 +111,7 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
 
     let mut worst = 0.0f64;
     for (h, (g, w)) in got_q.chunks(head_dim).zip(q.chunks(head_dim)).enumerate() {
-        let err = rel_l2(g, w);
+        let err = rel_l2(&what, g, w);
         assert!(err < T::REL_L2, "{what}: q of token {} head {} has rel. L2 error {err}", h / num_heads, h % num_heads);
         worst = worst.max(err);
     }
@@ -221,7 +125,7 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
         for h in 0..num_kv_heads {
             let range = slot * kv_dim + h * head_dim..slot * kv_dim + (h + 1) * head_dim;
             let want = &k[t * kv_dim + h * head_dim..t * kv_dim + (h + 1) * head_dim];
-            let err = rel_l2(&got_k[range.clone()], want);
+            let err = rel_l2(&what, &got_k[range.clone()], want);
             assert!(err < T::REL_L2, "{what}: k of token {t} head {h} has rel. L2 error {err}");
             worst = worst.max(err);
             let want_v = &qkv[t * row + q_dim + kv_dim + h * head_dim..t * row + q_dim + kv_dim + (h + 1) * head_dim];
@@ -345,7 +249,7 @@ fn check_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         dev.argmax(&logits_dev, rows, vocab, &mut out).unwrap();
         let got = dev.download(&out).unwrap();
         for r in 0..rows {
-            let row: Vec<f32> = logits[r * vocab..(r + 1) * vocab].iter().map(|v| v.to_f32()).collect();
+            let row = to_f32(&logits[r * vocab..(r + 1) * vocab]);
             assert_eq!(got[r], argmax_reference(&row), "{what}: row {r}");
         }
     }
@@ -475,7 +379,7 @@ fn check_sampling_frequencies<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, bat
     const DRAWS: usize = 16_384;
     let vocab = 50;
     let row: Vec<T> = rng.vec(vocab, -2.0, 2.0);
-    let row_f32: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+    let row_f32 = to_f32(&row);
     let configs = [
         ("temperature 0.8", sampled(0.8, 0, 1.0, 0.0, 0, 0)),
         ("top-k 10", sampled(1.0, 10, 1.0, 0.0, 0, 0)),
@@ -518,7 +422,7 @@ fn top_p_boundary_ties_are_ranked_by_id() {
         row[id] = bf16::from_f32(1.0);
     }
     let config = sampled(1.0, 0, 0.35, 0.0, 0, 0);
-    let row_f32: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+    let row_f32 = to_f32(&row);
     let probs = reference_probs(&row_f32, &config);
     let support: Vec<usize> = (0..vocab).filter(|&i| probs[i] > 0.0).collect();
     assert_eq!(support, vec![5, 9, 12, 30], "the reference itself");
@@ -547,7 +451,7 @@ fn large_vocabulary_sampling_matches_filtered_softmax() {
     for &id in &candidates {
         row[id] = bf16::from_f32([0.0, 0.5, 1.0, 1.5, 2.0][rng.below(5)]);
     }
-    let row_f32: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+    let row_f32 = to_f32(&row);
     for (name, config, batch) in [
         ("min-p 0.05", sampled(1.0, 0, 1.0, 0.05, 0, 0), 1024),
         ("top-p 0.6 + min-p 0.01", sampled(1.0, 0, 0.6, 0.01, 0, 0), 1024),
@@ -576,7 +480,7 @@ fn check_top_k_one_is_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         dev.sample(&logits_dev, rows, vocab, &buffers, &mut out).unwrap();
         let got = dev.download(&out).unwrap();
         for r in 0..rows {
-            let row: Vec<f32> = logits[r * vocab..(r + 1) * vocab].iter().map(|v| v.to_f32()).collect();
+            let row = to_f32(&logits[r * vocab..(r + 1) * vocab]);
             let scaled: Vec<f32> = row.iter().map(|v| v / params[r].temperature).collect();
             // Top-1 keeps every token tied with the maximum after scaling.
             let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -628,7 +532,7 @@ fn sampling_is_a_pure_function_of_seed_and_step() {
     }
     assert_eq!(first, dev.download(&split).unwrap(), "16-row launches must draw the same ids");
     for (r, &id) in first.iter().enumerate() {
-        let row: Vec<f32> = logits[r * vocab..(r + 1) * vocab].iter().map(|v| v.to_f32()).collect();
+        let row = to_f32(&logits[r * vocab..(r + 1) * vocab]);
         let probs = reference_probs(&row, &sampled(1.0, 0, 0.95, 0.0, 0, 0));
         assert!(probs[id as usize] > 0.0, "row {r}: drew id {id}, which top-p removes");
     }
@@ -710,16 +614,6 @@ fn sampling_rejects_bad_arguments() {
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs
 
-fn capture(dev: &CudaDevice, ops: impl FnOnce()) -> cudarc::driver::CudaGraph {
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    dev.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    ops();
-    dev.stream()
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("the capture recorded work")
-}
-
 fn set<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, buf: &mut CudaSlice<T>, host: &[T]) {
     dev.stream().memcpy_htod(host, buf).unwrap();
 }
@@ -733,8 +627,7 @@ fn ops_replay_in_a_cuda_graph_with_new_inputs() {
     };
     // cudarc's cross-stream event bookkeeping records events around every launch, which a
     // capture must not contain; Braid runs each device on one stream.
-    // SAFETY: every buffer below lives on this device's single stream.
-    unsafe { dev.context().disable_event_tracking() };
+    single_stream_mode(&dev);
     let mut rng = Rng(91);
     let (n, heads, kv_heads, head_dim, num_slots) = (5usize, 16usize, 8usize, 128usize, 64usize);
     let kv_len = num_slots * kv_heads * head_dim;
@@ -853,8 +746,7 @@ fn bench_rope_and_sampling() {
     let Some(dev) = device("bench_rope_and_sampling") else {
         return;
     };
-    // SAFETY: single stream, as in the graph test.
-    unsafe { dev.context().disable_event_tracking() };
+    single_stream_mode(&dev);
     let mut rng = Rng(81);
     println!("device: {}", dev.name().unwrap());
     println!("{:<46} {:>6} {:>9}", "op (bf16, in a CUDA graph)", "rows", "us/call");

@@ -34,7 +34,7 @@ pub struct ModelInfo {
 /// Where the weights were loaded and the forward pass runs.
 pub enum Backend {
     /// f32 weights in host memory.
-    Cpu(Model),
+    Cpu(Box<Model>),
     /// bf16/f16 weights on a GPU.
     Cuda(Box<CudaModel>),
 }
@@ -77,7 +77,7 @@ pub fn load_on(location: &ModelLocation, device: Device, dtype: DType) -> Result
         Device::Cpu if dtype != DType::F32 => {
             return Err(ModelError::Config(format!("the CPU computes in f32; {dtype} applies to GPU runs only")))
         }
-        Device::Cpu => Backend::Cpu(Model::load(&a.info.config, &a.weights)?),
+        Device::Cpu => Backend::Cpu(Box::new(Model::load(&a.info.config, &a.weights)?)),
         Device::Cuda(ordinal) => Backend::Cuda(Box::new(CudaModel::load(&a.info.config, &a.weights, ordinal, dtype)?)),
     };
     Ok(LoadedModel { info: a.info, backend, tokenizer: a.tokenizer, chat_template: a.chat_template })

@@ -222,7 +222,7 @@ impl GgufWeights {
 /// Undo llama.cpp's Q/K permutation: GGUF keeps each head's rotary pairs interleaved
 /// (`reshape(heads, 2, half, cols).swapaxes(1, 2)`); Hugging Face keeps the halves apart.
 fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> std::result::Result<Vec<f32>, String> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(format!("{rows} rows cannot be split into {heads} heads of rotary pairs"));
     }
     let half = rows / heads / 2;

@@ -149,3 +149,19 @@ fn default_model_gives_the_cpu_continuation_on_the_gpu() {
     let out = braid.generate(Prompt::Raw(case["text"].as_str().unwrap().into()), &greedy(16)).unwrap();
     assert_eq!(out.token_ids, as_ids(&case["greedy_ids_16"]), "GPU: {:?}", out.text);
 }
+
+#[test]
+fn gpu_prefix_cache_hits_do_not_change_the_output() {
+    if !cuda_available() {
+        return;
+    }
+    for (name, location, expected) in fixture_models().into_iter().filter(|(n, ..)| n == "llama" || n == "qwen3") {
+        let case = &expected["prompts"][0];
+        let ids = as_ids(&case["input_ids"]);
+        let mut braid = Braid::with_engine(gpu_engine(&location, EngineConfig { block_size: 4, ..EngineConfig::default() })).unwrap();
+        let first = braid.generate(Prompt::Ids(ids.clone()), &greedy(24)).unwrap();
+        let again = braid.generate(Prompt::Ids(ids.clone()), &greedy(24)).unwrap();
+        assert!(braid.engine().stats().prefix_hit_tokens > 0, "{name}: no prefix hit");
+        assert_eq!(again.token_ids, first.token_ids, "{name}: a cache hit changed the output on the GPU");
+    }
+}

@@ -106,3 +106,36 @@ fn batched_chunked_and_preempted_generation_is_unchanged() {
         }
     }
 }
+
+/// Exact prefix reuse: the same prompt again, and a prompt that extends an earlier one, take their
+/// shared blocks from the prefix cache and still produce transformers' greedy tokens.
+#[test]
+fn prefix_cache_hits_do_not_change_the_output() {
+    for (name, location, expected) in fixture_models().into_iter().filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding") {
+        let config = EngineConfig { block_size: 4, ..EngineConfig::default() };
+        let mut braid = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), config).unwrap()).unwrap();
+        let case = &expected["prompts"][0];
+        let ids = as_ids(&case["input_ids"]);
+        let want = as_ids(&case["greedy_ids"]);
+        let margins = as_f32s(&case["greedy_margins"]);
+        let first = braid.generate(Prompt::Ids(ids.clone()), &greedy(want.len())).unwrap();
+        assert_eq!(braid.engine().stats().prefix_hit_tokens, 0);
+        let again = braid.generate(Prompt::Ids(ids.clone()), &greedy(want.len())).unwrap();
+        let hits = braid.engine().stats().prefix_hit_tokens;
+        // Every full block of the prompt but the one holding its last token comes from the cache.
+        assert_eq!(hits as usize, (ids.len() - 1) / 4 * 4, "{name}");
+        assert_eq!(again.token_ids, first.token_ids, "{name}: a cache hit changed the output");
+        assert_greedy_matches(&name, &again.token_ids, &want, &margins, MIN_MARGIN);
+
+        // The prompt plus the first answer (a second turn) reuses the prompt and the generated tokens.
+        let mut turn2 = ids.clone();
+        turn2.extend_from_slice(&first.token_ids[..8]);
+        let cached = braid.generate(Prompt::Ids(turn2.clone()), &greedy(8)).unwrap();
+        assert!(braid.engine().stats().prefix_hit_tokens > hits + 4, "{name}: the answer's blocks were not reused");
+        let fresh = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), EngineConfig::default()).unwrap())
+            .unwrap()
+            .generate(Prompt::Ids(turn2), &greedy(8))
+            .unwrap();
+        assert_eq!(cached.token_ids, fresh.token_ids, "{name}: reuse of generated tokens changed the output");
+    }
+}

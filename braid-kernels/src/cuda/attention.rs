@@ -12,7 +12,10 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{launch_error, CudaDevice, CudaError, KernelFloat};
+use super::{
+    check_limit, check_nonzero, driver_error, invalid_argument, to_i32, CudaDevice, CudaError,
+    KernelFloat,
+};
 
 /// Geometry and options of one attention call, shared by decode and prefill.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,87 +79,47 @@ struct Geometry {
 impl AttentionParams {
     fn validate<T: KernelFloat>(&self, op: &'static str) -> Result<Geometry, CudaError> {
         if T::SUFFIX == "f32" {
-            return Err(CudaError::InvalidArgument {
-                op,
-                argument: "the storage dtype",
-                expected: "f16 or bf16",
-                found: "f32".to_string(),
-            });
+            return Err(invalid_argument(op, "the storage dtype", "f16 or bf16", "f32"));
         }
         if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
-            return Err(CudaError::InvalidArgument {
+            return Err(invalid_argument(
                 op,
-                argument: "head_dim",
-                expected: "one of 16, 32, 64, 128 or 256",
-                found: self.head_dim.to_string(),
-            });
+                "head_dim",
+                "one of 16, 32, 64, 128 or 256",
+                self.head_dim,
+            ));
         }
-        if self.num_kv_heads == 0 {
-            return Err(CudaError::InvalidArgument {
-                op,
-                argument: "num_kv_heads",
-                expected: "at least 1",
-                found: "0".to_string(),
-            });
-        }
+        check_nonzero(op, "num_kv_heads", self.num_kv_heads)?;
         let group = self.num_heads / self.num_kv_heads;
         if group == 0 || group * self.num_kv_heads != self.num_heads {
-            return Err(CudaError::InvalidArgument {
+            return Err(invalid_argument(
                 op,
-                argument: "num_heads",
-                expected: "a non-zero multiple of num_kv_heads",
-                found: format!("{} for {} KV heads", self.num_heads, self.num_kv_heads),
-            });
+                "num_heads",
+                "a non-zero multiple of num_kv_heads",
+                format!("{} for {} KV heads", self.num_heads, self.num_kv_heads),
+            ));
         }
-        if self.num_heads > MAX_GRID_YZ {
-            return Err(CudaError::TooLarge {
-                op,
-                dimension: "num_heads",
-                value: self.num_heads,
-                limit: MAX_GRID_YZ,
-            });
-        }
+        check_limit(op, "num_heads", self.num_heads, MAX_GRID_YZ)?;
         if !self.block_size.is_power_of_two() {
-            return Err(CudaError::InvalidArgument {
+            return Err(invalid_argument(
                 op,
-                argument: "block_size",
-                expected: "a power of two",
-                found: self.block_size.to_string(),
-            });
+                "block_size",
+                "a power of two",
+                self.block_size,
+            ));
         }
-        if self.max_blocks_per_seq == 0 {
-            return Err(CudaError::InvalidArgument {
-                op,
-                argument: "max_blocks_per_seq",
-                expected: "at least 1",
-                found: "0".to_string(),
-            });
-        }
+        check_nonzero(op, "max_blocks_per_seq", self.max_blocks_per_seq)?;
         let capacity = self.max_blocks_per_seq.saturating_mul(self.block_size);
-        if capacity > MAX_CAPACITY {
-            return Err(CudaError::TooLarge {
-                op,
-                dimension: "the block-table capacity (max_blocks_per_seq * block_size)",
-                value: capacity,
-                limit: MAX_CAPACITY,
-            });
-        }
+        check_limit(
+            op,
+            "the block-table capacity (max_blocks_per_seq * block_size)",
+            capacity,
+            MAX_CAPACITY,
+        )?;
         if !self.scale.is_finite() {
-            return Err(CudaError::InvalidArgument {
-                op,
-                argument: "scale",
-                expected: "a finite number",
-                found: self.scale.to_string(),
-            });
+            return Err(invalid_argument(op, "scale", "a finite number", self.scale));
         }
-        if self.sliding_window > i32::MAX as usize {
-            return Err(CudaError::TooLarge {
-                op,
-                dimension: "sliding_window",
-                value: self.sliding_window,
-                limit: i32::MAX as usize,
-            });
-        }
+        check_limit(op, "sliding_window", self.sliding_window, i32::MAX as usize)?;
         Ok(Geometry {
             block_size_log2: self.block_size.trailing_zeros() as i32,
             capacity,
@@ -235,22 +198,26 @@ fn prefill_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
     (PREFILL_BLOCK_M + 4 * prefill_block_n(head_dim)) * (head_dim + 8) * elem_bytes
 }
 
-fn check_aligned(op: &'static str, argument: &'static str, ptr: u64) -> Result<(), CudaError> {
-    if ptr & 15 == 0 {
-        Ok(())
-    } else {
-        Err(CudaError::InvalidArgument {
-            op,
-            argument,
-            expected: "16-byte aligned (a view starting at a multiple of 16 bytes)",
-            found: format!("address {ptr:#x}"),
-        })
+/// Checks the 16-byte alignment the kernels' vector loads need, of `q`, `k_cache`, `v_cache`
+/// and `out` in that order.
+fn check_aligned(op: &'static str, [q, k, v, out]: [u64; 4]) -> Result<(), CudaError> {
+    let buffers = [
+        ("the q buffer", q),
+        ("the k_cache buffer", k),
+        ("the v_cache buffer", v),
+        ("the out buffer", out),
+    ];
+    for (argument, ptr) in buffers {
+        if ptr & 15 != 0 {
+            return Err(invalid_argument(
+                op,
+                argument,
+                "16-byte aligned (a view starting at a multiple of 16 bytes)",
+                format!("address {ptr:#x}"),
+            ));
+        }
     }
-}
-
-fn to_i32(value: usize) -> i32 {
-    // Callers have bounded every value by MAX_CAPACITY, the grid limits or i32::MAX.
-    i32::try_from(value).unwrap_or(i32::MAX)
+    Ok(())
 }
 
 impl CudaDevice {
@@ -298,34 +265,21 @@ impl CudaDevice {
         let geo = p.validate::<T>(OP)?;
         let num_seqs = context_lens.len();
         self.check_context(OP, "context_lens", context_lens)?;
-        if num_seqs > MAX_GRID_YZ {
-            return Err(CudaError::TooLarge {
-                op: OP,
-                dimension: "the number of sequences",
-                value: num_seqs,
-                limit: MAX_GRID_YZ,
-            });
-        }
+        check_limit(OP, "the number of sequences", num_seqs, MAX_GRID_YZ)?;
         self.check_buffer(OP, "q", q, num_seqs * p.q_row())?;
         self.check_buffer(OP, "out", out, num_seqs * p.q_row())?;
-        self.check_buffer(
-            OP,
-            "block_tables",
-            block_tables,
-            num_seqs * p.max_blocks_per_seq,
-        )?;
-        self.check_cache(OP, k_cache, v_cache, p)?;
+        self.check_paged_cache(OP, block_tables, num_seqs, k_cache, v_cache, p)?;
         let needed = decode_units(num_seqs, geo.capacity)
             .saturating_mul(p.num_heads)
             .saturating_mul(p.head_dim + 2);
         self.check_context(OP, "workspace", workspace)?;
         if workspace.len() < needed {
-            return Err(CudaError::InvalidArgument {
-                op: OP,
-                argument: "the workspace length",
-                expected: "at least paged_attention_decode_workspace_len(...) elements",
-                found: format!("{} elements where {needed} are needed", workspace.len()),
-            });
+            return Err(invalid_argument(
+                OP,
+                "the workspace length",
+                "at least paged_attention_decode_workspace_len(...) elements",
+                format!("{} elements where {needed} are needed", workspace.len()),
+            ));
         }
         if num_seqs == 0 {
             return Ok(());
@@ -348,10 +302,7 @@ impl CudaDevice {
         let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
         let (ws_ptr, _ws_sync) = workspace.device_ptr_mut(&self.stream);
-        check_aligned(OP, "the q buffer", q_ptr)?;
-        check_aligned(OP, "the k_cache buffer", k_ptr)?;
-        check_aligned(OP, "the v_cache buffer", v_ptr)?;
-        check_aligned(OP, "the out buffer", out_ptr)?;
+        check_aligned(OP, [q_ptr, k_ptr, v_ptr, out_ptr])?;
 
         // One partition: the partition kernel writes `out` itself (signalled by a null workspace).
         let (ws_o, ws_ml) = if partitions > 1 {
@@ -392,7 +343,7 @@ impl CudaDevice {
         // the buffer lengths checked above cover every index the grid derives from the shapes,
         // the kernel clamps context lengths to the block tables' capacity, and the workspace
         // holds the partial results of every (sequence, head, partition).
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
 
         if partitions > 1 {
             let merge = self.kernel(
@@ -421,7 +372,7 @@ impl CudaDevice {
             // SAFETY: the arguments match `paged_attention_decode_merge_*` in
             // attention_decode.cu; it reads only the partitions the first kernel wrote (both
             // derive them from the same context length) and writes `out`, checked above.
-            unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+            unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         }
         Ok(())
     }
@@ -451,43 +402,23 @@ impl CudaDevice {
     ) -> Result<(), CudaError> {
         const OP: &str = "paged_attention_prefill";
         let geo = p.validate::<T>(OP)?;
-        if num_seqs > MAX_GRID_YZ {
-            return Err(CudaError::TooLarge {
-                op: OP,
-                dimension: "the number of sequences",
-                value: num_seqs,
-                limit: MAX_GRID_YZ,
-            });
-        }
+        check_limit(OP, "the number of sequences", num_seqs, MAX_GRID_YZ)?;
         self.check_context(OP, "q", q)?;
         let row = p.q_row();
         if q.len() % row != 0 {
-            return Err(CudaError::InvalidArgument {
-                op: OP,
-                argument: "the q length",
-                expected: "a whole number of num_heads * head_dim rows",
-                found: format!("{} elements for rows of {row}", q.len()),
-            });
+            return Err(invalid_argument(
+                OP,
+                "the q length",
+                "a whole number of num_heads * head_dim rows",
+                format!("{} elements for rows of {row}", q.len()),
+            ));
         }
         let total_q = q.len() / row;
-        if total_q > i32::MAX as usize {
-            return Err(CudaError::TooLarge {
-                op: OP,
-                dimension: "the number of query tokens",
-                value: total_q,
-                limit: i32::MAX as usize,
-            });
-        }
+        check_limit(OP, "the number of query tokens", total_q, i32::MAX as usize)?;
         self.check_buffer(OP, "out", out, q.len())?;
         self.check_buffer(OP, "q_starts", q_starts, num_seqs + 1)?;
         self.check_buffer(OP, "context_lens", context_lens, num_seqs)?;
-        self.check_buffer(
-            OP,
-            "block_tables",
-            block_tables,
-            num_seqs * p.max_blocks_per_seq,
-        )?;
-        self.check_cache(OP, k_cache, v_cache, p)?;
+        self.check_paged_cache(OP, block_tables, num_seqs, k_cache, v_cache, p)?;
         let q_tiles = max_q_len.div_ceil(PREFILL_BLOCK_M);
         if q_tiles > i32::MAX as usize {
             return Err(CudaError::TooLarge {
@@ -513,10 +444,7 @@ impl CudaDevice {
         let (qs_ptr, _qs_sync) = q_starts.device_ptr(&self.stream);
         let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        check_aligned(OP, "the q buffer", q_ptr)?;
-        check_aligned(OP, "the k_cache buffer", k_ptr)?;
-        check_aligned(OP, "the v_cache buffer", v_ptr)?;
-        check_aligned(OP, "the out buffer", out_ptr)?;
+        check_aligned(OP, [q_ptr, k_ptr, v_ptr, out_ptr])?;
 
         let total_q = to_i32(total_q);
         let num_heads = to_i32(p.num_heads);
@@ -547,27 +475,32 @@ impl CudaDevice {
         // SAFETY: the arguments match `paged_attention_prefill_d*_*` in attention_prefill.cu;
         // the kernel clamps query ranges to `total_q` rows and key positions to the block tables'
         // capacity, so with the lengths checked above every access stays inside the buffers.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
 
-    /// Checks that K and V are equal-length whole numbers of cache blocks of this geometry.
-    fn check_cache<T>(
+    /// Checks that the block tables have one `max_blocks_per_seq` row per sequence, and that K
+    /// and V are equal-length whole numbers of cache blocks of this geometry.
+    fn check_paged_cache<T>(
         &self,
         op: &'static str,
+        block_tables: &impl DevicePtr<u32>,
+        num_seqs: usize,
         k_cache: &impl DevicePtr<T>,
         v_cache: &impl DevicePtr<T>,
         p: &AttentionParams,
     ) -> Result<(), CudaError> {
+        let table_len = num_seqs * p.max_blocks_per_seq;
+        self.check_buffer(op, "block_tables", block_tables, table_len)?;
         self.check_context(op, "k_cache", k_cache)?;
         let block = p.block_elems();
         if k_cache.len() == 0 || k_cache.len() % block != 0 {
-            return Err(CudaError::InvalidArgument {
+            return Err(invalid_argument(
                 op,
-                argument: "the k_cache length",
-                expected: "a non-zero multiple of block_size * num_kv_heads * head_dim",
-                found: format!("{} elements for blocks of {block}", k_cache.len()),
-            });
+                "the k_cache length",
+                "a non-zero multiple of block_size * num_kv_heads * head_dim",
+                format!("{} elements for blocks of {block}", k_cache.len()),
+            ));
         }
         self.check_buffer(op, "v_cache", v_cache, k_cache.len())
     }
@@ -587,7 +520,7 @@ impl CudaDevice {
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 to_i32(bytes),
             )
-            .map_err(|source| CudaError::Driver { op, source })
+            .map_err(driver_error(op))
     }
 }
 

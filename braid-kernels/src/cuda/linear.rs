@@ -20,7 +20,10 @@ use cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use super::{consts, launch_error, to_i32, CudaDevice, CudaError, KernelFloat};
+use super::{
+    check_nonzero, consts, driver_error, invalid_argument, to_i32, CudaDevice, CudaError,
+    KernelFloat,
+};
 
 /// The kernel module built from `cuda/gemv.cu`.
 const MODULE: &str = "gemv";
@@ -195,12 +198,7 @@ fn alignment(ptr: CUdeviceptr) -> u32 {
 }
 
 fn cublas_error(call: &'static str, err: CublasError) -> CudaError {
-    CudaError::InvalidArgument {
-        op: "linear",
-        argument: call,
-        expected: "CUBLAS_STATUS_SUCCESS",
-        found: format!("{:?}", err.0),
-    }
+    invalid_argument("linear", call, "CUBLAS_STATUS_SUCCESS", format!("{:?}", err.0))
 }
 
 /// Everything a cuBLASLt matmul of one shape needs besides the pointers, built once and reused:
@@ -270,22 +268,34 @@ unsafe impl Send for LtState {}
 type LtTable = Mutex<Vec<(usize, Arc<Mutex<LtState>>)>>;
 static LT_STATES: OnceLock<LtTable> = OnceLock::new();
 
+/// The shape of cuBLASLt's `*SetAttribute` calls: handle, attribute, value bytes and their size.
+type SetAttribute<H, A> = unsafe fn(H, A, *const c_void, usize) -> Result<(), CublasError>;
+
+/// Sets `attr` of a live cuBLASLt object `handle` to `value` through `set`, which is `call`.
+///
+/// # Safety
+/// `handle` must be alive, and `V` must be the type cuBLASLt documents for `attr`.
+unsafe fn set_attribute<H, A, V>(
+    set: SetAttribute<H, A>,
+    call: &'static str,
+    handle: H,
+    attr: A,
+    value: &V,
+) -> Result<(), CudaError> {
+    // SAFETY: `value` points at a live `V` of exactly the size passed; the caller vouches for
+    // the handle and the type.
+    unsafe { set(handle, attr, (value as *const V).cast(), std::mem::size_of::<V>()) }
+        .map_err(|e| cublas_error(call, e))
+}
+
 fn set_desc_attribute<V>(
     desc: &MatmulDesc,
     attr: lt_sys::cublasLtMatmulDescAttributes_t,
     value: &V,
 ) -> Result<(), CudaError> {
-    // SAFETY: `value` points at a live `V` of exactly the size passed, the type cuBLASLt
-    // documents for `attr`.
-    unsafe {
-        lt::set_matmul_desc_attribute(
-            desc.0,
-            attr,
-            (value as *const V).cast(),
-            std::mem::size_of::<V>(),
-        )
-    }
-    .map_err(|e| cublas_error("cublasLtMatmulDescSetAttribute", e))
+    let call = "cublasLtMatmulDescSetAttribute";
+    // SAFETY: `desc` owns a live descriptor; callers pass the type documented for `attr`.
+    unsafe { set_attribute(lt::set_matmul_desc_attribute, call, desc.0, attr, value) }
 }
 
 fn set_pref_attribute<V>(
@@ -293,16 +303,9 @@ fn set_pref_attribute<V>(
     attr: lt_sys::cublasLtMatmulPreferenceAttributes_t,
     value: &V,
 ) -> Result<(), CudaError> {
+    let call = "cublasLtMatmulPreferenceSetAttribute";
     // SAFETY: as in `set_desc_attribute`.
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            pref.0,
-            attr,
-            (value as *const V).cast(),
-            std::mem::size_of::<V>(),
-        )
-    }
-    .map_err(|e| cublas_error("cublasLtMatmulPreferenceSetAttribute", e))
+    unsafe { set_attribute(lt::set_matmul_pref_attribute, call, pref.0, attr, value) }
 }
 
 fn data_type<T: KernelFloat>() -> lt_sys::cudaDataType {
@@ -319,11 +322,13 @@ impl LtState {
             let plan = self.build_plan::<T>(key)?;
             self.plans.insert(key, plan);
         }
-        self.plans.get(&key).ok_or(CudaError::InvalidArgument {
-            op: "linear",
-            argument: "the cuBLASLt plan cache",
-            expected: "to hold the plan just inserted",
-            found: "no entry".to_string(),
+        self.plans.get(&key).ok_or_else(|| {
+            invalid_argument(
+                "linear",
+                "the cuBLASLt plan cache",
+                "to hold the plan just inserted",
+                "no entry",
+            )
         })
     }
 
@@ -377,27 +382,15 @@ impl LtState {
             &self.workspace_size,
         )?;
         use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
-        let [align_a, align_b, align_c, align_d] = key.alignments;
-        set_pref_attribute(
-            &pref,
+        let alignment_attributes = [
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-            &align_a,
-        )?;
-        set_pref_attribute(
-            &pref,
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-            &align_b,
-        )?;
-        set_pref_attribute(
-            &pref,
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-            &align_c,
-        )?;
-        set_pref_attribute(
-            &pref,
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-            &align_d,
-        )?;
+        ];
+        for (attr, align) in alignment_attributes.into_iter().zip(&key.alignments) {
+            set_pref_attribute(&pref, attr, align)?;
+        }
 
         // SAFETY: every descriptor passed is alive for the duration of the call.
         let heuristic = unsafe {
@@ -486,17 +479,8 @@ impl CudaDevice {
         out: &mut impl DevicePtrMut<T>,
     ) -> Result<(), CudaError> {
         let config = SkinnyConfig::choose(n, k, m);
-        self.linear_on(
-            Route::forced(Path::Skinny(config)),
-            x,
-            n,
-            k,
-            w,
-            m,
-            bias,
-            residual,
-            out,
-        )
+        let route = Route::forced(Path::Skinny(config));
+        self.linear_on(route, x, n, k, w, m, bias, residual, out)
     }
 
     /// [`CudaDevice::linear`] forced onto cuBLASLt: for benchmarks and tests.
@@ -512,17 +496,8 @@ impl CudaDevice {
         residual: Option<&CudaView<T>>,
         out: &mut impl DevicePtrMut<T>,
     ) -> Result<(), CudaError> {
-        self.linear_on(
-            Route::forced(Path::CublasLt),
-            x,
-            n,
-            k,
-            w,
-            m,
-            bias,
-            residual,
-            out,
-        )
+        let route = Route::forced(Path::CublasLt);
+        self.linear_on(route, x, n, k, w, m, bias, residual, out)
     }
 
     /// Tuning hook: the skinny kernel with an explicit launch shape, `row_groups` groups of 8
@@ -547,13 +522,12 @@ impl CudaDevice {
         if !SkinnyConfig::compiled(nx, row_groups)
             || !(1..=SkinnyConfig::max_warps(nx, row_groups)).contains(&warps)
         {
-            return Err(CudaError::InvalidArgument {
-                op: "linear",
-                argument: "the skinny launch shape",
-                expected:
-                    "a compiled row-group count and a warp count within the shared-memory limit",
-                found: format!("{row_groups} row groups and {warps} warps for n = {n}"),
-            });
+            return Err(invalid_argument(
+                "linear",
+                "the skinny launch shape",
+                "a compiled row-group count and a warp count within the shared-memory limit",
+                format!("{row_groups} row groups and {warps} warps for n = {n}"),
+            ));
         }
         let config = SkinnyConfig {
             nx,
@@ -591,14 +565,7 @@ impl CudaDevice {
         let x_len = self.check_matrix(OP, n, k)?;
         let w_len = self.check_matrix(OP, m, k)?;
         let out_len = self.check_matrix(OP, n, m)?;
-        if k == 0 {
-            return Err(CudaError::InvalidArgument {
-                op: OP,
-                argument: "k",
-                expected: "at least 1",
-                found: "0".to_string(),
-            });
-        }
+        check_nonzero(OP, "k", k)?;
         self.check_buffer(OP, "x", x, x_len)?;
         self.check_buffer(OP, "w", w, w_len)?;
         if let Some(bias) = bias {
@@ -638,12 +605,7 @@ impl CudaDevice {
         match path {
             Path::Skinny(config) => {
                 if let Some((argument, expected, found)) = ops.skinny_obstacle::<T>() {
-                    return Err(CudaError::InvalidArgument {
-                        op: OP,
-                        argument,
-                        expected,
-                        found,
-                    });
+                    return Err(invalid_argument(OP, argument, expected, found));
                 }
                 self.launch_skinny::<T>(&ops, config, route.overlapped)
             }
@@ -691,7 +653,7 @@ impl CudaDevice {
         // SAFETY: the arguments match `skinny_gemm_*(const T*, const T*, const T*, const T*, T*,
         // int, int, int)` in gemv.cu; the buffer lengths were checked against n, k and m, and
         // `skinny_obstacle` enforced the kernel's alignment and k requirements.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error("linear", source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error("linear"))?;
         Ok(())
     }
 
@@ -729,7 +691,7 @@ impl CudaDevice {
         };
         self.ctx
             .bind_to_thread()
-            .map_err(|source| launch_error("linear", source))?;
+            .map_err(driver_error("linear"))?;
         // SAFETY: `config` and `attribute` outlive the call; the caller vouches for `params`.
         unsafe {
             driver_sys::cuLaunchKernelEx(
@@ -740,7 +702,7 @@ impl CudaDevice {
             )
         }
         .result()
-        .map_err(|source| launch_error("linear", source))
+        .map_err(driver_error("linear"))
     }
 
     fn launch_cublaslt<T: KernelFloat>(&self, ops: &Operands) -> Result<(), CudaError> {
@@ -831,7 +793,7 @@ impl CudaDevice {
                 shared_mem_bytes: 0,
             })
         }
-        .map_err(|source| launch_error("linear", source))?;
+        .map_err(driver_error("linear"))?;
         Ok(())
     }
 
@@ -847,21 +809,20 @@ impl CudaDevice {
         // SAFETY: only tries to load the library; without this check cudarc panics on the
         // first cuBLASLt call when the library is missing.
         if !unsafe { lt_sys::is_culib_present() } {
-            return Err(CudaError::InvalidArgument {
-                op: "linear",
-                argument: "the cuBLASLt library",
-                expected: "loadable (libcublasLt from the CUDA toolkit)",
-                found: "no libcublasLt on the library search path".to_string(),
-            });
+            return Err(invalid_argument(
+                "linear",
+                "the cuBLASLt library",
+                "loadable (libcublasLt from the CUDA toolkit)",
+                "no libcublasLt on the library search path",
+            ));
         }
-        let driver = |op: &'static str| move |source| CudaError::Driver { op, source };
         self.ctx
             .bind_to_thread()
-            .map_err(driver("cuBLASLt initialisation"))?;
+            .map_err(driver_error("cuBLASLt initialisation"))?;
         let major = self
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-            .map_err(driver("device attribute query"))?;
+            .map_err(driver_error("device attribute query"))?;
         let workspace_size = if major >= 9 {
             WORKSPACE_HOPPER
         } else {

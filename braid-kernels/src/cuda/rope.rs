@@ -3,7 +3,10 @@
 
 use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{check_eps, launch_error, CudaDevice, CudaError, KernelFloat};
+use super::{
+    check_eps, check_limit, check_nonzero, driver_error, invalid_argument, CudaDevice, CudaError,
+    KernelFloat,
+};
 
 /// Largest head dimension the kernel handles (mirrors `ROPE_MAX_HEAD_DIM` in rope.cu).
 pub const ROPE_MAX_HEAD_DIM: usize = 512;
@@ -74,12 +77,12 @@ impl CudaDevice {
         self.check_buffer(OP, "v_cache", v_cache, k_cache.len())?;
         let slot_len = p.num_kv_heads * p.head_dim;
         if k_cache.len() % slot_len != 0 {
-            return Err(CudaError::InvalidArgument {
-                op: OP,
-                argument: "the KV cache length",
-                expected: "a whole number of slots of num_kv_heads * head_dim elements",
-                found: format!("{} elements for slots of {slot_len}", k_cache.len()),
-            });
+            return Err(invalid_argument(
+                OP,
+                "the KV cache length",
+                "a whole number of slots of num_kv_heads * head_dim elements",
+                format!("{} elements for slots of {slot_len}", k_cache.len()),
+            ));
         }
         let num_slots = (k_cache.len() / slot_len) as u64;
         if p.n == 0 {
@@ -133,7 +136,7 @@ impl CudaDevice {
         // unsigned long long)` in rope.cu. Input and output lengths are checked above, cache
         // writes are bounded by `num_slots` on the device, and Rust's borrows keep the
         // `__restrict__` outputs from aliasing each other or the inputs.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
 }
@@ -149,24 +152,10 @@ struct RopeShape {
 
 fn check_rope_shape(p: &RopeParams) -> Result<RopeShape, CudaError> {
     const OP: &str = "rope_qk_norm_kv_write";
-    let invalid = |argument: &'static str, expected: &'static str, found: usize| CudaError::InvalidArgument {
-        op: OP,
-        argument,
-        expected,
-        found: found.to_string(),
-    };
-    if p.num_heads == 0 {
-        return Err(invalid("num_heads", "at least 1", p.num_heads));
-    }
-    if p.num_kv_heads == 0 {
-        return Err(invalid("num_kv_heads", "at least 1", p.num_kv_heads));
-    }
+    check_nonzero(OP, "num_heads", p.num_heads)?;
+    check_nonzero(OP, "num_kv_heads", p.num_kv_heads)?;
     if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || p.head_dim > ROPE_MAX_HEAD_DIM {
-        return Err(invalid(
-            "head_dim",
-            "an even number from 2 to 512",
-            p.head_dim,
-        ));
+        return Err(invalid_argument(OP, "head_dim", "an even number from 2 to 512", p.head_dim));
     }
     // Every count the kernel indexes with 32-bit ints (tokens, heads, warps) must stay below
     // i32::MAX; element offsets are 64-bit there.
@@ -183,9 +172,7 @@ fn check_rope_shape(p: &RopeParams) -> Result<RopeShape, CudaError> {
         .and_then(|kv| kv.checked_add(p.num_heads))
         .filter(|&h| h <= limit)
         .ok_or_else(|| too_large("the head count", p.num_heads.saturating_add(p.num_kv_heads.saturating_mul(2))))?;
-    if p.n > limit {
-        return Err(too_large("the token count", p.n));
-    }
+    check_limit(OP, "the token count", p.n, limit)?;
     let items = p
         .n
         .checked_mul(heads)

@@ -5,7 +5,7 @@ use cudarc::driver::{
     CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
-use super::{launch_error, CudaDevice, CudaError, KernelFloat};
+use super::{check_limit, check_nonzero, driver_error, invalid_argument, CudaDevice, CudaError, KernelFloat};
 
 /// Threads per block (mirrors `SAMPLE_BLOCK_THREADS` in sampling.cu).
 const BLOCK_THREADS: u32 = 1024;
@@ -63,11 +63,8 @@ impl SamplingRow {
 
     /// Checks every field's range, naming the first one out of it.
     fn validate(&self, row: usize) -> Result<(), CudaError> {
-        let bad = |argument: &'static str, expected: &'static str, value: f32| CudaError::InvalidArgument {
-            op: "SamplingBuffers::write",
-            argument,
-            expected,
-            found: format!("{value} in row {row}"),
+        let bad = |argument, expected, value: f32| {
+            invalid_argument("SamplingBuffers::write", argument, expected, format!("{value} in row {row}"))
         };
         // Positive range checks, so NaN fails each of them.
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
@@ -125,10 +122,7 @@ impl SamplingBuffers {
         let mut dst = self.rows.slice_mut(0..rows.len());
         dev.stream
             .memcpy_htod(rows, &mut dst)
-            .map_err(|source| CudaError::Driver {
-                op: "host-to-device copy",
-                source,
-            })
+            .map_err(driver_error("host-to-device copy"))
     }
 }
 
@@ -158,7 +152,7 @@ impl CudaDevice {
         // SAFETY: the arguments match `argmax_*` / `argmax_cluster_*(const T*, int, uint32_t*)` in
         // sampling.cu, and the lengths checked above cover the `num_seqs` rows the grid reads and
         // writes.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
 
@@ -211,7 +205,7 @@ impl CudaDevice {
         // SAFETY: the arguments match `sample_*` / `sample_cluster_*(const T*, int, const
         // SamplingRow*, uint32_t*)` in sampling.cu, `SamplingRow` mirrors the kernel's struct, and the lengths checked above
         // cover the `num_seqs` rows the grid reads and writes.
-        unsafe { launch.launch(cfg) }.map_err(|source| launch_error(OP, source))?;
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
 
@@ -219,10 +213,7 @@ impl CudaDevice {
     /// small batches on GPUs that have clusters (sm_90+), one block per row otherwise. The choice
     /// depends on the row count only, so a graph bucket keeps one kernel.
     fn row_kernel<T: KernelFloat>(&self, family: &str, rows: usize) -> Result<(CudaFunction, LaunchConfig), CudaError> {
-        let (major, _) = self.ctx.compute_capability().map_err(|source| CudaError::Driver {
-            op: "compute capability query",
-            source,
-        })?;
+        let (major, _) = self.ctx.compute_capability().map_err(driver_error("compute capability query"))?;
         let blocks_per_row = if rows <= CLUSTER_MAX_ROWS && major >= 9 { CLUSTER } else { 1 };
         let name = if blocks_per_row > 1 {
             format!("{family}_cluster_{}", T::SUFFIX)
@@ -242,30 +233,9 @@ impl CudaDevice {
 
 /// Checks a `[num_seqs, vocab]` logits shape and returns its element count.
 fn check_rows(op: &'static str, num_seqs: usize, vocab: usize, max_vocab: usize) -> Result<usize, CudaError> {
-    if vocab == 0 {
-        return Err(CudaError::InvalidArgument {
-            op,
-            argument: "vocab",
-            expected: "at least 1",
-            found: "0".to_string(),
-        });
-    }
-    if vocab > max_vocab {
-        return Err(CudaError::TooLarge {
-            op,
-            dimension: "the vocabulary",
-            value: vocab,
-            limit: max_vocab,
-        });
-    }
-    if num_seqs > MAX_ROWS {
-        return Err(CudaError::TooLarge {
-            op,
-            dimension: "the row count",
-            value: num_seqs,
-            limit: MAX_ROWS,
-        });
-    }
+    check_nonzero(op, "vocab", vocab)?;
+    check_limit(op, "the vocabulary", vocab, max_vocab)?;
+    check_limit(op, "the row count", num_seqs, MAX_ROWS)?;
     // Both factors are below 2^31.
     Ok(num_seqs * vocab)
 }
