@@ -283,8 +283,12 @@ impl Engine {
             seq.num_computed += n;
             BlockManager::set_len(&mut seq.table, seq.num_computed);
             // Full blocks become reusable prefixes for later requests (and for this one after a
-            // preemption) as soon as their KV exists.
-            self.kv.commit(&seq.table, &seq.tokens);
+            // preemption) as soon as their KV exists. Committing walks the whole table, so it runs
+            // only on the steps that fill a block.
+            let bs = self.config.block_size;
+            if seq.num_computed / bs > (seq.num_computed - n) / bs {
+                self.kv.commit(&seq.table, &seq.tokens);
+            }
             if seq.pending() > 0 {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
