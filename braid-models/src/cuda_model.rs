@@ -380,8 +380,10 @@ where
 
         d.embedding(&self.embed, &b.ids.slice(..n), &mut b.residual.slice_mut(..n * h), h)?;
         d.rms_norm(&b.residual.slice(..n * h), &self.layers[0].attn_norm, &mut b.normed.slice_mut(..n * h), n, h, eps)?;
+        // Every projection reads model weights that no kernel writes, so each may start streaming
+        // them while the previous kernel finishes (programmatic dependent launch).
         for (li, layer) in self.layers.iter().enumerate() {
-            d.linear(&b.normed.slice(..n * h), n, h, &layer.qkv, qkv_dim, layer.qkv_bias.as_ref().map(|x| x.slice(..)).as_ref(), None, &mut b.qkv.slice_mut(..n * qkv_dim))?;
+            d.linear_overlapped(&b.normed.slice(..n * h), n, h, &layer.qkv, qkv_dim, layer.qkv_bias.as_ref().map(|x| x.slice(..)).as_ref(), None, &mut b.qkv.slice_mut(..n * qkv_dim))?;
             let (k_cache, v_cache) = &mut self.kv[li];
             d.rope_qk_norm_kv_write(
                 &b.qkv.slice(..n * qkv_dim),
@@ -412,11 +414,11 @@ where
             } else {
                 d.paged_attention_prefill(&b.q.slice(..n * q_dim), &*k_cache, &*v_cache, &tables, &b.q_starts.slice(..shape.seqs + 1), &lens, &mut b.attn.slice_mut(..n * q_dim), shape.seqs, shape.max_q_len, &p)?;
             }
-            d.linear(&b.attn.slice(..n * q_dim), n, q_dim, &layer.o_proj, h, None, None, &mut b.proj.slice_mut(..n * h))?;
+            d.linear_overlapped(&b.attn.slice(..n * q_dim), n, q_dim, &layer.o_proj, h, None, None, &mut b.proj.slice_mut(..n * h))?;
             d.fused_add_rms_norm(&b.proj.slice(..n * h), &mut b.residual.slice_mut(..n * h), &layer.mlp_norm, &mut b.normed.slice_mut(..n * h), n, h, eps)?;
-            d.linear(&b.normed.slice(..n * h), n, h, &layer.gate_up, 2 * inter, None, None, &mut b.gate_up.slice_mut(..n * 2 * inter))?;
+            d.linear_overlapped(&b.normed.slice(..n * h), n, h, &layer.gate_up, 2 * inter, None, None, &mut b.gate_up.slice_mut(..n * 2 * inter))?;
             d.silu_mul(&b.gate_up.slice(..n * 2 * inter), &mut b.act.slice_mut(..n * inter), n, inter)?;
-            d.linear(&b.act.slice(..n * inter), n, inter, &layer.down, h, None, None, &mut b.proj.slice_mut(..n * h))?;
+            d.linear_overlapped(&b.act.slice(..n * inter), n, inter, &layer.down, h, None, None, &mut b.proj.slice_mut(..n * h))?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
             d.fused_add_rms_norm(&b.proj.slice(..n * h), &mut b.residual.slice_mut(..n * h), next_norm, &mut b.normed.slice_mut(..n * h), n, h, eps)?;
         }
@@ -426,10 +428,10 @@ where
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = &mut b.logits.slice_mut(..s * c.vocab_size);
         if decode {
-            d.linear(&b.normed.slice(..s * h), s, h, head, c.vocab_size, None, None, logits)?;
+            d.linear_overlapped(&b.normed.slice(..s * h), s, h, head, c.vocab_size, None, None, logits)?;
         } else {
             d.embedding(&b.normed.slice(..n * h), &b.last_rows.slice(..s), &mut b.last.slice_mut(..s * h), h)?;
-            d.linear(&b.last.slice(..s * h), s, h, head, c.vocab_size, None, None, logits)?;
+            d.linear_overlapped(&b.last.slice(..s * h), s, h, head, c.vocab_size, None, None, logits)?;
         }
         Ok(())
     }
