@@ -27,6 +27,8 @@ pub enum Prompt {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     /// Request start to first generated token (prefill).
     pub time_to_first_token_s: f64,
@@ -123,6 +125,7 @@ impl Braid {
         let mut token_ids = Vec::new();
         let mut text = String::new();
         let mut first_token: Option<Instant> = None;
+        let mut cached_prompt_tokens = 0;
         let finish_reason = 'outer: loop {
             let events = match self.engine.step() {
                 Ok(events) => events,
@@ -140,6 +143,9 @@ impl Braid {
                     first_token.get_or_insert_with(Instant::now);
                 }
                 text.push_str(&ev.text);
+                if let Some(m) = &ev.metrics {
+                    cached_prompt_tokens = m.cached_prompt_tokens;
+                }
                 let stop = !ev.text.is_empty() && on_text(&ev.text).is_break();
                 if let Some(reason) = ev.finished {
                     break 'outer reason;
@@ -155,6 +161,7 @@ impl Braid {
         let decode_s = first_token.map_or(0.0, |t| (end - t).as_secs_f64());
         let timings = Timings {
             prompt_tokens: prompt_ids.len(),
+            cached_prompt_tokens,
             generated_tokens: token_ids.len(),
             time_to_first_token_s: ttft,
             total_s: (end - start).as_secs_f64(),

@@ -4,6 +4,7 @@
 //! nothing crashes and nothing is lost.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage, DEFAULT_BLOCK_SIZE};
 use braid_models::chat_template::ChatTemplate;
@@ -145,6 +146,17 @@ impl Engine {
         &self.stats
     }
 
+    /// KV blocks held by running or waiting requests, and blocks in the pool. Blocks kept only as
+    /// cached prefixes count as free: they are given up when a request needs them.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.kv.num_total_blocks() - self.kv.num_free_blocks(), self.kv.num_total_blocks())
+    }
+
+    /// Requests waiting to be scheduled and requests running.
+    pub fn queue_lengths(&self) -> (usize, usize) {
+        (self.waiting.len(), self.running.len())
+    }
+
     /// What runs the model, e.g. "cpu" or the GPU's name.
     pub fn device_name(&mut self) -> String {
         match &mut self.executor {
@@ -209,6 +221,12 @@ impl Engine {
             params,
             max_total,
             finished: None,
+            arrived: Instant::now(),
+            first_scheduled: None,
+            first_token: None,
+            last_token: None,
+            cached_prompt_tokens: 0,
+            preemptions: 0,
         });
         Ok(id)
     }
@@ -227,7 +245,7 @@ impl Engine {
         };
         seq.map(|mut s| {
             self.kv.release(&mut s.table);
-            StepEvent { request: id, token: None, text: String::new(), finished: Some(FinishReason::Abort) }
+            StepEvent { request: id, token: None, text: String::new(), finished: Some(FinishReason::Abort), metrics: Some(s.metrics()) }
         })
     }
 
@@ -293,6 +311,9 @@ impl Engine {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
             seq.tokens.push(token);
+            let now = Instant::now();
+            seq.first_token.get_or_insert(now);
+            seq.last_token = Some(now);
             self.stats.generated_tokens += 1;
 
             let is_eos = !seq.params.ignore_eos && eos.contains(&token);
@@ -321,7 +342,8 @@ impl Engine {
                     text.push_str(&seq.stop.flush());
                 }
             }
-            events.push(StepEvent { request: seq.id, token: Some(token), text, finished: seq.finished });
+            let metrics = seq.finished.map(|_| seq.metrics());
+            events.push(StepEvent { request: seq.id, token: Some(token), text, finished: seq.finished, metrics });
         }
 
         let mut i = 0;
@@ -377,6 +399,10 @@ impl Engine {
                 break;
             }
             self.stats.prefix_hit_tokens += hit as u64;
+            if s.first_scheduled.is_none() {
+                s.cached_prompt_tokens = hit.min(s.prompt_len);
+                s.first_scheduled = Some(Instant::now());
+            }
             let Some(s) = self.waiting.pop_front() else { break };
             self.running.push(s);
             scheduled.push((self.running.len() - 1, n));
@@ -391,6 +417,7 @@ impl Engine {
         let mut s = self.running.remove(index);
         self.kv.release(&mut s.table);
         s.num_computed = 0;
+        s.preemptions += 1;
         self.stats.preemptions += 1;
         tracing::debug!(request = s.id, "preempted: KV cache full");
         self.waiting.push_front(s);

@@ -14,5 +14,5 @@ pub use api::{Braid, Generation, Prompt, Timings};
 pub use braid_models::chat_template::ChatMessage;
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
-pub use request::{FinishReason, GenerationParams, RequestId, StepEvent};
+pub use request::{FinishReason, GenerationParams, RequestId, RequestMetrics, StepEvent};
 pub use sampling::SamplingParams;

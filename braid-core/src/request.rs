@@ -68,4 +68,23 @@ pub struct StepEvent {
     /// Text that became final this step (may be empty while a character or stop string is pending).
     pub text: String,
     pub finished: Option<FinishReason>,
+    /// Set on the event that finishes the request.
+    pub metrics: Option<RequestMetrics>,
+}
+
+/// What one request cost, reported when it finishes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RequestMetrics {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Arrival to first scheduling.
+    pub queue_s: f64,
+    /// Arrival to the first generated token.
+    pub time_to_first_token_s: f64,
+    /// Mean time between generated tokens after the first.
+    pub mean_inter_token_s: f64,
+    /// Times the request was preempted and recomputed.
+    pub preemptions: u32,
 }

@@ -139,3 +139,32 @@ fn prefix_cache_hits_do_not_change_the_output() {
         assert_eq!(cached.token_ids, fresh.token_ids, "{name}: reuse of generated tokens changed the output");
     }
 }
+
+/// Each finished request reports its costs; a repeated prompt reports its cached tokens.
+#[test]
+fn finished_requests_report_their_metrics() {
+    let (_, location, expected) = fixture_models().into_iter().find(|(n, ..)| n == "llama").unwrap();
+    let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+    let config = EngineConfig { block_size: 4, ..EngineConfig::default() };
+    let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
+    let mut run = |engine: &mut Engine| {
+        let id = engine.add_request(ids.clone(), greedy(6)).unwrap();
+        let mut last = None;
+        while engine.has_work() {
+            for ev in engine.step().unwrap() {
+                if ev.request == id && ev.finished.is_some() {
+                    last = ev.metrics;
+                }
+            }
+        }
+        last.expect("the finishing event carries metrics")
+    };
+    let first = run(&mut engine);
+    assert_eq!((first.prompt_tokens, first.generated_tokens, first.cached_prompt_tokens), (ids.len(), 6, 0));
+    assert!(first.time_to_first_token_s >= first.queue_s && first.mean_inter_token_s > 0.0);
+    let second = run(&mut engine);
+    assert_eq!(second.cached_prompt_tokens, (ids.len() - 1) / 4 * 4);
+    let (used, total) = engine.kv_blocks();
+    assert_eq!(used, 0, "finished requests hold no blocks (of {total})");
+    assert_eq!(engine.queue_lengths(), (0, 0));
+}
