@@ -147,7 +147,7 @@ fn finished_requests_report_their_metrics() {
     let ids = as_ids(&expected["prompts"][0]["input_ids"]);
     let config = EngineConfig { block_size: 4, ..EngineConfig::default() };
     let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
-    let mut run = |engine: &mut Engine| {
+    let run = |engine: &mut Engine| {
         let id = engine.add_request(ids.clone(), greedy(6)).unwrap();
         let mut last = None;
         while engine.has_work() {
