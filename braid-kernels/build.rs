@@ -20,7 +20,13 @@ const GENCODE: &[&str] = &[
 
 /// Plain -O3 without --use_fast_math: the softmax-like kernels rely on precise expf and division.
 /// The fatbins are compressed (the driver inflates them at load time): 3-5x smaller binaries.
-const NVCC_FLAGS: &[&str] = &["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xfatbin=-compress-all"];
+const NVCC_FLAGS: &[&str] = &[
+    "-fatbin",
+    "-O3",
+    "-std=c++17",
+    "-lineinfo",
+    "-Xfatbin=-compress-all",
+];
 
 /// The CUDA release the GPU hosts' driver (580) supports; newer nvcc emits PTX it cannot load.
 const SUPPORTED_CUDA: (u32, u32) = (13, 0);

@@ -1,7 +1,7 @@
 //! Property tests: block ownership stays exclusive and fully accounted through any sequence of
 //! reserve / set_len / release calls over several tables.
 
-use braid_cache::{BlockTable, CacheError, KvLayout, BlockManager};
+use braid_cache::{BlockManager, BlockTable, CacheError, KvLayout};
 use proptest::prelude::*;
 use std::collections::HashSet;
 

@@ -4,7 +4,11 @@ use braid_kernels::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "braid", version, about = "Run LLMs from safetensors or GGUF files on the CPU or an NVIDIA GPU.")]
+#[command(
+    name = "braid",
+    version,
+    about = "Run LLMs from safetensors or GGUF files on the CPU or an NVIDIA GPU."
+)]
 pub struct Cli {
     /// Log what the engine does (or set RUST_LOG).
     #[arg(short, long, global = true)]
@@ -36,7 +40,11 @@ pub enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Prompt text.
-        #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+        #[arg(
+            long,
+            conflicts_with = "prompt_ids",
+            required_unless_present = "prompt_ids"
+        )]
         prompt: Option<String>,
         /// Prompt as comma-separated token ids, used as given.
         #[arg(long, value_delimiter = ',')]
@@ -56,9 +64,7 @@ pub enum Command {
         model: String,
     },
     /// Fetch a built-in model alias into the local cache.
-    Pull {
-        alias: String,
-    },
+    Pull { alias: String },
     /// List the built-in model aliases and whether each is cached.
     Models,
     /// Measure decode throughput, time to first token, start-up and memory; print JSON.

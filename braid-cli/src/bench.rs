@@ -25,36 +25,45 @@ fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: true }
+    GenerationParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        ignore_eos: true,
+    }
 }
 
 /// Decode tokens per second with `batch` sequences running together: tokens produced after every
-/// sequence has its first token, over the time that took.
-fn decode_throughput(engine: &mut Engine, batch: usize, prompt_len: usize, new_tokens: usize) -> Result<f64> {
+/// sequence has its first token, over the time that took. (With chunked prefill some sequences
+/// decode while others still prefill; those mixed steps are left out.)
+fn decode_throughput(
+    engine: &mut Engine,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> Result<f64> {
     let vocab = engine.info().config.vocab_size;
     for i in 0..batch {
         engine.add_request(prompt(prompt_len, i as u64 + 1, vocab), greedy(new_tokens))?;
     }
-    let mut started = 0usize;
+    let mut started = std::collections::HashSet::new();
     let mut window: Option<(Instant, usize)> = None;
     let mut produced = 0usize;
     while engine.has_work() {
-        let events = engine.step()?;
-        for ev in &events {
+        for ev in engine.step()? {
             if ev.token.is_some() {
                 produced += 1;
-                if produced <= batch {
-                    started += 1;
-                }
+                started.insert(ev.request);
             }
         }
-        if window.is_none() && started == batch {
+        if window.is_none() && started.len() == batch {
             window = Some((Instant::now(), produced));
         }
     }
-    let Some((t0, at)) = window else { bail!("no sequence produced a token") };
-    let secs = t0.elapsed().as_secs_f64();
-    Ok((produced - at) as f64 / secs)
+    let Some((t0, at)) = window else {
+        bail!("no sequence produced a token")
+    };
+    Ok((produced - at) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Median time to the first token of one request with a `len`-token prompt, over `runs` runs
@@ -79,7 +88,8 @@ fn time_to_first_token(engine: &mut Engine, len: usize, runs: usize) -> Result<f
 
 pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Result<()> {
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
-    let kv_tokens = (max_batch * (args.prompt_len + args.new_tokens)).max(args.ttft.iter().copied().max().unwrap_or(0) + 16);
+    let kv_tokens = (max_batch * (args.prompt_len + args.new_tokens))
+        .max(args.ttft.iter().copied().max().unwrap_or(0) + 16);
     let config = EngineConfig {
         kv_cache_tokens: Some(kv_tokens),
         max_running: max_batch.max(1),
@@ -121,7 +131,10 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
         "kv_cache_gib": memory.1 as f64 / (1u64 << 30) as f64,
         "peak_memory_gib": memory.2.map(|b| b as f64 / (1u64 << 30) as f64),
     });
-    eprintln!("start-up {startup_s:.2} s; {}", serde_json::to_string(&out["peak_memory_gib"])?);
+    eprintln!(
+        "start-up {startup_s:.2} s; {}",
+        serde_json::to_string(&out["peak_memory_gib"])?
+    );
     let text = serde_json::to_string_pretty(&out)?;
     match &args.json {
         Some(path) => std::fs::write(path, text)?,

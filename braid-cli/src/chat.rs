@@ -28,7 +28,10 @@ pub fn interactive(braid: &mut Braid, gen: &GenArgs) -> Result<()> {
     }
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &gen.system {
-        messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
     }
     eprintln!("Chatting with the model; Ctrl-C stops an answer, Ctrl-D or /exit quits.");
     let stdin = std::io::stdin();
@@ -47,13 +50,21 @@ pub fn interactive(braid: &mut Braid, gen: &GenArgs) -> Result<()> {
             "/exit" | "/quit" => return Ok(()),
             _ => {}
         }
-        messages.push(ChatMessage { role: "user".into(), content: input.to_owned() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: input.to_owned(),
+        });
         interrupted.store(false, Ordering::SeqCst);
         generating.store(true, Ordering::SeqCst);
-        let result = stream_until(braid, Prompt::Chat(messages.clone()), gen, || interrupted.load(Ordering::SeqCst));
+        let result = stream_until(braid, Prompt::Chat(messages.clone()), gen, || {
+            interrupted.load(Ordering::SeqCst)
+        });
         generating.store(false, Ordering::SeqCst);
         match result {
-            Ok(out) => messages.push(ChatMessage { role: "assistant".into(), content: out.text }),
+            Ok(out) => messages.push(ChatMessage {
+                role: "assistant".into(),
+                content: out.text,
+            }),
             Err(err) => {
                 // The turn failed (e.g. the conversation outgrew the context); drop it and go on.
                 messages.pop();

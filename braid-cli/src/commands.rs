@@ -5,7 +5,9 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use braid_core::{Braid, ChatMessage, Engine, EngineConfig, Generation, GenerationParams, Prompt, SamplingParams};
+use braid_core::{
+    Braid, ChatMessage, Engine, EngineConfig, Generation, GenerationParams, Prompt, SamplingParams,
+};
 use braid_kernels::{DType, Device};
 use braid_models::source;
 
@@ -14,17 +16,33 @@ use crate::args::{Cli, Command, GenArgs, ModelArgs};
 pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
     match cli.command {
         Command::Bench { model, bench } => crate::bench::run(&model, &bench, process_start),
-        Command::Run { model, prompt: Some(prompt), gen } => {
+        Command::Run {
+            model,
+            prompt: Some(prompt),
+            gen,
+        } => {
             let mut braid = load(&model)?;
             let messages = conversation(&gen, &prompt);
             stream(&mut braid, Prompt::Chat(messages), &gen)?;
             Ok(())
         }
-        Command::Run { model, prompt: None, gen } | Command::Chat { model, gen } => {
+        Command::Run {
+            model,
+            prompt: None,
+            gen,
+        }
+        | Command::Chat { model, gen } => {
             let mut braid = load(&model)?;
             crate::chat::interactive(&mut braid, &gen)
         }
-        Command::Generate { model, prompt, prompt_ids, raw, json, gen } => {
+        Command::Generate {
+            model,
+            prompt,
+            prompt_ids,
+            raw,
+            json,
+            gen,
+        } => {
             let mut braid = load(&model)?;
             let prompt = match (prompt_ids, prompt) {
                 (Some(ids), _) => Prompt::Ids(ids),
@@ -48,8 +66,10 @@ pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
         }
         Command::Models => {
             for alias in source::aliases() {
-                let cached = source::cached_path(alias)
-                    .map_or_else(|| "not cached".to_owned(), |p| format!("cached at {}", p.display()));
+                let cached = source::cached_path(alias).map_or_else(
+                    || "not cached".to_owned(),
+                    |p| format!("cached at {}", p.display()),
+                );
                 println!("{:<16} {} ({cached})", alias.name, alias.description);
             }
             Ok(())
@@ -59,7 +79,10 @@ pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
 
 /// Resolve, fetch if needed, and load a model on the requested device, with a default engine.
 fn load(args: &ModelArgs) -> Result<Braid> {
-    Ok(Braid::with_engine(load_engine(args, EngineConfig::default())?)?)
+    Ok(Braid::with_engine(load_engine(
+        args,
+        EngineConfig::default(),
+    )?)?)
 }
 
 /// The device to run on: the one asked for, else the first GPU when one works, else the CPU.
@@ -93,7 +116,9 @@ pub fn load_engine(args: &ModelArgs, mut config: EngineConfig) -> Result<Engine>
             bail!("the CPU computes in f32; --dtype {dtype} applies to GPU runs only")
         }
         (Device::Cpu, _) => DType::F32,
-        (Device::Cuda(_), Some(DType::F32)) => bail!("the GPU computes in bf16 or f16; --dtype f32 runs on the CPU only"),
+        (Device::Cuda(_), Some(DType::F32)) => {
+            bail!("the GPU computes in bf16 or f16; --dtype f32 runs on the CPU only")
+        }
         (Device::Cuda(_), dtype) => dtype.unwrap_or(DType::BF16),
     };
     let spec = args.model.as_deref().unwrap_or(source::DEFAULT_MODEL);
@@ -104,7 +129,11 @@ pub fn load_engine(args: &ModelArgs, mut config: EngineConfig) -> Result<Engine>
     let loaded = braid_models::load_on(&location, device, dtype);
     spinner.finish_and_clear();
     let loaded = loaded.with_context(|| format!("cannot load model '{spec}' on {device}"))?;
-    tracing::info!(model = spec, seconds = start.elapsed().as_secs_f64(), "model loaded");
+    tracing::info!(
+        model = spec,
+        seconds = start.elapsed().as_secs_f64(),
+        "model loaded"
+    );
 
     let c = &loaded.info.config;
     let bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype.size_in_bytes();
@@ -113,7 +142,10 @@ pub fn load_engine(args: &ModelArgs, mut config: EngineConfig) -> Result<Engine>
     } else if let Some(gb) = args.kv_cache_gb {
         let tokens = (gb * (1u64 << 30) as f64 / bytes_per_token as f64) as usize;
         if tokens < config.block_size {
-            bail!("--kv-cache-gb {gb} holds {tokens} tokens of this model, less than one block of {}", config.block_size);
+            bail!(
+                "--kv-cache-gb {gb} holds {tokens} tokens of this model, less than one block of {}",
+                config.block_size
+            );
         }
         config.kv_cache_tokens = Some(tokens);
     }
@@ -150,9 +182,15 @@ pub fn params(gen: &GenArgs) -> Result<GenerationParams> {
 fn conversation(gen: &GenArgs, user: &str) -> Vec<ChatMessage> {
     let mut messages = Vec::new();
     if let Some(system) = &gen.system {
-        messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
     }
-    messages.push(ChatMessage { role: "user".into(), content: user.to_owned() });
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: user.to_owned(),
+    });
     messages
 }
 
@@ -162,12 +200,22 @@ pub fn stream(braid: &mut Braid, prompt: Prompt, gen: &GenArgs) -> Result<Genera
 }
 
 /// Like [`stream`], stopping early when `interrupted` says so.
-pub fn stream_until(braid: &mut Braid, prompt: Prompt, gen: &GenArgs, interrupted: impl Fn() -> bool) -> Result<Generation> {
+pub fn stream_until(
+    braid: &mut Braid,
+    prompt: Prompt,
+    gen: &GenArgs,
+    interrupted: impl Fn() -> bool,
+) -> Result<Generation> {
     let params = params(gen)?;
     let mut stdout = std::io::stdout().lock();
     let out = braid.generate_stream(prompt, &params, |piece| {
         // A closed stdout (e.g. piped into `head`) ends the generation quietly.
-        if stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_err() || interrupted() {
+        if stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+            .is_err()
+            || interrupted()
+        {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
@@ -188,9 +236,14 @@ pub fn stream_until(braid: &mut Braid, prompt: Prompt, gen: &GenArgs, interrupte
 
 fn inspect(spec: &str) -> Result<()> {
     let location = source::resolve(spec).with_context(|| format!("cannot open model '{spec}'"))?;
-    let info = braid_models::inspect(&location).with_context(|| format!("cannot read model '{spec}'"))?;
+    let info =
+        braid_models::inspect(&location).with_context(|| format!("cannot read model '{spec}'"))?;
     let c = &info.config;
-    let types: Vec<String> = info.weight_types.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+    let types: Vec<String> = info
+        .weight_types
+        .iter()
+        .map(|(t, n)| format!("{t} ×{n}"))
+        .collect();
     let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
     println!("path:            {}", info.path.display());
     println!("format:          {}", info.format);
@@ -202,12 +255,25 @@ fn inspect(spec: &str) -> Result<()> {
         c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     );
     println!("context length:  {}", c.max_position_embeddings);
-    println!("rope:            theta {}, scaling {:?}", c.rope_theta, c.rope_scaling);
+    println!(
+        "rope:            theta {}, scaling {:?}",
+        c.rope_theta, c.rope_scaling
+    );
     if let Some(w) = windows.first() {
-        println!("sliding window:  {w} tokens on {} of {} layers", windows.len(), c.num_layers);
+        println!(
+            "sliding window:  {w} tokens on {} of {} layers",
+            windows.len(),
+            c.num_layers
+        );
     }
-    println!("vocabulary:      {} ({}, {} tokens)", c.vocab_size, info.tokenizer_kind, info.tokenizer_vocab);
+    println!(
+        "vocabulary:      {} ({}, {} tokens)",
+        c.vocab_size, info.tokenizer_kind, info.tokenizer_vocab
+    );
     println!("tied embeddings: {}", c.tie_word_embeddings);
-    println!("chat template:   {}", if info.has_chat_template { "yes" } else { "no" });
+    println!(
+        "chat template:   {}",
+        if info.has_chat_template { "yes" } else { "no" }
+    );
     Ok(())
 }

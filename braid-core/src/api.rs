@@ -96,7 +96,9 @@ impl Braid {
             Prompt::Raw(text) => tokenizer.encode(text, true)?,
             Prompt::Chat(messages) => {
                 let template = self.engine.chat_template().ok_or_else(|| {
-                    EngineError::InvalidRequest("this model has no chat template; use a raw prompt instead".into())
+                    EngineError::InvalidRequest(
+                        "this model has no chat template; use a raw prompt instead".into(),
+                    )
                 })?;
                 let text = template.render(messages, true)?;
                 // The template writes the special tokens itself.
@@ -107,7 +109,11 @@ impl Braid {
     }
 
     /// Generate to completion.
-    pub fn generate(&mut self, prompt: Prompt, params: &GenerationParams) -> Result<Generation, EngineError> {
+    pub fn generate(
+        &mut self,
+        prompt: Prompt,
+        params: &GenerationParams,
+    ) -> Result<Generation, EngineError> {
         self.generate_stream(prompt, params, |_| ControlFlow::Continue(()))
     }
 
@@ -121,7 +127,9 @@ impl Braid {
     ) -> Result<Generation, EngineError> {
         let start = Instant::now();
         let prompt_ids = self.tokenize(&prompt)?;
-        let id = self.engine.add_request(prompt_ids.clone(), params.clone())?;
+        let id = self
+            .engine
+            .add_request(prompt_ids.clone(), params.clone())?;
         let mut token_ids = Vec::new();
         let mut text = String::new();
         let mut first_token: Option<Instant> = None;
@@ -165,8 +173,18 @@ impl Braid {
             generated_tokens: token_ids.len(),
             time_to_first_token_s: ttft,
             total_s: (end - start).as_secs_f64(),
-            decode_tokens_per_s: if decode_s > 0.0 { (token_ids.len().saturating_sub(1)) as f64 / decode_s } else { 0.0 },
+            decode_tokens_per_s: if decode_s > 0.0 {
+                (token_ids.len().saturating_sub(1)) as f64 / decode_s
+            } else {
+                0.0
+            },
         };
-        Ok(Generation { prompt_token_ids: prompt_ids, token_ids, text, finish_reason, timings })
+        Ok(Generation {
+            prompt_token_ids: prompt_ids,
+            token_ids,
+            text,
+            finish_reason,
+            timings,
+        })
     }
 }

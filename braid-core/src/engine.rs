@@ -15,9 +15,9 @@ use crate::detokenizer::{Decode, IncrementalDetokenizer};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationParams, RequestId, StepEvent};
 use crate::sampling::Sampler;
-use braid_kernels::cuda::SamplingRow;
 use crate::sequence::Sequence;
 use crate::stop::StopChecker;
+use braid_kernels::cuda::SamplingRow;
 
 /// Engine sizing.
 #[derive(Debug, Clone)]
@@ -34,7 +34,12 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { block_size: DEFAULT_BLOCK_SIZE, kv_cache_tokens: None, max_batch_tokens: 2048, max_running: 64 }
+        EngineConfig {
+            block_size: DEFAULT_BLOCK_SIZE,
+            kv_cache_tokens: None,
+            max_batch_tokens: 2048,
+            max_running: 64,
+        }
     }
 }
 
@@ -79,7 +84,12 @@ impl Decode for TokenizerDecode<'_> {
 
 impl Engine {
     pub fn new(model: LoadedModel, config: EngineConfig) -> Result<Self, EngineError> {
-        let LoadedModel { info, backend, tokenizer, chat_template } = model;
+        let LoadedModel {
+            info,
+            backend,
+            tokenizer,
+            chat_template,
+        } = model;
         let c = &info.config;
         if config.block_size == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
             return Err(EngineError::InvalidConfig(
@@ -94,10 +104,12 @@ impl Engine {
             block_size: config.block_size,
             num_blocks: tokens.div_ceil(config.block_size).max(1),
         };
-        let kv = BlockManager::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+        let kv =
+            BlockManager::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
         let executor = match backend {
             Backend::Cpu(model) => {
-                let storage = KvStorage::try_new(layout).map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+                let storage = KvStorage::try_new(layout)
+                    .map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
                 Executor::Cpu { model, kv: storage }
             }
             Backend::Cuda(mut model) => {
@@ -106,7 +118,9 @@ impl Engine {
                     block_size: layout.block_size,
                     max_batch_tokens: config.max_batch_tokens,
                     max_seqs: config.max_running,
-                    max_seq_len: c.max_position_embeddings.min(layout.num_blocks * layout.block_size),
+                    max_seq_len: c
+                        .max_position_embeddings
+                        .min(layout.num_blocks * layout.block_size),
                 })?;
                 Executor::Cuda(model)
             }
@@ -149,7 +163,10 @@ impl Engine {
     /// KV blocks held by running or waiting requests, and blocks in the pool. Blocks kept only as
     /// cached prefixes count as free: they are given up when a request needs them.
     pub fn kv_blocks(&self) -> (usize, usize) {
-        (self.kv.num_total_blocks() - self.kv.num_free_blocks(), self.kv.num_total_blocks())
+        (
+            self.kv.num_total_blocks() - self.kv.num_free_blocks(),
+            self.kv.num_total_blocks(),
+        )
     }
 
     /// Requests waiting to be scheduled and requests running.
@@ -168,7 +185,11 @@ impl Engine {
     /// Bytes held by the weights and by the KV cache, and (on a GPU) the device memory in use.
     pub fn memory_report(&mut self) -> (usize, usize, Option<usize>) {
         match &mut self.executor {
-            Executor::Cpu { model, kv } => (model.weight_bytes(), kv.layout().num_blocks * kv.layout().block_size * kv.layout().bytes_per_token_f32(), None),
+            Executor::Cpu { model, kv } => (
+                model.weight_bytes(),
+                kv.layout().num_blocks * kv.layout().block_size * kv.layout().bytes_per_token_f32(),
+                None,
+            ),
             Executor::Cuda(model) => {
                 let (weights, kv) = model.memory_bytes();
                 (weights, kv, model.device_memory_used())
@@ -182,7 +203,11 @@ impl Engine {
     }
 
     /// Queue a request. Fails at once, with nothing queued, if the prompt cannot ever run.
-    pub fn add_request(&mut self, prompt_ids: Vec<u32>, params: GenerationParams) -> Result<RequestId, EngineError> {
+    pub fn add_request(
+        &mut self,
+        prompt_ids: Vec<u32>,
+        params: GenerationParams,
+    ) -> Result<RequestId, EngineError> {
         params.validate().map_err(EngineError::InvalidRequest)?;
         let c = &self.info.config;
         if prompt_ids.is_empty() {
@@ -216,7 +241,12 @@ impl Engine {
             table: BlockTable::new(),
             sampler: Sampler::new(params.sampling.clone()),
             // An unseeded request gets a random seed of its own.
-            seed: params.sampling.seed.unwrap_or_else(|| std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), id)),
+            seed: params.sampling.seed.unwrap_or_else(|| {
+                std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    id,
+                )
+            }),
             stop: StopChecker::new(params.stop.clone()),
             params,
             max_total,
@@ -241,11 +271,20 @@ impl Engine {
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
             Some(self.running.remove(i))
         } else {
-            self.waiting.iter().position(|s| s.id == id).and_then(|i| self.waiting.remove(i))
+            self.waiting
+                .iter()
+                .position(|s| s.id == id)
+                .and_then(|i| self.waiting.remove(i))
         };
         seq.map(|mut s| {
             self.kv.release(&mut s.table);
-            StepEvent { request: id, token: None, text: String::new(), finished: Some(FinishReason::Abort), metrics: Some(s.metrics()) }
+            StepEvent {
+                request: id,
+                token: None,
+                text: String::new(),
+                finished: Some(FinishReason::Abort),
+                metrics: Some(s.metrics()),
+            }
         })
     }
 
@@ -259,19 +298,33 @@ impl Engine {
             .iter()
             .map(|&(i, n)| {
                 let s = &self.running[i];
-                SeqInput { tokens: &s.tokens[s.num_computed..s.num_computed + n], start_pos: s.num_computed, block_table: s.table.blocks() }
+                SeqInput {
+                    tokens: &s.tokens[s.num_computed..s.num_computed + n],
+                    start_pos: s.num_computed,
+                    block_table: s.table.blocks(),
+                }
             })
             .collect();
         // Which sequences sample this step: those whose last pending token runs now.
-        let samples: Vec<bool> = scheduled.iter().map(|&(i, n)| self.running[i].pending() == n).collect();
+        let samples: Vec<bool> = scheduled
+            .iter()
+            .map(|&(i, n)| self.running[i].pending() == n)
+            .collect();
         // The GPU chooses tokens itself (only ids come back) unless a repetition penalty needs the
         // host sampler, which sees the whole history.
-        let on_device = scheduled.iter().all(|&(i, _)| self.running[i].params.sampling.repetition_penalty == 1.0);
-        let all_greedy = scheduled.iter().all(|&(i, _)| self.running[i].params.sampling.is_greedy());
+        let on_device = scheduled
+            .iter()
+            .all(|&(i, _)| self.running[i].params.sampling.repetition_penalty == 1.0);
+        let all_greedy = scheduled
+            .iter()
+            .all(|&(i, _)| self.running[i].params.sampling.is_greedy());
         let sampled: Vec<u32> = match &mut self.executor {
             Executor::Cuda(model) if on_device => {
                 let rows: Option<Vec<SamplingRow>> = (!all_greedy).then(|| {
-                    scheduled.iter().map(|&(i, _)| device_row(&self.running[i])).collect()
+                    scheduled
+                        .iter()
+                        .map(|&(i, _)| device_row(&self.running[i]))
+                        .collect()
                 });
                 model.forward_sample(&inputs, rows.as_deref())?
             }
@@ -281,9 +334,14 @@ impl Engine {
                     Executor::Cuda(model) => model.forward_logits(&inputs)?,
                 };
                 let mut ids = Vec::with_capacity(logits.len());
-                for ((&(i, _), mut logits), &samples) in scheduled.iter().zip(logits).zip(&samples) {
+                for ((&(i, _), mut logits), &samples) in scheduled.iter().zip(logits).zip(&samples)
+                {
                     let seq = &mut self.running[i];
-                    ids.push(if samples { seq.sampler.sample(&mut logits, &seq.tokens) } else { 0 });
+                    ids.push(if samples {
+                        seq.sampler.sample(&mut logits, &seq.tokens)
+                    } else {
+                        0
+                    });
                 }
                 ids
             }
@@ -329,7 +387,9 @@ impl Engine {
             if seq.finished.is_none() {
                 if is_eos {
                     seq.finished = Some(FinishReason::Stop);
-                } else if seq.num_generated() >= seq.params.max_tokens || seq.tokens.len() >= seq.max_total {
+                } else if seq.num_generated() >= seq.params.max_tokens
+                    || seq.tokens.len() >= seq.max_total
+                {
                     seq.finished = Some(FinishReason::Length);
                 }
                 if seq.finished.is_some() {
@@ -343,7 +403,13 @@ impl Engine {
                 }
             }
             let metrics = seq.finished.map(|_| seq.metrics());
-            events.push(StepEvent { request: seq.id, token: Some(token), text, finished: seq.finished, metrics });
+            events.push(StepEvent {
+                request: seq.id,
+                token: Some(token),
+                text,
+                finished: seq.finished,
+                metrics,
+            });
         }
 
         let mut i = 0;
@@ -386,10 +452,16 @@ impl Engine {
             i += 1;
         }
         while budget > 0 && self.running.len() < self.config.max_running {
-            let Some(s) = self.waiting.front_mut() else { break };
+            let Some(s) = self.waiting.front_mut() else {
+                break;
+            };
             // Exact prefix reuse: take the longest run of cached full blocks holding this
             // sequence's leading tokens, and compute only the rest.
-            let hit = if s.table.blocks().is_empty() { self.kv.match_prefix(&mut s.table, &s.tokens) } else { 0 };
+            let hit = if s.table.blocks().is_empty() {
+                self.kv.match_prefix(&mut s.table, &s.tokens)
+            } else {
+                0
+            };
             s.num_computed += hit;
             let n = s.pending().min(budget);
             if self.kv.reserve(&mut s.table, s.num_computed + n).is_err() {
@@ -403,7 +475,9 @@ impl Engine {
                 s.cached_prompt_tokens = hit.min(s.prompt_len);
                 s.first_scheduled = Some(Instant::now());
             }
-            let Some(s) = self.waiting.pop_front() else { break };
+            let Some(s) = self.waiting.pop_front() else {
+                break;
+            };
             self.running.push(s);
             scheduled.push((self.running.len() - 1, n));
             budget -= n;

@@ -53,7 +53,11 @@ impl Sequence {
             generated_tokens: self.num_generated(),
             queue_s: since(self.first_scheduled),
             time_to_first_token_s: since(self.first_token),
-            mean_inter_token_s: if gaps > 0 { decode_s / gaps as f64 } else { 0.0 },
+            mean_inter_token_s: if gaps > 0 {
+                decode_s / gaps as f64
+            } else {
+                0.0
+            },
             preemptions: self.preemptions,
         }
     }

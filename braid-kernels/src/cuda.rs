@@ -29,11 +29,13 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-pub use cudarc::driver::sys::{CUgraphInstantiate_flags as GraphFlags, CUstreamCaptureMode as CaptureMode};
+pub use attention::AttentionParams;
+pub use cudarc::driver::sys::{
+    CUgraphInstantiate_flags as GraphFlags, CUstreamCaptureMode as CaptureMode,
+};
 pub use cudarc::driver::{
     CudaGraph, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, DriverError,
 };
-pub use attention::AttentionParams;
 pub use rope::{RopeParams, ROPE_MAX_HEAD_DIM, SKIP_SLOT};
 pub use sampling::{SamplingBuffers, SamplingRow, SAMPLE_MAX_VOCAB};
 
@@ -134,8 +136,15 @@ pub enum CudaError {
         ordinal: usize,
     },
     /// A driver call failed (allocation, copy, launch, or a fault reported on synchronisation).
-    #[error("allocating {bytes} bytes of device memory failed ({free} of {total} bytes free): {source}")]
-    Allocation { bytes: usize, free: usize, total: usize, source: DriverError },
+    #[error(
+        "allocating {bytes} bytes of device memory failed ({free} of {total} bytes free): {source}"
+    )]
+    Allocation {
+        bytes: usize,
+        free: usize,
+        total: usize,
+        source: DriverError,
+    },
     #[error("CUDA driver call failed during {op}: {source}")]
     Driver {
         op: &'static str,
@@ -310,24 +319,36 @@ impl CudaDevice {
     }
 
     /// The kernel named `kernel` in module `module` (a `cuda/<module>.cu` file), loaded once and cached.
-    pub(crate) fn kernel(&self, module: &'static str, kernel: &str) -> Result<CudaFunction, CudaError> {
+    pub(crate) fn kernel(
+        &self,
+        module: &'static str,
+        kernel: &str,
+    ) -> Result<CudaFunction, CudaError> {
         let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = named.get(kernel) {
             return Ok(f.clone());
         }
-        let (_, m) = self.modules.iter().find(|(n, _)| *n == module).ok_or(CudaError::KernelsNotBuilt)?;
-        let f = m.load_function(kernel).map_err(|source| CudaError::MissingKernel {
-            kernel: kernel.to_owned(),
-            module,
-            source,
-        })?;
+        let (_, m) = self
+            .modules
+            .iter()
+            .find(|(n, _)| *n == module)
+            .ok_or(CudaError::KernelsNotBuilt)?;
+        let f = m
+            .load_function(kernel)
+            .map_err(|source| CudaError::MissingKernel {
+                kernel: kernel.to_owned(),
+                module,
+                source,
+            })?;
         named.insert(kernel.to_owned(), f.clone());
         Ok(f)
     }
 
     /// Free and total device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
-        self.ctx.bind_to_thread().map_err(driver_error("context binding"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_error("context binding"))?;
         cudarc::driver::result::mem_get_info().map_err(driver_error("memory query"))
     }
 
@@ -385,14 +406,21 @@ impl CudaDevice {
         }
         self.stream.alloc_zeros(len).map_err(|source| {
             let (free, total) = self.memory_info().unwrap_or((0, 0));
-            CudaError::Allocation { bytes: len.saturating_mul(std::mem::size_of::<T>()), free, total, source }
+            CudaError::Allocation {
+                bytes: len.saturating_mul(std::mem::size_of::<T>()),
+                free,
+                total,
+                source,
+            }
         })
     }
 
     /// A zero-length buffer through cudarc's dedicated path: zero-byte copies and memsets are
     /// not something to ask the driver for.
     fn empty<T>(&self) -> Result<CudaSlice<T>, CudaError> {
-        self.stream.null().map_err(driver_error("device allocation"))
+        self.stream
+            .null()
+            .map_err(driver_error("device allocation"))
     }
 
     /// Blocks until every op queued on this device's stream has finished; reports faults raised
@@ -632,7 +660,12 @@ fn check_eps(op: &'static str, eps: f32) -> Result<(), CudaError> {
     if eps.is_finite() && eps >= 0.0 {
         Ok(())
     } else {
-        Err(invalid_argument(op, "eps", "a finite non-negative number", eps))
+        Err(invalid_argument(
+            op,
+            "eps",
+            "a finite non-negative number",
+            eps,
+        ))
     }
 }
 

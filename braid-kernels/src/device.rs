@@ -35,7 +35,9 @@ impl FromStr for Device {
                 .map(Device::Cuda)
                 .map_err(|_| format!("invalid CUDA device index '{n}'; expected e.g. cuda:0"));
         }
-        Err(format!("unknown device '{s}'; expected cpu, cuda or cuda:N"))
+        Err(format!(
+            "unknown device '{s}'; expected cpu, cuda or cuda:N"
+        ))
     }
 }
 

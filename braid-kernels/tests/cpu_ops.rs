@@ -19,7 +19,10 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 fn assert_close(a: &[f32], b: &[f64], tol: f64) {
     assert_eq!(a.len(), b.len());
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert!((x as f64 - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        assert!(
+            (x as f64 - y).abs() <= tol * (1.0 + y.abs()),
+            "element {i}: {x} vs {y}"
+        );
     }
 }
 
@@ -73,7 +76,9 @@ fn rope_rotates_pairs_by_position_times_frequency() {
                 let a = pos as f64 * inv_freq[i] as f64;
                 let (x0, x1) = (x[base + i] as f64, x[base + i + dim / 2] as f64);
                 assert!((out[base + i] as f64 - (x0 * a.cos() - x1 * a.sin())).abs() < 1e-4);
-                assert!((out[base + i + dim / 2] as f64 - (x1 * a.cos() + x0 * a.sin())).abs() < 1e-4);
+                assert!(
+                    (out[base + i + dim / 2] as f64 - (x1 * a.cos() + x0 * a.sin())).abs() < 1e-4
+                );
             }
         }
     }
@@ -93,7 +98,11 @@ fn silu_mul_matches_definition() {
     let u = rand_vec(37, 2);
     let mut out = vec![f32::NAN; 37];
     cpu::silu_mul(&g, &u, &mut out);
-    let want: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64)
+        .collect();
     assert_close(&out, &want, 1e-6);
 }
 
@@ -103,12 +112,24 @@ fn embedding_rejects_ids_outside_the_vocabulary() {
     let mut out = vec![0.0; 6];
     cpu::embedding(&table, 3, &[3, 1], &mut out).unwrap();
     assert_eq!(&out[..3], &table[9..12]);
-    assert!(cpu::embedding(&table, 3, &[4], &mut out[..3]).unwrap_err().to_string().contains("token id 4"));
+    assert!(cpu::embedding(&table, 3, &[4], &mut out[..3])
+        .unwrap_err()
+        .to_string()
+        .contains("token id 4"));
 }
 
 /// Dense causal attention computed directly, for the paged kernel to match.
 #[allow(clippy::too_many_arguments)]
-fn dense_attention(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], heads: usize, kv_heads: usize, dim: usize, window: Option<usize>) -> Vec<f64> {
+fn dense_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    positions: &[usize],
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    window: Option<usize>,
+) -> Vec<f64> {
     let scale = 1.0 / (dim as f64).sqrt();
     let mut out = Vec::new();
     for (t, &pos) in positions.iter().enumerate() {
@@ -117,13 +138,23 @@ fn dense_attention(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], heads: 
             let qv = &q[(t * heads + h) * dim..][..dim];
             let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let scores: Vec<f64> = (lo..=pos)
-                .map(|j| (0..dim).map(|d| qv[d] as f64 * k[(j * kv_heads + kvh) * dim + d] as f64).sum::<f64>() * scale)
+                .map(|j| {
+                    (0..dim)
+                        .map(|d| qv[d] as f64 * k[(j * kv_heads + kvh) * dim + d] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let z: f64 = e.iter().sum();
             for d in 0..dim {
-                out.push((lo..=pos).zip(&e).map(|(j, p)| p / z * v[(j * kv_heads + kvh) * dim + d] as f64).sum());
+                out.push(
+                    (lo..=pos)
+                        .zip(&e)
+                        .map(|(j, p)| p / z * v[(j * kv_heads + kvh) * dim + d] as f64)
+                        .sum(),
+                );
             }
         }
     }
@@ -151,9 +182,22 @@ fn paged_attention_matches_dense_attention_through_a_scattered_block_table() {
         // The last 6 tokens as queries (a prefill chunk after a cached prefix).
         let positions: Vec<usize> = (len - 6..len).collect();
         let q = rand_vec(positions.len() * heads * dim, 15);
-        let shape = cpu::AttentionShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: dim, block_size: block, sliding_window: window, scale: 1.0 / (dim as f32).sqrt() };
+        let shape = cpu::AttentionShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: dim,
+            block_size: block,
+            sliding_window: window,
+            scale: 1.0 / (dim as f32).sqrt(),
+        };
         let mut out = vec![f32::NAN; q.len()];
         cpu::paged_attention(&shape, &q, &positions, &table, &k_cache, &v_cache, &mut out);
-        assert_close(&out, &dense_attention(&q, &k_dense, &v_dense, &positions, heads, kv_heads, dim, window), 1e-5);
+        assert_close(
+            &out,
+            &dense_attention(
+                &q, &k_dense, &v_dense, &positions, heads, kv_heads, dim, window,
+            ),
+            1e-5,
+        );
     }
 }

@@ -159,9 +159,7 @@ fn check_embedding<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     for (rows, dim) in shapes {
         let what = format!("embedding_{} [{rows} ids, dim {dim}]", T::SUFFIX);
         let table: Vec<T> = rng.vec_f64(vocab * dim, -1.0, 1.0);
-        let mut ids: Vec<u32> = (0..rows)
-            .map(|_| rng.below(vocab) as u32)
-            .collect();
+        let mut ids: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
         // Out-of-range ids must give zero rows, not reads past the table.
         ids[rows / 2] = vocab as u32;
         ids[rows - 1] = u32::MAX;

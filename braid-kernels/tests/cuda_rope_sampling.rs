@@ -7,7 +7,8 @@
 
 use braid_kernels::cpu;
 use braid_kernels::cuda::{
-    CudaDevice, CudaError, CudaSlice, RopeParams, SamplingBuffers, SamplingRow, SAMPLE_MAX_VOCAB, SKIP_SLOT,
+    CudaDevice, CudaError, CudaSlice, RopeParams, SamplingBuffers, SamplingRow, SAMPLE_MAX_VOCAB,
+    SKIP_SLOT,
 };
 use half::{bf16, f16};
 
@@ -29,7 +30,14 @@ struct RopeCase {
 }
 
 fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
-    let RopeCase { n, num_heads, num_kv_heads, head_dim, qk_norm, theta } = *case;
+    let RopeCase {
+        n,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        qk_norm,
+        theta,
+    } = *case;
     let what = format!(
         "rope_{} n={n} heads={num_heads}/{num_kv_heads} head_dim={head_dim} norm={qk_norm}",
         T::SUFFIX
@@ -69,7 +77,12 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
     let mut q_out = poisoned::<T>(dev, n * q_dim);
     let mut k_cache = poisoned::<T>(dev, num_slots * kv_dim);
     let mut v_cache = poisoned::<T>(dev, num_slots * kv_dim);
-    let params = RopeParams { n, num_heads, num_kv_heads, head_dim };
+    let params = RopeParams {
+        n,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    };
     let (qn_view, kn_view) = (qn_dev.as_view(), kn_dev.as_view());
     dev.rope_qk_norm_kv_write(
         &qkv_dev,
@@ -112,7 +125,12 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
     let mut worst = 0.0f64;
     for (h, (g, w)) in got_q.chunks(head_dim).zip(q.chunks(head_dim)).enumerate() {
         let err = rel_l2(&what, g, w);
-        assert!(err < T::REL_L2, "{what}: q of token {} head {} has rel. L2 error {err}", h / num_heads, h % num_heads);
+        assert!(
+            err < T::REL_L2,
+            "{what}: q of token {} head {} has rel. L2 error {err}",
+            h / num_heads,
+            h % num_heads
+        );
         worst = worst.max(err);
     }
     let mut written = vec![false; num_slots];
@@ -126,11 +144,18 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
             let range = slot * kv_dim + h * head_dim..slot * kv_dim + (h + 1) * head_dim;
             let want = &k[t * kv_dim + h * head_dim..t * kv_dim + (h + 1) * head_dim];
             let err = rel_l2(&what, &got_k[range.clone()], want);
-            assert!(err < T::REL_L2, "{what}: k of token {t} head {h} has rel. L2 error {err}");
-            worst = worst.max(err);
-            let want_v = &qkv[t * row + q_dim + kv_dim + h * head_dim..t * row + q_dim + kv_dim + (h + 1) * head_dim];
             assert!(
-                got_v[range].iter().zip(want_v).all(|(g, w)| g.to_f32().to_bits() == w.to_f32().to_bits()),
+                err < T::REL_L2,
+                "{what}: k of token {t} head {h} has rel. L2 error {err}"
+            );
+            worst = worst.max(err);
+            let want_v = &qkv[t * row + q_dim + kv_dim + h * head_dim
+                ..t * row + q_dim + kv_dim + (h + 1) * head_dim];
+            assert!(
+                got_v[range]
+                    .iter()
+                    .zip(want_v)
+                    .all(|(g, w)| g.to_f32().to_bits() == w.to_f32().to_bits()),
                 "{what}: v of token {t} head {h} is not an exact copy"
             );
         }
@@ -139,7 +164,10 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
         if !w {
             let range = slot * kv_dim..(slot + 1) * kv_dim;
             assert!(
-                got_k[range.clone()].iter().chain(&got_v[range]).all(|v| v.to_f32().is_nan()),
+                got_k[range.clone()]
+                    .iter()
+                    .chain(&got_v[range])
+                    .all(|v| v.to_f32().is_nan()),
                 "{what}: slot {slot} was written although no token maps to it"
             );
         }
@@ -149,16 +177,55 @@ fn check_rope<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, case: &RopeCase) {
 
 fn rope_cases() -> Vec<RopeCase> {
     let mut cases = Vec::new();
-    for (head_dim, num_heads, num_kv_heads, theta) in [(64, 9, 3, 10_000.0), (128, 16, 8, 1_000_000.0), (128, 7, 1, 500_000.0)] {
+    for (head_dim, num_heads, num_kv_heads, theta) in [
+        (64, 9, 3, 10_000.0),
+        (128, 16, 8, 1_000_000.0),
+        (128, 7, 1, 500_000.0),
+    ] {
         for qk_norm in [false, true] {
-            cases.push(RopeCase { n: 37, num_heads, num_kv_heads, head_dim, qk_norm, theta });
+            cases.push(RopeCase {
+                n: 37,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                qk_norm,
+                theta,
+            });
         }
     }
-    cases.push(RopeCase { n: 1, num_heads: 16, num_kv_heads: 8, head_dim: 128, qk_norm: true, theta: 1e6 });
+    cases.push(RopeCase {
+        n: 1,
+        num_heads: 16,
+        num_kv_heads: 8,
+        head_dim: 128,
+        qk_norm: true,
+        theta: 1e6,
+    });
     // A head size that fills no whole warp of pairs, and the largest supported one.
-    cases.push(RopeCase { n: 5, num_heads: 4, num_kv_heads: 2, head_dim: 80, qk_norm: true, theta: 1e4 });
-    cases.push(RopeCase { n: 3, num_heads: 2, num_kv_heads: 1, head_dim: 512, qk_norm: true, theta: 1e4 });
-    cases.push(RopeCase { n: 4, num_heads: 8, num_kv_heads: 4, head_dim: 256, qk_norm: true, theta: 1e6 });
+    cases.push(RopeCase {
+        n: 5,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 80,
+        qk_norm: true,
+        theta: 1e4,
+    });
+    cases.push(RopeCase {
+        n: 3,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 512,
+        qk_norm: true,
+        theta: 1e4,
+    });
+    cases.push(RopeCase {
+        n: 4,
+        num_heads: 8,
+        num_kv_heads: 4,
+        head_dim: 256,
+        qk_norm: true,
+        theta: 1e6,
+    });
     cases
 }
 
@@ -180,7 +247,12 @@ fn rope_rejects_bad_shapes_and_buffers() {
     let Some(dev) = device("rope_rejects_bad_shapes_and_buffers") else {
         return;
     };
-    let params = RopeParams { n: 2, num_heads: 2, num_kv_heads: 1, head_dim: 8 };
+    let params = RopeParams {
+        n: 2,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 8,
+    };
     let qkv = dev.alloc_zeros::<f32>(2 * 4 * 8).unwrap();
     let ids = dev.alloc_zeros::<u32>(2).unwrap();
     let freq = dev.alloc_zeros::<f32>(4).unwrap();
@@ -189,19 +261,49 @@ fn rope_rejects_bad_shapes_and_buffers() {
     let mut v_cache = dev.alloc_zeros::<f32>(5 * 8).unwrap();
     let mut short_v = dev.alloc_zeros::<f32>(39).unwrap();
     let mut short_q = dev.alloc_zeros::<f32>(31).unwrap();
-    let run = |p: &RopeParams, q_out: &mut CudaSlice<f32>, k: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>| {
+    let run = |p: &RopeParams,
+               q_out: &mut CudaSlice<f32>,
+               k: &mut CudaSlice<f32>,
+               v: &mut CudaSlice<f32>| {
         dev.rope_qk_norm_kv_write(&qkv, &ids, &ids, &freq, None, None, EPS, q_out, k, v, p)
     };
     run(&params, &mut q_out, &mut k_cache, &mut v_cache).unwrap();
     let err = run(&params, &mut q_out, &mut k_cache, &mut short_v).unwrap_err();
-    assert_eq!(err.to_string(), "rope_qk_norm_kv_write: `v_cache` holds 39 elements, expected 40");
+    assert_eq!(
+        err.to_string(),
+        "rope_qk_norm_kv_write: `v_cache` holds 39 elements, expected 40"
+    );
     let err = run(&params, &mut short_q, &mut k_cache, &mut v_cache).unwrap_err();
-    assert_eq!(err.to_string(), "rope_qk_norm_kv_write: `q_out` holds 31 elements, expected 32");
+    assert_eq!(
+        err.to_string(),
+        "rope_qk_norm_kv_write: `q_out` holds 31 elements, expected 32"
+    );
     let err = run(&params, &mut q_out, &mut short_v.clone(), &mut short_v).unwrap_err();
-    assert!(matches!(err, CudaError::InvalidArgument { argument: "the KV cache length", .. }), "{err}");
-    let odd = RopeParams { head_dim: 7, ..params };
+    assert!(
+        matches!(
+            err,
+            CudaError::InvalidArgument {
+                argument: "the KV cache length",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let odd = RopeParams {
+        head_dim: 7,
+        ..params
+    };
     let err = run(&odd, &mut q_out, &mut k_cache, &mut v_cache).unwrap_err();
-    assert!(matches!(err, CudaError::InvalidArgument { argument: "head_dim", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CudaError::InvalidArgument {
+                argument: "head_dim",
+                ..
+            }
+        ),
+        "{err}"
+    );
     dev.synchronize().unwrap();
 }
 
@@ -222,7 +324,16 @@ fn argmax_reference(row: &[f32]) -> u32 {
 
 fn check_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     // Up to 16 rows run the cluster kernels (sm_90+), more rows one block per row.
-    for (rows, vocab) in [(3, 1), (5, 7), (6, 50), (4, 1001), (40, 1001), (3, 151_936), (2, 151_937), (17, 4099)] {
+    for (rows, vocab) in [
+        (3, 1),
+        (5, 7),
+        (6, 50),
+        (4, 1001),
+        (40, 1001),
+        (3, 151_936),
+        (2, 151_937),
+        (17, 4099),
+    ] {
         let what = format!("argmax_{} [{rows}, {vocab}]", T::SUFFIX);
         let mut logits: Vec<T> = rng.vec(rows * vocab, -30.0, 30.0);
         for r in 0..rows {
@@ -266,8 +377,22 @@ fn argmax_matches_cpu_with_ties_and_nan() {
     check_argmax::<bf16>(&dev, &mut rng);
 }
 
-fn sampled(temperature: f32, top_k: u32, top_p: f32, min_p: f32, seed: u64, step: u64) -> SamplingRow {
-    SamplingRow { temperature, top_k, top_p, min_p, seed, step }
+fn sampled(
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    min_p: f32,
+    seed: u64,
+    step: u64,
+) -> SamplingRow {
+    SamplingRow {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        step,
+    }
 }
 
 /// The filtered distribution, computed as the CPU sampler does (Hugging Face's warpers in order,
@@ -281,7 +406,13 @@ fn reference_probs(logits: &[f32], p: &SamplingRow) -> Vec<f64> {
     }
     let x: Vec<f32> = logits
         .iter()
-        .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l / p.temperature })
+        .map(|&l| {
+            if l.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                l / p.temperature
+            }
+        })
         .collect();
     let mut keep: Vec<bool> = vec![true; n];
     if p.top_k > 0 && (p.top_k as usize) < n {
@@ -295,7 +426,9 @@ fn reference_probs(logits: &[f32], p: &SamplingRow) -> Vec<f64> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let weight = |v: f32| ((v - max) as f64).exp();
     if p.top_p < 1.0 {
-        let mut order: Vec<usize> = (0..n).filter(|&i| keep[i] && x[i] > f32::NEG_INFINITY).collect();
+        let mut order: Vec<usize> = (0..n)
+            .filter(|&i| keep[i] && x[i] > f32::NEG_INFINITY)
+            .collect();
         order.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
         let total: f64 = order.iter().map(|&i| weight(x[i])).sum();
         let target = p.top_p as f64 * total;
@@ -313,7 +446,9 @@ fn reference_probs(logits: &[f32], p: &SamplingRow) -> Vec<f64> {
             *k &= weight(v) >= p.min_p as f64;
         }
     }
-    let w: Vec<f64> = (0..n).map(|i| if keep[i] { weight(x[i]) } else { 0.0 }).collect();
+    let w: Vec<f64> = (0..n)
+        .map(|i| if keep[i] { weight(x[i]) } else { 0.0 })
+        .collect();
     let total: f64 = w.iter().sum();
     w.iter().map(|v| v / total).collect()
 }
@@ -326,7 +461,10 @@ fn check_frequencies(what: &str, ids: &[u32], probs: &[f64]) {
     let mut counts = vec![0u64; probs.len()];
     for &id in ids {
         let id = id as usize;
-        assert!(id < probs.len() && probs[id] > 0.0, "{what}: drew id {id}, which the filters remove");
+        assert!(
+            id < probs.len() && probs[id] > 0.0,
+            "{what}: drew id {id}, which the filters remove"
+        );
         counts[id] += 1;
     }
     let (mut chi2, mut df) = (0.0f64, 0usize);
@@ -350,13 +488,21 @@ fn check_frequencies(what: &str, ids: &[u32], probs: &[f64]) {
     }
     let df = df.saturating_sub(1) as f64;
     let bound = df + 6.0 * (2.0 * df).sqrt() + 1e-9;
-    assert!(chi2 <= bound, "{what}: chi-square {chi2:.1} over {df} degrees of freedom exceeds {bound:.1}");
+    assert!(
+        chi2 <= bound,
+        "{what}: chi-square {chi2:.1} over {df} degrees of freedom exceeds {bound:.1}"
+    );
     eprintln!("{what}: chi-square {chi2:.1}, {df} degrees of freedom");
 }
 
 /// Uploads `params.len()` copies of `row` and samples each with its own parameters, `batch` rows
 /// per launch (up to 16 rows a launch runs the cluster kernels on sm_90+, more one block per row).
-fn sample_rows<T: TestFloat>(dev: &CudaDevice, row: &[T], params: &[SamplingRow], batch: usize) -> Vec<u32> {
+fn sample_rows<T: TestFloat>(
+    dev: &CudaDevice,
+    row: &[T],
+    params: &[SamplingRow],
+    batch: usize,
+) -> Vec<u32> {
     let rows = params.len();
     let vocab = row.len();
     let mut logits = Vec::with_capacity(rows * vocab);
@@ -370,7 +516,14 @@ fn sample_rows<T: TestFloat>(dev: &CudaDevice, row: &[T], params: &[SamplingRow]
         let end = (start + batch).min(rows);
         buffers.write(dev, &params[start..end]).unwrap();
         let logits = logits_dev.slice(start * vocab..end * vocab);
-        dev.sample(&logits, end - start, vocab, &buffers, &mut out.slice_mut(start..end)).unwrap();
+        dev.sample(
+            &logits,
+            end - start,
+            vocab,
+            &buffers,
+            &mut out.slice_mut(start..end),
+        )
+        .unwrap();
     }
     dev.download(&out).unwrap()
 }
@@ -389,10 +542,17 @@ fn check_sampling_frequencies<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng, bat
     ];
     for (name, config) in configs {
         let params: Vec<SamplingRow> = (0..DRAWS as u64)
-            .map(|seed| SamplingRow { seed: seed * 7919 + 1, step: 3, ..config })
+            .map(|seed| SamplingRow {
+                seed: seed * 7919 + 1,
+                step: 3,
+                ..config
+            })
             .collect();
         let ids = sample_rows(dev, &row, &params, batch);
-        let what = format!("sample_{} vocab {vocab}, {name}, {batch} rows a launch", T::SUFFIX);
+        let what = format!(
+            "sample_{} vocab {vocab}, {name}, {batch} rows a launch",
+            T::SUFFIX
+        );
         check_frequencies(&what, &ids, &reference_probs(&row_f32, &config));
     }
 }
@@ -426,12 +586,21 @@ fn top_p_boundary_ties_are_ranked_by_id() {
     let probs = reference_probs(&row_f32, &config);
     let support: Vec<usize> = (0..vocab).filter(|&i| probs[i] > 0.0).collect();
     assert_eq!(support, vec![5, 9, 12, 30], "the reference itself");
-    let params: Vec<SamplingRow> = (0..8192).map(|seed| SamplingRow { seed, ..config }).collect();
+    let params: Vec<SamplingRow> = (0..8192)
+        .map(|seed| SamplingRow { seed, ..config })
+        .collect();
     for batch in [16, 8192] {
         let ids = sample_rows(&dev, &row, &params, batch);
-        check_frequencies(&format!("top-p boundary ties, {batch} rows a launch"), &ids, &probs);
+        check_frequencies(
+            &format!("top-p boundary ties, {batch} rows a launch"),
+            &ids,
+            &probs,
+        );
         for &id in &support {
-            assert!(ids.contains(&(id as u32)), "top-p boundary ties: id {id} was never drawn");
+            assert!(
+                ids.contains(&(id as u32)),
+                "top-p boundary ties: id {id} was never drawn"
+            );
         }
     }
 }
@@ -454,12 +623,26 @@ fn large_vocabulary_sampling_matches_filtered_softmax() {
     let row_f32 = to_f32(&row);
     for (name, config, batch) in [
         ("min-p 0.05", sampled(1.0, 0, 1.0, 0.05, 0, 0), 1024),
-        ("top-p 0.6 + min-p 0.01", sampled(1.0, 0, 0.6, 0.01, 0, 0), 1024),
-        ("top-p 0.6 + min-p 0.01", sampled(1.0, 0, 0.6, 0.01, 0, 0), 16),
+        (
+            "top-p 0.6 + min-p 0.01",
+            sampled(1.0, 0, 0.6, 0.01, 0, 0),
+            1024,
+        ),
+        (
+            "top-p 0.6 + min-p 0.01",
+            sampled(1.0, 0, 0.6, 0.01, 0, 0),
+            16,
+        ),
         ("top-k 25", sampled(1.3, 25, 1.0, 0.0, 0, 0), 1024),
         ("top-k 25", sampled(1.3, 25, 1.0, 0.0, 0, 0), 16),
     ] {
-        let params: Vec<SamplingRow> = (0..1024).map(|seed| SamplingRow { seed: seed + 100, step: 9, ..config }).collect();
+        let params: Vec<SamplingRow> = (0..1024)
+            .map(|seed| SamplingRow {
+                seed: seed + 100,
+                step: 9,
+                ..config
+            })
+            .collect();
         let ids = sample_rows(&dev, &row, &params, batch);
         let what = format!("sample_bf16 vocab {vocab}, {name}, {batch} rows a launch");
         check_frequencies(&what, &ids, &reference_probs(&row_f32, &config));
@@ -472,19 +655,34 @@ fn check_top_k_one_is_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         let logits: Vec<T> = rng.vec(rows * vocab, -10.0, 10.0);
         let logits_dev = dev.upload(&logits).unwrap();
         let params: Vec<SamplingRow> = (0..rows as u64)
-            .map(|r| sampled(0.25 + 0.5 * r as f32, 1, if r % 2 == 0 { 1.0 } else { 0.9 }, 0.0, r, r))
+            .map(|r| {
+                sampled(
+                    0.25 + 0.5 * r as f32,
+                    1,
+                    if r % 2 == 0 { 1.0 } else { 0.9 },
+                    0.0,
+                    r,
+                    r,
+                )
+            })
             .collect();
         let mut buffers = SamplingBuffers::new(dev, rows + 3).unwrap();
         buffers.write(dev, &params).unwrap();
         let mut out = dev.upload(&vec![u32::MAX; rows]).unwrap();
-        dev.sample(&logits_dev, rows, vocab, &buffers, &mut out).unwrap();
+        dev.sample(&logits_dev, rows, vocab, &buffers, &mut out)
+            .unwrap();
         let got = dev.download(&out).unwrap();
         for r in 0..rows {
             let row = to_f32(&logits[r * vocab..(r + 1) * vocab]);
             let scaled: Vec<f32> = row.iter().map(|v| v / params[r].temperature).collect();
             // Top-1 keeps every token tied with the maximum after scaling.
             let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert_eq!(scaled[got[r] as usize], max, "sample_{} top-k 1, vocab {vocab}, row {r}", T::SUFFIX);
+            assert_eq!(
+                scaled[got[r] as usize],
+                max,
+                "sample_{} top-k 1, vocab {vocab}, row {r}",
+                T::SUFFIX
+            );
         }
     }
 }
@@ -511,10 +709,13 @@ fn sampling_is_a_pure_function_of_seed_and_step() {
     let logits_dev = dev.upload(&logits).unwrap();
     let mut buffers = SamplingBuffers::new(&dev, rows).unwrap();
     let mut run = |step: u64| {
-        let params: Vec<SamplingRow> = (0..rows as u64).map(|r| sampled(1.0, 0, 0.95, 0.0, 1234 + r, step)).collect();
+        let params: Vec<SamplingRow> = (0..rows as u64)
+            .map(|r| sampled(1.0, 0, 0.95, 0.0, 1234 + r, step))
+            .collect();
         buffers.write(&dev, &params).unwrap();
         let mut out = dev.upload(&vec![u32::MAX; rows]).unwrap();
-        dev.sample(&logits_dev, rows, vocab, &buffers, &mut out).unwrap();
+        dev.sample(&logits_dev, rows, vocab, &buffers, &mut out)
+            .unwrap();
         dev.download(&out).unwrap()
     };
     let first = run(5);
@@ -522,19 +723,35 @@ fn sampling_is_a_pure_function_of_seed_and_step() {
     assert_ne!(first, run(6), "another step must give other draws");
     // The sums are exact, so splitting a row over a cluster of blocks (launches of at most 16
     // rows on sm_90+) must not change a single draw.
-    let params: Vec<SamplingRow> = (0..rows as u64).map(|r| sampled(1.0, 0, 0.95, 0.0, 1234 + r, 5)).collect();
+    let params: Vec<SamplingRow> = (0..rows as u64)
+        .map(|r| sampled(1.0, 0, 0.95, 0.0, 1234 + r, 5))
+        .collect();
     let mut small = SamplingBuffers::new(&dev, 16).unwrap();
     let mut split = dev.upload(&vec![u32::MAX; rows]).unwrap();
     for start in (0..rows).step_by(16) {
         small.write(&dev, &params[start..start + 16]).unwrap();
         let logits = logits_dev.slice(start * vocab..(start + 16) * vocab);
-        dev.sample(&logits, 16, vocab, &small, &mut split.slice_mut(start..start + 16)).unwrap();
+        dev.sample(
+            &logits,
+            16,
+            vocab,
+            &small,
+            &mut split.slice_mut(start..start + 16),
+        )
+        .unwrap();
     }
-    assert_eq!(first, dev.download(&split).unwrap(), "16-row launches must draw the same ids");
+    assert_eq!(
+        first,
+        dev.download(&split).unwrap(),
+        "16-row launches must draw the same ids"
+    );
     for (r, &id) in first.iter().enumerate() {
         let row = to_f32(&logits[r * vocab..(r + 1) * vocab]);
         let probs = reference_probs(&row, &sampled(1.0, 0, 0.95, 0.0, 0, 0));
-        assert!(probs[id as usize] > 0.0, "row {r}: drew id {id}, which top-p removes");
+        assert!(
+            probs[id as usize] > 0.0,
+            "row {r}: drew id {id}, which top-p removes"
+        );
     }
 }
 
@@ -555,7 +772,10 @@ fn greedy_rows_mix_with_sampled_rows() {
     let params: Vec<SamplingRow> = (0..rows as u64)
         .map(|r| {
             if r % 2 == 1 && r > 2 {
-                SamplingRow { seed: r, ..SamplingRow::greedy() }
+                SamplingRow {
+                    seed: r,
+                    ..SamplingRow::greedy()
+                }
             } else {
                 sampled(0.9, 5, 1.0, 0.0, r, 1)
             }
@@ -565,7 +785,8 @@ fn greedy_rows_mix_with_sampled_rows() {
     let mut buffers = SamplingBuffers::new(&dev, rows).unwrap();
     buffers.write(&dev, &params).unwrap();
     let mut out = dev.upload(&vec![u32::MAX; rows]).unwrap();
-    dev.sample(&logits_dev, rows, vocab, &buffers, &mut out).unwrap();
+    dev.sample(&logits_dev, rows, vocab, &buffers, &mut out)
+        .unwrap();
     let got = dev.download(&out).unwrap();
     assert_eq!(&got[..3], &[0, 17, 999], "edge rows");
     for r in 3..rows {
@@ -574,7 +795,11 @@ fn greedy_rows_mix_with_sampled_rows() {
             assert_eq!(got[r], argmax_reference(row), "greedy row {r}");
         } else {
             let probs = reference_probs(row, &params[r]);
-            assert!(probs[got[r] as usize] > 0.0, "row {r}: drew id {}, outside its top 5", got[r]);
+            assert!(
+                probs[got[r] as usize] > 0.0,
+                "row {r}: drew id {}, outside its top 5",
+                got[r]
+            );
         }
     }
 }
@@ -588,26 +813,65 @@ fn sampling_rejects_bad_arguments() {
     let mut out = dev.alloc_zeros::<u32>(3).unwrap();
     let mut buffers = SamplingBuffers::new(&dev, 2).unwrap();
     let err = dev.sample(&logits, 3, 4, &buffers, &mut out).unwrap_err();
-    assert_eq!(err.to_string(), "sample: `params` holds 2 elements, expected 3");
+    assert_eq!(
+        err.to_string(),
+        "sample: `params` holds 2 elements, expected 3"
+    );
     let err = dev.argmax(&logits, 3, 5, &mut out).unwrap_err();
-    assert_eq!(err.to_string(), "argmax: `logits` holds 12 elements, expected 15");
+    assert_eq!(
+        err.to_string(),
+        "argmax: `logits` holds 12 elements, expected 15"
+    );
     let err = dev.argmax(&logits, 3, 0, &mut out).unwrap_err();
-    assert!(matches!(err, CudaError::InvalidArgument { argument: "vocab", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CudaError::InvalidArgument {
+                argument: "vocab",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = dev
-        .sample(&logits, 0, SAMPLE_MAX_VOCAB + 1, &buffers, &mut out.slice_mut(0..0))
+        .sample(
+            &logits,
+            0,
+            SAMPLE_MAX_VOCAB + 1,
+            &buffers,
+            &mut out.slice_mut(0..0),
+        )
         .unwrap_err();
     assert!(matches!(err, CudaError::TooLarge { .. }), "{err}");
-    let err = buffers.write(&dev, &[SamplingRow::greedy(); 3]).unwrap_err();
-    assert_eq!(err.to_string(), "SamplingBuffers::write: `rows` holds 3 elements, expected 2");
-    let bad = SamplingRow { temperature: -1.0, ..SamplingRow::greedy() };
-    let err = buffers.write(&dev, &[SamplingRow::greedy(), bad]).unwrap_err();
+    let err = buffers
+        .write(&dev, &[SamplingRow::greedy(); 3])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "SamplingBuffers::write: `rows` holds 3 elements, expected 2"
+    );
+    let bad = SamplingRow {
+        temperature: -1.0,
+        ..SamplingRow::greedy()
+    };
+    let err = buffers
+        .write(&dev, &[SamplingRow::greedy(), bad])
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "SamplingBuffers::write: temperature must be a finite non-negative number, found -1 in row 1"
     );
     // Nothing to do is not an error and launches nothing.
-    dev.sample(&logits.slice(0..0), 0, 4, &buffers, &mut out.slice_mut(0..0)).unwrap();
-    dev.argmax(&logits.slice(0..0), 0, 4, &mut out.slice_mut(0..0)).unwrap();
+    dev.sample(
+        &logits.slice(0..0),
+        0,
+        4,
+        &buffers,
+        &mut out.slice_mut(0..0),
+    )
+    .unwrap();
+    dev.argmax(&logits.slice(0..0), 0, 4, &mut out.slice_mut(0..0))
+        .unwrap();
     dev.synchronize().unwrap();
 }
 
@@ -631,11 +895,17 @@ fn ops_replay_in_a_cuda_graph_with_new_inputs() {
     let mut rng = Rng(91);
     let (n, heads, kv_heads, head_dim, num_slots) = (5usize, 16usize, 8usize, 128usize, 64usize);
     let kv_len = num_slots * kv_heads * head_dim;
-    let qkv = dev.upload(&rng.vec::<bf16>(n * (heads + 2 * kv_heads) * head_dim, -2.0, 2.0)).unwrap();
+    let qkv = dev
+        .upload(&rng.vec::<bf16>(n * (heads + 2 * kv_heads) * head_dim, -2.0, 2.0))
+        .unwrap();
     let q_norm = dev.upload(&rng.vec::<bf16>(head_dim, 0.5, 1.5)).unwrap();
     let k_norm = dev.upload(&rng.vec::<bf16>(head_dim, -90.0, 90.0)).unwrap();
     let inv_freq = dev
-        .upload(&(0..head_dim / 2).map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / head_dim as f32)).collect::<Vec<_>>())
+        .upload(
+            &(0..head_dim / 2)
+                .map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / head_dim as f32))
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
     let mut positions = dev.alloc_zeros::<u32>(n).unwrap();
     let mut slots = dev.alloc_zeros::<u32>(n).unwrap();
@@ -643,31 +913,68 @@ fn ops_replay_in_a_cuda_graph_with_new_inputs() {
     let mut k_cache = poisoned::<bf16>(&dev, kv_len);
     let mut v_cache = poisoned::<bf16>(&dev, kv_len);
     let (rows, vocab) = (6usize, 1001usize);
-    let logits = dev.upload(&rng.vec::<f32>(rows * vocab, -4.0, 4.0)).unwrap();
+    let logits = dev
+        .upload(&rng.vec::<f32>(rows * vocab, -4.0, 4.0))
+        .unwrap();
     let mut params = SamplingBuffers::new(&dev, rows).unwrap();
     let mut ids = dev.alloc_zeros::<u32>(rows).unwrap();
     let mut greedy_ids = dev.alloc_zeros::<u32>(rows).unwrap();
-    let p = RopeParams { n, num_heads: heads, num_kv_heads: kv_heads, head_dim };
+    let p = RopeParams {
+        n,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+    };
     let (qn, kn) = (q_norm.as_view(), k_norm.as_view());
 
     let step = |positions: &CudaSlice<u32>,
-                    slots: &CudaSlice<u32>,
-                    q_out: &mut CudaSlice<bf16>,
-                    k_cache: &mut CudaSlice<bf16>,
-                    v_cache: &mut CudaSlice<bf16>,
-                    params: &SamplingBuffers,
-                    ids: &mut CudaSlice<u32>,
-                    greedy_ids: &mut CudaSlice<u32>| {
-        dev.rope_qk_norm_kv_write(&qkv, positions, slots, &inv_freq, Some(&qn), Some(&kn), EPS, q_out, k_cache, v_cache, &p)
-            .unwrap();
+                slots: &CudaSlice<u32>,
+                q_out: &mut CudaSlice<bf16>,
+                k_cache: &mut CudaSlice<bf16>,
+                v_cache: &mut CudaSlice<bf16>,
+                params: &SamplingBuffers,
+                ids: &mut CudaSlice<u32>,
+                greedy_ids: &mut CudaSlice<u32>| {
+        dev.rope_qk_norm_kv_write(
+            &qkv,
+            positions,
+            slots,
+            &inv_freq,
+            Some(&qn),
+            Some(&kn),
+            EPS,
+            q_out,
+            k_cache,
+            v_cache,
+            &p,
+        )
+        .unwrap();
         dev.sample(&logits, rows, vocab, params, ids).unwrap();
         dev.argmax(&logits, rows, vocab, greedy_ids).unwrap();
     };
     // A first direct run loads the kernels, which a capture must not do.
-    step(&positions, &slots, &mut q_out, &mut k_cache, &mut v_cache, &params, &mut ids, &mut greedy_ids);
+    step(
+        &positions,
+        &slots,
+        &mut q_out,
+        &mut k_cache,
+        &mut v_cache,
+        &params,
+        &mut ids,
+        &mut greedy_ids,
+    );
     dev.synchronize().unwrap();
     let graph = capture(&dev, || {
-        step(&positions, &slots, &mut q_out, &mut k_cache, &mut v_cache, &params, &mut ids, &mut greedy_ids)
+        step(
+            &positions,
+            &slots,
+            &mut q_out,
+            &mut k_cache,
+            &mut v_cache,
+            &params,
+            &mut ids,
+            &mut greedy_ids,
+        )
     });
 
     let nan = bf16::from_f32(f32::NAN);
@@ -678,7 +985,13 @@ fn ops_replay_in_a_cuda_graph_with_new_inputs() {
         slot_ids.truncate(n);
         slot_ids[round as usize] = SKIP_SLOT;
         let rows_params: Vec<SamplingRow> = (0..rows as u64)
-            .map(|r| if r == 2 { SamplingRow::greedy() } else { sampled(0.8, 0, 0.9, 0.02, r, round * 10 + r) })
+            .map(|r| {
+                if r == 2 {
+                    SamplingRow::greedy()
+                } else {
+                    sampled(0.8, 0, 0.9, 0.02, r, round * 10 + r)
+                }
+            })
             .collect();
         set(&dev, &mut positions, &pos);
         set(&dev, &mut slots, &slot_ids);
@@ -701,14 +1014,46 @@ fn ops_replay_in_a_cuda_graph_with_new_inputs() {
         let mut v2 = poisoned::<bf16>(&dev, kv_len);
         let mut ids2 = dev.alloc_zeros::<u32>(rows).unwrap();
         let mut greedy2 = dev.alloc_zeros::<u32>(rows).unwrap();
-        step(&positions, &slots, &mut q2, &mut k2, &mut v2, &params, &mut ids2, &mut greedy2);
+        step(
+            &positions,
+            &slots,
+            &mut q2,
+            &mut k2,
+            &mut v2,
+            &params,
+            &mut ids2,
+            &mut greedy2,
+        );
         let bits = |v: Vec<bf16>| v.into_iter().map(bf16::to_bits).collect::<Vec<_>>();
-        assert_eq!(bits(replayed.0), bits(dev.download(&q2).unwrap()), "round {round}: q_out");
-        assert_eq!(bits(replayed.1), bits(dev.download(&k2).unwrap()), "round {round}: k_cache");
-        assert_eq!(bits(replayed.2), bits(dev.download(&v2).unwrap()), "round {round}: v_cache");
-        assert_eq!(replayed.3, dev.download(&ids2).unwrap(), "round {round}: sampled ids");
-        assert_eq!(replayed.4, dev.download(&greedy2).unwrap(), "round {round}: greedy ids");
-        assert_eq!(replayed.3[2], replayed.4[2], "round {round}: the greedy row is the argmax");
+        assert_eq!(
+            bits(replayed.0),
+            bits(dev.download(&q2).unwrap()),
+            "round {round}: q_out"
+        );
+        assert_eq!(
+            bits(replayed.1),
+            bits(dev.download(&k2).unwrap()),
+            "round {round}: k_cache"
+        );
+        assert_eq!(
+            bits(replayed.2),
+            bits(dev.download(&v2).unwrap()),
+            "round {round}: v_cache"
+        );
+        assert_eq!(
+            replayed.3,
+            dev.download(&ids2).unwrap(),
+            "round {round}: sampled ids"
+        );
+        assert_eq!(
+            replayed.4,
+            dev.download(&greedy2).unwrap(),
+            "round {round}: greedy ids"
+        );
+        assert_eq!(
+            replayed.3[2], replayed.4[2],
+            "round {round}: the greedy row is the argmax"
+        );
     }
 }
 
@@ -731,9 +1076,15 @@ fn time_us(dev: &CudaDevice, calls: usize, mut f: impl FnMut()) -> f64 {
     }
     let mut samples = Vec::new();
     for _ in 0..7 {
-        let start = dev.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        let start = dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
         graph.launch().unwrap();
-        let end = dev.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        let end = dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
         samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1000.0 / calls as f64);
     }
     samples.sort_by(f64::total_cmp);
@@ -749,7 +1100,10 @@ fn bench_rope_and_sampling() {
     single_stream_mode(&dev);
     let mut rng = Rng(81);
     println!("device: {}", dev.name().unwrap());
-    println!("{:<46} {:>6} {:>9}", "op (bf16, in a CUDA graph)", "rows", "us/call");
+    println!(
+        "{:<46} {:>6} {:>9}",
+        "op (bf16, in a CUDA graph)", "rows", "us/call"
+    );
 
     // Qwen3-0.6B attention shape: 16 q heads, 8 kv heads, head_dim 128, q/k-norm.
     let (heads, kv_heads, head_dim) = (16, 8, 128);
@@ -757,29 +1111,65 @@ fn bench_rope_and_sampling() {
     let q_norm = dev.upload(&rng.vec::<bf16>(head_dim, 0.5, 1.5)).unwrap();
     let k_norm = dev.upload(&rng.vec::<bf16>(head_dim, 0.5, 1.5)).unwrap();
     let inv_freq = dev
-        .upload(&(0..head_dim / 2).map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / head_dim as f32)).collect::<Vec<_>>())
+        .upload(
+            &(0..head_dim / 2)
+                .map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / head_dim as f32))
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
-    let mut k_cache = dev.alloc_zeros::<bf16>(num_slots * kv_heads * head_dim).unwrap();
-    let mut v_cache = dev.alloc_zeros::<bf16>(num_slots * kv_heads * head_dim).unwrap();
+    let mut k_cache = dev
+        .alloc_zeros::<bf16>(num_slots * kv_heads * head_dim)
+        .unwrap();
+    let mut v_cache = dev
+        .alloc_zeros::<bf16>(num_slots * kv_heads * head_dim)
+        .unwrap();
     for n in [1usize, 8, 64, 256, 4096] {
-        let qkv = dev.upload(&rng.vec::<bf16>(n * (heads + 2 * kv_heads) * head_dim, -2.0, 2.0)).unwrap();
-        let positions = dev.upload(&(0..n as u32).map(|i| 1000 + i).collect::<Vec<_>>()).unwrap();
+        let qkv = dev
+            .upload(&rng.vec::<bf16>(n * (heads + 2 * kv_heads) * head_dim, -2.0, 2.0))
+            .unwrap();
+        let positions = dev
+            .upload(&(0..n as u32).map(|i| 1000 + i).collect::<Vec<_>>())
+            .unwrap();
         let slots = dev.upload(&(0..n as u32).collect::<Vec<_>>()).unwrap();
         let mut q_out = dev.alloc_zeros::<bf16>(n * heads * head_dim).unwrap();
-        let p = RopeParams { n, num_heads: heads, num_kv_heads: kv_heads, head_dim };
+        let p = RopeParams {
+            n,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+        };
         let (qn, kn) = (q_norm.as_view(), k_norm.as_view());
         let us = time_us(&dev, 20, || {
-            dev.rope_qk_norm_kv_write(&qkv, &positions, &slots, &inv_freq, Some(&qn), Some(&kn), EPS, &mut q_out, &mut k_cache, &mut v_cache, &p)
-                .unwrap()
+            dev.rope_qk_norm_kv_write(
+                &qkv,
+                &positions,
+                &slots,
+                &inv_freq,
+                Some(&qn),
+                Some(&kn),
+                EPS,
+                &mut q_out,
+                &mut k_cache,
+                &mut v_cache,
+                &p,
+            )
+            .unwrap()
         });
-        println!("{:<46} {:>6} {:>9.2}", "rope_qk_norm_kv_write 16/8 heads x 128", n, us);
+        println!(
+            "{:<46} {:>6} {:>9.2}",
+            "rope_qk_norm_kv_write 16/8 heads x 128", n, us
+        );
     }
 
     let vocab = 151_936;
     for rows in [1usize, 8, 64, 256] {
-        let logits = dev.upload(&rng.vec::<bf16>(rows * vocab, -8.0, 8.0)).unwrap();
+        let logits = dev
+            .upload(&rng.vec::<bf16>(rows * vocab, -8.0, 8.0))
+            .unwrap();
         let mut out = dev.alloc_zeros::<u32>(rows).unwrap();
-        let us = time_us(&dev, 10, || dev.argmax(&logits, rows, vocab, &mut out).unwrap());
+        let us = time_us(&dev, 10, || {
+            dev.argmax(&logits, rows, vocab, &mut out).unwrap()
+        });
         println!("{:<46} {:>6} {:>9.2}", "argmax vocab 151936", rows, us);
         let mut buffers = SamplingBuffers::new(&dev, rows).unwrap();
         for (name, config) in [
@@ -787,10 +1177,16 @@ fn bench_rope_and_sampling() {
             ("sample t=0.8 min-p 0.05", sampled(0.8, 0, 1.0, 0.05, 1, 1)),
             ("sample t=0.8 top-k 50", sampled(0.8, 50, 1.0, 0.0, 1, 1)),
             ("sample t=0.8 top-p 0.9", sampled(0.8, 0, 0.9, 0.0, 1, 1)),
-            ("sample t=0.7 top-k 20 top-p 0.8 min-p 0.05", sampled(0.7, 20, 0.8, 0.05, 1, 1)),
+            (
+                "sample t=0.7 top-k 20 top-p 0.8 min-p 0.05",
+                sampled(0.7, 20, 0.8, 0.05, 1, 1),
+            ),
         ] {
             buffers.write(&dev, &vec![config; rows]).unwrap();
-            let us = time_us(&dev, 10, || dev.sample(&logits, rows, vocab, &buffers, &mut out).unwrap());
+            let us = time_us(&dev, 10, || {
+                dev.sample(&logits, rows, vocab, &buffers, &mut out)
+                    .unwrap()
+            });
             println!("{:<46} {:>6} {:>9.2}", name, rows, us);
         }
     }

@@ -74,7 +74,10 @@ pub const REGISTRY: &[ArchSpec] = &[
 
 impl Architecture {
     pub fn spec(self) -> &'static ArchSpec {
-        REGISTRY.iter().find(|s| s.arch == self).expect("every architecture has a registry row")
+        REGISTRY
+            .iter()
+            .find(|s| s.arch == self)
+            .expect("every architecture has a registry row")
     }
 
     pub fn name(self) -> &'static str {
@@ -84,7 +87,10 @@ impl Architecture {
     /// Detect from config.json's `architectures` list, falling back to `model_type`.
     pub fn from_hf(classes: &[String], model_type: Option<&str>) -> Result<Self> {
         for class in classes {
-            if let Some(s) = REGISTRY.iter().find(|s| s.hf_classes.contains(&class.as_str())) {
+            if let Some(s) = REGISTRY
+                .iter()
+                .find(|s| s.hf_classes.contains(&class.as_str()))
+            {
                 return Ok(s.arch);
             }
         }
@@ -93,7 +99,11 @@ impl Architecture {
                 return Ok(s.arch);
             }
         }
-        let found = classes.first().cloned().or(model_type.map(str::to_owned)).unwrap_or_else(|| "(none given)".into());
+        let found = classes
+            .first()
+            .cloned()
+            .or(model_type.map(str::to_owned))
+            .unwrap_or_else(|| "(none given)".into());
         Err(unknown(found))
     }
 
@@ -108,7 +118,11 @@ impl Architecture {
 }
 
 fn unknown(found: String) -> ModelError {
-    let supported = REGISTRY.iter().map(|s| s.name).collect::<Vec<_>>().join(", ");
+    let supported = REGISTRY
+        .iter()
+        .map(|s| s.name)
+        .collect::<Vec<_>>()
+        .join(", ");
     ModelError::UnknownArchitecture { found, supported }
 }
 
@@ -118,14 +132,28 @@ mod tests {
 
     #[test]
     fn detects_by_class_then_model_type() {
-        assert_eq!(Architecture::from_hf(&["Qwen3ForCausalLM".into()], None).unwrap(), Architecture::Qwen3);
-        assert_eq!(Architecture::from_hf(&[], Some("mistral")).unwrap(), Architecture::Mistral);
-        assert_eq!(Architecture::from_gguf("llama").unwrap(), Architecture::Llama);
+        assert_eq!(
+            Architecture::from_hf(&["Qwen3ForCausalLM".into()], None).unwrap(),
+            Architecture::Qwen3
+        );
+        assert_eq!(
+            Architecture::from_hf(&[], Some("mistral")).unwrap(),
+            Architecture::Mistral
+        );
+        assert_eq!(
+            Architecture::from_gguf("llama").unwrap(),
+            Architecture::Llama
+        );
     }
 
     #[test]
     fn unknown_names_the_architecture_and_lists_supported() {
-        let err = Architecture::from_hf(&["GPTNeoXForCausalLM".into()], Some("gpt_neox")).unwrap_err().to_string();
-        assert!(err.contains("GPTNeoXForCausalLM") && err.contains("llama, mistral, qwen2, qwen3"), "{err}");
+        let err = Architecture::from_hf(&["GPTNeoXForCausalLM".into()], Some("gpt_neox"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("GPTNeoXForCausalLM") && err.contains("llama, mistral, qwen2, qwen3"),
+            "{err}"
+        );
     }
 }

@@ -25,7 +25,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -68,8 +71,14 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, neutralize_generation_tags(source))
-            .map_err(|e| ModelError::ChatTemplate(format!("the template does not compile: {}", describe(&e))))?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+            .map_err(|e| {
+                ModelError::ChatTemplate(format!("the template does not compile: {}", describe(&e)))
+            })?;
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Renders a conversation; `add_generation_prompt` appends the opening of the assistant's turn.
@@ -86,14 +95,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| ModelError::ChatTemplate(format!("the template is missing: {}", describe(&e))))?;
-        let mut context: Vec<(String, Value)> =
-            extra.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| {
+            ModelError::ChatTemplate(format!("the template is missing: {}", describe(&e)))
+        })?;
+        let mut context: Vec<(String, Value)> = extra
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from_serialize(v)))
+            .collect();
         context.push(("messages".to_string(), Value::from_serialize(messages)));
-        context.push(("add_generation_prompt".to_string(), Value::from(add_generation_prompt)));
+        context.push((
+            "add_generation_prompt".to_string(),
+            Value::from(add_generation_prompt),
+        ));
         // transformers always passes these, as None when absent, so `tools is defined` holds.
         context.push(("tools".to_string(), Value::from(())));
         context.push(("documents".to_string(), Value::from(())));
@@ -104,10 +117,14 @@ impl ChatTemplate {
             context.push(("eos_token".to_string(), Value::from(eos.as_str())));
         }
         let context: Value = context.into_iter().collect();
-        template.render(context).map_err(|e| match raised_message(&e) {
-            Some(message) => ModelError::ChatTemplate(format!("the template rejected the conversation: {message}")),
-            None => ModelError::ChatTemplate(format!("rendering failed: {}", describe(&e))),
-        })
+        template
+            .render(context)
+            .map_err(|e| match raised_message(&e) {
+                Some(message) => ModelError::ChatTemplate(format!(
+                    "the template rejected the conversation: {message}"
+                )),
+                None => ModelError::ChatTemplate(format!("rendering failed: {}", describe(&e))),
+            })
     }
 }
 
@@ -134,8 +151,11 @@ fn raised_message(err: &minijinja::Error) -> Option<String> {
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, "the template raised an exception")
-        .with_source(RaisedException(message)))
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        "the template raised an exception",
+    )
+    .with_source(RaisedException(message)))
 }
 
 /// transformers' `strftime_now`: the current time, formatted like Python's `strftime`. The time is
@@ -149,10 +169,28 @@ fn strftime_now(format: String) -> String {
 
 /// Formats seconds since the Unix epoch (UTC) with C/Python `strftime` directives.
 fn strftime(format: &str, unix_seconds: i64) -> String {
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let days = unix_seconds.div_euclid(86_400);
     let secs = unix_seconds.rem_euclid(86_400);
@@ -269,7 +307,11 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
     let (item_sep, key_sep) = match separators {
         Some(v) if !v.is_none() && !v.is_undefined() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
-            match (parts.first().and_then(|p| p.as_str()), parts.get(1).and_then(|p| p.as_str()), parts.len()) {
+            match (
+                parts.first().and_then(|p| p.as_str()),
+                parts.get(1).and_then(|p| p.as_str()),
+                parts.len(),
+            ) {
                 (Some(item), Some(key), 2) => (item.to_string(), key.to_string()),
                 _ => {
                     return Err(minijinja::Error::new(
@@ -303,12 +345,21 @@ struct JsonOptions {
     ensure_ascii: bool,
 }
 
-fn write_json(out: &mut String, value: &Value, options: &JsonOptions, depth: usize) -> std::result::Result<(), minijinja::Error> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    options: &JsonOptions,
+    depth: usize,
+) -> std::result::Result<(), minijinja::Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => write_number(out, value),
-        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), options.ensure_ascii),
+        ValueKind::String => write_json_string(
+            out,
+            value.as_str().unwrap_or_default(),
+            options.ensure_ascii,
+        ),
         ValueKind::Map => {
             let mut entries: Vec<(String, Value)> = Vec::new();
             for key in value.try_iter()? {
@@ -462,12 +513,20 @@ fn neutralize_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else { break };
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
         let end = start + len + 2;
         let tag = &rest[start..end];
         let inner = &tag[2..tag.len() - 2];
-        let open_marker = inner.strip_prefix(['-', '+']).map(|_| &inner[..1]).unwrap_or("");
-        let close_marker = inner.strip_suffix(['-', '+']).map(|_| &inner[inner.len() - 1..]).unwrap_or("");
+        let open_marker = inner
+            .strip_prefix(['-', '+'])
+            .map(|_| &inner[..1])
+            .unwrap_or("");
+        let close_marker = inner
+            .strip_suffix(['-', '+'])
+            .map(|_| &inner[inner.len() - 1..])
+            .unwrap_or("");
         let word = inner[open_marker.len()..inner.len() - close_marker.len()].trim();
         out.push_str(&rest[..start]);
         match word {
@@ -498,7 +557,10 @@ mod tests {
         let t = 1_721_999_109;
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
         assert_eq!(strftime("%Y-%m-%d %H:%M:%S", t), "2024-07-26 13:05:09");
-        assert_eq!(strftime("%A, %B %e; %I %p; day %j; %a %%", t), "Friday, July 26; 01 PM; day 208; Fri %");
+        assert_eq!(
+            strftime("%A, %B %e; %I %p; day %j; %a %%", t),
+            "Friday, July 26; 01 PM; day 208; Fri %"
+        );
         assert_eq!(strftime("%F %T %Z", 0), "1970-01-01 00:00:00 UTC");
         // Leap day and the day before the epoch.
         assert_eq!(strftime("%F %j", 951_782_400), "2000-02-29 060");
@@ -536,26 +598,45 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let out = render(r#"{{ {"a": [1, 2.0, none, false], "é": "x\"<y>\n\u0001"} | tojson }}"#, &[]);
-        assert_eq!(out, r#"{"a": [1, 2.0, null, false], "é": "x\"<y>\n\u0001"}"#);
-        let out = render(r#"{{ {"b": {}, "a": []} | tojson(indent=2, sort_keys=true) }}"#, &[]);
+        let out = render(
+            r#"{{ {"a": [1, 2.0, none, false], "é": "x\"<y>\n\u0001"} | tojson }}"#,
+            &[],
+        );
+        assert_eq!(
+            out,
+            r#"{"a": [1, 2.0, null, false], "é": "x\"<y>\n\u0001"}"#
+        );
+        let out = render(
+            r#"{{ {"b": {}, "a": []} | tojson(indent=2, sort_keys=true) }}"#,
+            &[],
+        );
         assert_eq!(out, "{\n  \"a\": [],\n  \"b\": {}\n}");
-        let out = render(r#"{{ [1, "é"] | tojson(separators=(",", ":"), ensure_ascii=true) }}"#, &[]);
+        let out = render(
+            r#"{{ [1, "é"] | tojson(separators=(",", ":"), ensure_ascii=true) }}"#,
+            &[],
+        );
         assert_eq!(out, r#"[1,"\u00e9"]"#);
-        let err = ChatTemplate::new("{{ 1 | tojson(bogus=1) }}", None, None).unwrap().render(&[], false);
+        let err = ChatTemplate::new("{{ 1 | tojson(bogus=1) }}", None, None)
+            .unwrap()
+            .render(&[], false);
         assert!(err.is_err());
     }
 
     #[test]
     fn raise_exception_surfaces_its_message() {
-        let template = ChatTemplate::new("{{ raise_exception('Roles must alternate') }}", None, None).unwrap();
+        let template =
+            ChatTemplate::new("{{ raise_exception('Roles must alternate') }}", None, None).unwrap();
         let err = template.render(&[], false).unwrap_err().to_string();
-        assert_eq!(err, "chat template: the template rejected the conversation: Roles must alternate");
+        assert_eq!(
+            err,
+            "chat template: the template rejected the conversation: Roles must alternate"
+        );
     }
 
     #[test]
     fn syntax_errors_are_reported_at_construction() {
-        let err = ChatTemplate::new("{% for m in messages %}{{ m.content }}", None, None).unwrap_err();
+        let err =
+            ChatTemplate::new("{% for m in messages %}{{ m.content }}", None, None).unwrap_err();
         assert!(matches!(err, ModelError::ChatTemplate(_)), "{err:?}");
         assert!(err.to_string().contains("does not compile"), "{err}");
     }
@@ -563,29 +644,40 @@ mod tests {
     #[test]
     fn generation_tags_render_their_body() {
         let source = "{% for m in messages %}{%- generation -%} [{{ m.content }}] {%- endgeneration %}{% endfor %}";
-        assert_eq!(render(source, &[ChatMessage::new("assistant", "hi")]), "[hi]");
+        assert_eq!(
+            render(source, &[ChatMessage::new("assistant", "hi")]),
+            "[hi]"
+        );
     }
 
     #[test]
     fn blocks_are_trimmed_like_transformers() {
         let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}\n";
-        let out = render(source, &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")]);
+        let out = render(
+            source,
+            &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
+        );
         assert_eq!(out, "U:a\nU:b\n");
     }
 
     #[test]
     fn undefined_special_tokens_are_undefined() {
-        let template = ChatTemplate::new("{{ bos_token is defined }} {{ tools is none }}", None, None).unwrap();
+        let template =
+            ChatTemplate::new("{{ bos_token is defined }} {{ tools is none }}", None, None)
+                .unwrap();
         assert_eq!(template.render(&[], false).unwrap(), "False True");
     }
 
     #[test]
     fn extra_variables_reach_the_template_but_cannot_hide_messages() {
-        let template = ChatTemplate::new("{{ enable_thinking }} {{ messages | length }}", None, None).unwrap();
+        let template =
+            ChatTemplate::new("{{ enable_thinking }} {{ messages | length }}", None, None).unwrap();
         let mut extra = serde_json::Map::new();
         extra.insert("enable_thinking".into(), serde_json::Value::Bool(false));
         extra.insert("messages".into(), serde_json::json!([]));
-        let out = template.render_with(&[ChatMessage::new("user", "x")], false, &extra).unwrap();
+        let out = template
+            .render_with(&[ChatMessage::new("user", "x")], false, &extra)
+            .unwrap();
         assert_eq!(out, "False 1");
     }
 }

@@ -14,9 +14,16 @@ use crate::error::{ModelError, Result};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// LLaMA 3.x: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,8 +51,9 @@ impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{} is not valid JSON: {e}", path.display())))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            ModelError::Config(format!("{} is not valid JSON: {e}", path.display()))
+        })?;
         Self::from_hf_json(&v).map_err(|e| match e {
             ModelError::Config(msg) => ModelError::Config(format!("{}: {msg}", path.display())),
             other => other,
@@ -58,24 +66,39 @@ impl ModelConfig {
         let classes: Vec<String> = v
             .get("architectures")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
-        let architecture = Architecture::from_hf(&classes, v.get("model_type").and_then(Value::as_str))?;
+        let architecture =
+            Architecture::from_hf(&classes, v.get("model_type").and_then(Value::as_str))?;
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_heads = req_usize(v, "num_attention_heads")?;
         let num_layers = req_usize(v, "num_hidden_layers")?;
         let head_dim = opt_usize(v, "head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
         let rope_theta = opt_f64(v, "rope_theta")?
-            .or(v.get("rope_parameters").map(|p| opt_f64(p, "rope_theta")).transpose()?.flatten())
+            .or(v
+                .get("rope_parameters")
+                .map(|p| opt_f64(p, "rope_theta"))
+                .transpose()?
+                .flatten())
             .unwrap_or(10000.0) as f32;
-        let scaling_json = v.get("rope_scaling").filter(|s| !s.is_null()).or(v.get("rope_parameters"));
+        let scaling_json = v
+            .get("rope_scaling")
+            .filter(|s| !s.is_null())
+            .or(v.get("rope_parameters"));
         let rope_scaling = match scaling_json {
             Some(s) => parse_rope_scaling(s)?,
             None => RopeScaling::None,
         };
         let window = opt_usize(v, "sliding_window")?;
         // Qwen2/3 configs carry a window size but only use it when use_sliding_window is set.
-        let window_enabled = v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(architecture == Architecture::Mistral);
+        let window_enabled = v
+            .get("use_sliding_window")
+            .and_then(Value::as_bool)
+            .unwrap_or(architecture == Architecture::Mistral);
         let layer_windows = match v.get("layer_types").and_then(Value::as_array) {
             Some(types) => {
                 if types.len() != num_layers {
@@ -89,7 +112,9 @@ impl ModelConfig {
                     .map(|t| match t.as_str() {
                         Some("sliding_attention") => Ok(window),
                         Some("full_attention") => Ok(None),
-                        other => Err(ModelError::Config(format!("unsupported layer type {other:?} in layer_types"))),
+                        other => Err(ModelError::Config(format!(
+                            "unsupported layer type {other:?} in layer_types"
+                        ))),
                     })
                     .collect::<Result<_>>()?
             }
@@ -109,7 +134,10 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: opt_usize(v, "max_position_embeddings")?.unwrap_or(2048),
             layer_windows,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             bos_token_id: opt_usize(v, "bos_token_id")?.map(|x| x as u32),
             eos_token_ids: ids(v.get("eos_token_id")),
         };
@@ -119,9 +147,9 @@ impl ModelConfig {
 
     /// Read the config from GGUF metadata (`{arch}.*` keys).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let arch_name = file
-            .get_str("general.architecture")
-            .ok_or_else(|| ModelError::Config("GGUF file has no general.architecture key".into()))?;
+        let arch_name = file.get_str("general.architecture").ok_or_else(|| {
+            ModelError::Config("GGUF file has no general.architecture key".into())
+        })?;
         let architecture = Architecture::from_gguf(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let req = |k: &str| -> Result<usize> {
@@ -132,23 +160,36 @@ impl ModelConfig {
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
         let num_layers = req("block_count")?;
-        let head_dim = file.get_u64(&key("attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = file
+            .get_u64(&key("attention.key_length"))
+            .map(|x| x as usize)
+            .unwrap_or(hidden_size / num_heads.max(1));
         let vocab_size = match file.get_u64(&key("vocab_size")) {
             Some(n) => n as usize,
             None => file
                 .get("tokenizer.ggml.tokens")
                 .and_then(|t| t.as_array())
                 .map(|t| t.len())
-                .ok_or_else(|| ModelError::Config("GGUF metadata gives neither a vocab size nor a token list".into()))?,
+                .ok_or_else(|| {
+                    ModelError::Config(
+                        "GGUF metadata gives neither a vocab size nor a token list".into(),
+                    )
+                })?,
         };
         let rope_scaling = match file.get_str(&key("rope.scaling.type")) {
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear {
                 factor: file.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0) as f32,
             },
-            Some(other) => return Err(ModelError::Config(format!("unsupported GGUF rope scaling type '{other}'"))),
+            Some(other) => {
+                return Err(ModelError::Config(format!(
+                    "unsupported GGUF rope scaling type '{other}'"
+                )))
+            }
         };
-        let window = file.get_u64(&key("attention.sliding_window")).map(|x| x as usize);
+        let window = file
+            .get_u64(&key("attention.sliding_window"))
+            .map(|x| x as usize);
         let tie_word_embeddings = file.tensor("output.weight").is_none();
         let cfg = ModelConfig {
             architecture,
@@ -157,16 +198,29 @@ impl ModelConfig {
             intermediate_size: req("feed_forward_length")?,
             num_layers,
             num_heads,
-            num_kv_heads: file.get_u64(&key("attention.head_count_kv")).map(|x| x as usize).unwrap_or(num_heads),
+            num_kv_heads: file
+                .get_u64(&key("attention.head_count_kv"))
+                .map(|x| x as usize)
+                .unwrap_or(num_heads),
             head_dim,
-            rms_norm_eps: file.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
+            rms_norm_eps: file
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
             rope_theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
             rope_scaling,
-            max_position_embeddings: file.get_u64(&key("context_length")).map(|x| x as usize).unwrap_or(2048),
+            max_position_embeddings: file
+                .get_u64(&key("context_length"))
+                .map(|x| x as usize)
+                .unwrap_or(2048),
             layer_windows: vec![window; num_layers],
             tie_word_embeddings,
-            bos_token_id: file.get_u64("tokenizer.ggml.bos_token_id").map(|x| x as u32),
-            eos_token_ids: file.get_u64("tokenizer.ggml.eos_token_id").map(|x| vec![x as u32]).unwrap_or_default(),
+            bos_token_id: file
+                .get_u64("tokenizer.ggml.bos_token_id")
+                .map(|x| x as u32),
+            eos_token_ids: file
+                .get_u64("tokenizer.ggml.eos_token_id")
+                .map(|x| vec![x as u32])
+                .unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -194,7 +248,10 @@ impl ModelConfig {
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad(format!("head_dim must be even for rotary embeddings, got {}", self.head_dim));
+            return bad(format!(
+                "head_dim must be even for rotary embeddings, got {}",
+                self.head_dim
+            ));
         }
         if self.layer_windows.contains(&Some(0)) {
             return bad("sliding_window must be positive".into());
@@ -206,12 +263,25 @@ impl ModelConfig {
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let dim = self.head_dim;
         let base = self.rope_theta as f64;
-        let inv: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+        let inv: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
+            .collect();
         match self.rope_scaling {
             RopeScaling::None => inv.iter().map(|&f| f as f32).collect(),
-            RopeScaling::Linear { factor } => inv.iter().map(|&f| (f / factor as f64) as f32).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, low, high) = (factor as f64, low_freq_factor as f64, high_freq_factor as f64);
+            RopeScaling::Linear { factor } => {
+                inv.iter().map(|&f| (f / factor as f64) as f32).collect()
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high) = (
+                    factor as f64,
+                    low_freq_factor as f64,
+                    high_freq_factor as f64,
+                );
                 let old = original_max_position_embeddings as f64;
                 let low_wavelen = old / low;
                 let high_wavelen = old / high;
@@ -235,11 +305,23 @@ impl ModelConfig {
 
     /// Approximate parameter count (embeddings counted once when tied).
     pub fn parameter_count(&self) -> u64 {
-        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
-        let (q, kv) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
+        let (h, i, v) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+        );
+        let (q, kv) = (
+            (self.num_heads * self.head_dim) as u64,
+            (self.num_kv_heads * self.head_dim) as u64,
+        );
         let spec = self.architecture.spec();
         let attn = h * q + 2 * h * kv + q * h + if spec.qkv_bias { q + 2 * kv } else { 0 };
-        let norms = 2 * h + if spec.qk_norm { 2 * self.head_dim as u64 } else { 0 };
+        let norms = 2 * h
+            + if spec.qk_norm {
+                2 * self.head_dim as u64
+            } else {
+                0
+            };
         let layer = attn + 3 * h * i + norms;
         let embed = v * h * if self.tie_word_embeddings { 1 } else { 2 };
         layer * self.num_layers as u64 + embed + h
@@ -247,11 +329,15 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(s: &Value) -> Result<RopeScaling> {
-    let kind = s.get("rope_type").or(s.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = s
+        .get("rope_type")
+        .or(s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let factor = || -> Result<f32> {
-        opt_f64(s, "factor")?
-            .map(|f| f as f32)
-            .ok_or_else(|| ModelError::Config(format!("rope_scaling of type {kind} needs a factor")))
+        opt_f64(s, "factor")?.map(|f| f as f32).ok_or_else(|| {
+            ModelError::Config(format!("rope_scaling of type {kind} needs a factor"))
+        })
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -260,7 +346,8 @@ fn parse_rope_scaling(s: &Value) -> Result<RopeScaling> {
             factor: factor()?,
             low_freq_factor: opt_f64(s, "low_freq_factor")?.unwrap_or(1.0) as f32,
             high_freq_factor: opt_f64(s, "high_freq_factor")?.unwrap_or(4.0) as f32,
-            original_max_position_embeddings: opt_usize(s, "original_max_position_embeddings")?.unwrap_or(8192),
+            original_max_position_embeddings: opt_usize(s, "original_max_position_embeddings")?
+                .unwrap_or(8192),
         }),
         other => Err(ModelError::Config(format!(
             "unsupported rope scaling type '{other}'; supported: default, linear, llama3"
@@ -271,7 +358,10 @@ fn parse_rope_scaling(s: &Value) -> Result<RopeScaling> {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -279,21 +369,24 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 fn opt_usize(v: &Value, key: &str) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| ModelError::Config(format!("{key} must be a non-negative integer, got {x}"))),
+        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            ModelError::Config(format!("{key} must be a non-negative integer, got {x}"))
+        }),
     }
 }
 
 fn req_usize(v: &Value, key: &str) -> Result<usize> {
-    opt_usize(v, key)?.ok_or_else(|| ModelError::Config(format!("config lacks the required field {key}")))
+    opt_usize(v, key)?
+        .ok_or_else(|| ModelError::Config(format!("config lacks the required field {key}")))
 }
 
 fn opt_f64(v: &Value, key: &str) -> Result<Option<f64>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_f64().map(Some).ok_or_else(|| ModelError::Config(format!("{key} must be a number, got {x}"))),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| ModelError::Config(format!("{key} must be a number, got {x}"))),
     }
 }
 
@@ -327,7 +420,10 @@ mod tests {
     fn missing_field_is_named() {
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
-        assert!(ModelConfig::from_hf_json(&v).unwrap_err().to_string().contains("hidden_size"));
+        assert!(ModelConfig::from_hf_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_size"));
     }
 
     #[test]
@@ -347,6 +443,9 @@ mod tests {
     fn unknown_scaling_is_refused() {
         let mut v = base();
         v["rope_scaling"] = json!({"rope_type": "su", "factor": 2.0});
-        assert!(ModelConfig::from_hf_json(&v).unwrap_err().to_string().contains("'su'"));
+        assert!(ModelConfig::from_hf_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("'su'"));
     }
 }

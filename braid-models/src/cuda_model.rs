@@ -6,11 +6,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use braid_kernels::cuda::{AttentionParams, CudaDevice, CudaError, CudaGraph, CudaSlice, KernelFloat, RopeParams, SamplingBuffers, SamplingRow, SKIP_SLOT};
+use braid_kernels::cuda::{
+    AttentionParams, CudaDevice, CudaError, CudaGraph, CudaSlice, KernelFloat, RopeParams,
+    SamplingBuffers, SamplingRow, SKIP_SLOT,
+};
 use braid_kernels::DType;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::checkpoint::{HostEnds, HostLayer};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::SeqInput;
@@ -51,13 +55,20 @@ pub struct CudaCacheConfig {
 
 impl CudaModel {
     /// Upload the weights to GPU `ordinal` in `dtype` (bf16 or f16).
-    pub fn load(config: &ModelConfig, weights: &Weights, ordinal: usize, dtype: DType) -> Result<Self> {
+    pub fn load(
+        config: &ModelConfig,
+        weights: &Weights,
+        ordinal: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let dev = Arc::new(CudaDevice::new(ordinal).map_err(cuda)?);
         let inner = match dtype {
             DType::BF16 => Inner::Bf16(Runner::load(dev, config, weights)?),
             DType::F16 => Inner::F16(Runner::load(dev, config, weights)?),
             DType::F32 => {
-                return Err(ModelError::Forward("the CUDA backend computes in bf16 or f16; use --dtype bf16".into()))
+                return Err(ModelError::Forward(
+                    "the CUDA backend computes in bf16 or f16; use --dtype bf16".into(),
+                ))
             }
         };
         Ok(CudaModel { inner })
@@ -90,7 +101,11 @@ impl CudaModel {
 
     /// The next token of each sequence, chosen on the device: greedily when `rows` is `None`,
     /// else by each row's sampling parameters.
-    pub fn forward_sample(&mut self, seqs: &[SeqInput<'_>], rows: Option<&[SamplingRow]>) -> Result<Vec<u32>> {
+    pub fn forward_sample(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        rows: Option<&[SamplingRow]>,
+    ) -> Result<Vec<u32>> {
         with_runner!(self, r => r.forward_sample(seqs, rows))
     }
 }
@@ -115,7 +130,6 @@ struct Layer<T> {
 /// Device buffers for one step, sized once for the largest step.
 struct Buffers<T> {
     cache: CudaCacheConfig,
-    /// Block-table width used when the step's sequences need at most this many blocks.
     ids: CudaSlice<u32>,
     positions: CudaSlice<u32>,
     slots: CudaSlice<u32>,
@@ -179,59 +193,33 @@ where
     T: Convert,
 {
     fn load(dev: Arc<CudaDevice>, c: &ModelConfig, weights: &Weights) -> Result<Self> {
-        let spec = c.architecture.spec();
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut bytes = 0usize;
         let mut up = |host: Vec<f32>| -> Result<CudaSlice<T>> {
             bytes += host.len() * std::mem::size_of::<T>();
             let converted: Vec<T> = host.par_iter().map(|&x| T::from_f32(x)).collect();
             dev.upload(&converted).map_err(cuda)
         };
-        let get = |name: &str, shape: &[usize]| weights.get(name, shape).map(|t| t.into_data());
+        // One layer at a time, so host memory holds a layer's f32 copy, not the model's.
         let mut layers = Vec::with_capacity(c.num_layers);
         for (i, window) in c.layer_windows.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let mut qkv = get(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?;
-            qkv.extend(get(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?);
-            qkv.extend(get(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?);
-            let qkv_bias = if spec.qkv_bias {
-                let mut b = get(&format!("{p}.self_attn.q_proj.bias"), &[q_dim])?;
-                b.extend(get(&format!("{p}.self_attn.k_proj.bias"), &[kv_dim])?);
-                b.extend(get(&format!("{p}.self_attn.v_proj.bias"), &[kv_dim])?);
-                Some(up(b)?)
-            } else {
-                None
-            };
-            let (q_norm, k_norm) = if spec.qk_norm {
-                (
-                    Some(up(get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?)?),
-                    Some(up(get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?)?),
-                )
-            } else {
-                (None, None)
-            };
-            let mut gate_up = get(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?;
-            gate_up.extend(get(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?);
+            let l = HostLayer::read(c, weights, i)?;
             layers.push(Layer {
-                attn_norm: up(get(&format!("{p}.input_layernorm.weight"), &[h])?)?,
-                qkv: up(qkv)?,
-                qkv_bias,
-                q_norm,
-                k_norm,
-                o_proj: up(get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?)?,
-                mlp_norm: up(get(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?,
-                gate_up: up(gate_up)?,
-                down: up(get(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?)?,
+                attn_norm: up(l.attn_norm)?,
+                qkv: up(l.qkv)?,
+                qkv_bias: l.qkv_bias.map(&mut up).transpose()?,
+                q_norm: l.q_norm.map(&mut up).transpose()?,
+                k_norm: l.k_norm.map(&mut up).transpose()?,
+                o_proj: up(l.o_proj)?,
+                mlp_norm: up(l.mlp_norm)?,
+                gate_up: up(l.gate_up)?,
+                down: up(l.down)?,
                 window: window.unwrap_or(0),
             });
         }
-        let embed = up(get("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
-        let norm = up(get("model.norm.weight", &[h])?)?;
-        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            None
-        } else {
-            Some(up(get("lm_head.weight", &[c.vocab_size, h])?)?)
-        };
+        let ends = HostEnds::read(c, weights)?;
+        let embed = up(ends.embed)?;
+        let norm = up(ends.norm)?;
+        let lm_head = ends.lm_head.map(&mut up).transpose()?;
         let inv_freq = dev.upload(&c.rope_inv_freq()).map_err(cuda)?;
         Ok(Runner {
             dev,
@@ -249,12 +237,19 @@ where
     }
 
     fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<T>()).sum()
+        self.kv
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<T>())
+            .sum()
     }
 
     fn allocate(&mut self, cache: CudaCacheConfig) -> Result<()> {
         let c = &self.config;
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         let d = &self.dev;
         let n = cache.max_batch_tokens.max(cache.max_seqs);
         let s = cache.max_seqs;
@@ -267,7 +262,13 @@ where
         for _ in 0..c.num_layers {
             self.kv.push((alloc_t(per_layer)?, alloc_t(per_layer)?));
         }
-        let workspace = CudaDevice::paged_attention_decode_workspace_len(s, c.num_heads, c.head_dim, width, cache.block_size);
+        let workspace = CudaDevice::paged_attention_decode_workspace_len(
+            s,
+            c.num_heads,
+            c.head_dim,
+            width,
+            cache.block_size,
+        );
         self.bufs = Some(Buffers {
             cache,
             ids: alloc_u(n)?,
@@ -297,7 +298,10 @@ where
     /// Copy the step's host-side inputs into the fixed device buffers; padding rows (up to
     /// `shape.seqs` sequences) read block 0 and write no KV.
     fn upload_inputs(&mut self, seqs: &[SeqInput<'_>], shape: StepShape) -> Result<()> {
-        let bufs = self.bufs.as_mut().ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        let bufs = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
         let bs = bufs.cache.block_size;
         let mut ids = Vec::with_capacity(shape.tokens);
         let mut positions = Vec::with_capacity(shape.tokens);
@@ -328,11 +332,20 @@ where
             positions.push(0);
             slots.push(SKIP_SLOT);
         }
+        // Padding only happens in decode buckets (one token per row), where row i's token is token i.
         for (i, row) in last_rows.iter_mut().enumerate().skip(seqs.len()) {
-            *row = (seqs.iter().map(|s| s.tokens.len()).sum::<usize>() + i - seqs.len()) as u32;
+            *row = i as u32;
         }
         let st = self.dev.stream();
-        let copy = |src: &[u32], dst: &mut CudaSlice<u32>| st.memcpy_htod(src, &mut dst.slice_mut(..src.len())).map_err(|e| cuda(CudaError::Driver { op: "host-to-device copy", source: e }));
+        let copy = |src: &[u32], dst: &mut CudaSlice<u32>| {
+            st.memcpy_htod(src, &mut dst.slice_mut(..src.len()))
+                .map_err(|e| {
+                    cuda(CudaError::Driver {
+                        op: "host-to-device copy",
+                        source: e,
+                    })
+                })
+        };
         copy(&ids, &mut bufs.ids)?;
         copy(&positions, &mut bufs.positions)?;
         copy(&slots, &mut bufs.slots)?;
@@ -344,24 +357,45 @@ where
     }
 
     fn step_shape(&self, seqs: &[SeqInput<'_>], pad: bool) -> Result<StepShape> {
-        let bufs = self.bufs.as_ref().ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        let bufs = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
         let cache = bufs.cache;
         let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        let n_seqs = if pad { bucket(seqs.len()).min(cache.max_seqs) } else { seqs.len() };
-        let need = seqs.iter().map(|s| (s.start_pos + s.tokens.len()).div_ceil(cache.block_size)).max().unwrap_or(1);
+        let n_seqs = if pad {
+            bucket(seqs.len()).min(cache.max_seqs)
+        } else {
+            seqs.len()
+        };
+        let need = seqs
+            .iter()
+            .map(|s| (s.start_pos + s.tokens.len()).div_ceil(cache.block_size))
+            .max()
+            .unwrap_or(1);
         let full = cache.max_seq_len.div_ceil(cache.block_size);
         let width = need.next_power_of_two().max(16).min(full);
         if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
-            return Err(ModelError::Forward("every sequence in a step needs at least one new token".into()));
+            return Err(ModelError::Forward(
+                "every sequence in a step needs at least one new token".into(),
+            ));
         }
-        if tokens > cache.max_batch_tokens.max(cache.max_seqs) || seqs.len() > cache.max_seqs || need > full {
+        if tokens > cache.max_batch_tokens.max(cache.max_seqs)
+            || seqs.len() > cache.max_seqs
+            || need > full
+        {
             return Err(ModelError::Forward(format!(
                 "step of {tokens} tokens over {} sequences exceeds the allocated {} tokens, {} sequences, {} blocks per sequence",
                 seqs.len(), cache.max_batch_tokens, cache.max_seqs, full
             )));
         }
         let max_q_len = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
-        Ok(StepShape { tokens: if pad { n_seqs } else { tokens }, seqs: n_seqs, width, max_q_len })
+        Ok(StepShape {
+            tokens: if pad { n_seqs } else { tokens },
+            seqs: n_seqs,
+            width,
+            max_q_len,
+        })
     }
 
     /// Enqueue the whole forward pass for `shape`, leaving logits of each sequence's last token in
@@ -378,12 +412,33 @@ where
         let b = self.bufs.as_mut().expect("allocated before any step");
         let decode = shape.max_q_len == 1;
 
-        d.embedding(&self.embed, &b.ids.slice(..n), &mut b.residual.slice_mut(..n * h), h)?;
-        d.rms_norm(&b.residual.slice(..n * h), &self.layers[0].attn_norm, &mut b.normed.slice_mut(..n * h), n, h, eps)?;
+        d.embedding(
+            &self.embed,
+            &b.ids.slice(..n),
+            &mut b.residual.slice_mut(..n * h),
+            h,
+        )?;
+        d.rms_norm(
+            &b.residual.slice(..n * h),
+            &self.layers[0].attn_norm,
+            &mut b.normed.slice_mut(..n * h),
+            n,
+            h,
+            eps,
+        )?;
         // Every projection reads model weights that no kernel writes, so each may start streaming
         // them while the previous kernel finishes (programmatic dependent launch).
         for (li, layer) in self.layers.iter().enumerate() {
-            d.linear_overlapped(&b.normed.slice(..n * h), n, h, &layer.qkv, qkv_dim, layer.qkv_bias.as_ref().map(|x| x.slice(..)).as_ref(), None, &mut b.qkv.slice_mut(..n * qkv_dim))?;
+            d.linear_overlapped(
+                &b.normed.slice(..n * h),
+                n,
+                h,
+                &layer.qkv,
+                qkv_dim,
+                layer.qkv_bias.as_ref().map(|x| x.slice(..)).as_ref(),
+                None,
+                &mut b.qkv.slice_mut(..n * qkv_dim),
+            )?;
             let (k_cache, v_cache) = &mut self.kv[li];
             d.rope_qk_norm_kv_write(
                 &b.qkv.slice(..n * qkv_dim),
@@ -396,7 +451,12 @@ where
                 &mut b.q.slice_mut(..n * q_dim),
                 k_cache,
                 v_cache,
-                &RopeParams { n, num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: hd },
+                &RopeParams {
+                    n,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                },
             )?;
             let p = AttentionParams {
                 num_heads: c.num_heads,
@@ -410,17 +470,85 @@ where
             let tables = b.block_tables.slice(..shape.seqs * shape.width);
             let lens = b.context_lens.slice(..shape.seqs);
             if decode {
-                d.paged_attention_decode(&b.q.slice(..n * q_dim), &*k_cache, &*v_cache, &tables, &lens, &mut b.attn.slice_mut(..n * q_dim), &mut b.attn_workspace, &p)?;
+                d.paged_attention_decode(
+                    &b.q.slice(..n * q_dim),
+                    &*k_cache,
+                    &*v_cache,
+                    &tables,
+                    &lens,
+                    &mut b.attn.slice_mut(..n * q_dim),
+                    &mut b.attn_workspace,
+                    &p,
+                )?;
             } else {
-                d.paged_attention_prefill(&b.q.slice(..n * q_dim), &*k_cache, &*v_cache, &tables, &b.q_starts.slice(..shape.seqs + 1), &lens, &mut b.attn.slice_mut(..n * q_dim), shape.seqs, shape.max_q_len, &p)?;
+                d.paged_attention_prefill(
+                    &b.q.slice(..n * q_dim),
+                    &*k_cache,
+                    &*v_cache,
+                    &tables,
+                    &b.q_starts.slice(..shape.seqs + 1),
+                    &lens,
+                    &mut b.attn.slice_mut(..n * q_dim),
+                    shape.seqs,
+                    shape.max_q_len,
+                    &p,
+                )?;
             }
-            d.linear_overlapped(&b.attn.slice(..n * q_dim), n, q_dim, &layer.o_proj, h, None, None, &mut b.proj.slice_mut(..n * h))?;
-            d.fused_add_rms_norm(&b.proj.slice(..n * h), &mut b.residual.slice_mut(..n * h), &layer.mlp_norm, &mut b.normed.slice_mut(..n * h), n, h, eps)?;
-            d.linear_overlapped(&b.normed.slice(..n * h), n, h, &layer.gate_up, 2 * inter, None, None, &mut b.gate_up.slice_mut(..n * 2 * inter))?;
-            d.silu_mul(&b.gate_up.slice(..n * 2 * inter), &mut b.act.slice_mut(..n * inter), n, inter)?;
-            d.linear_overlapped(&b.act.slice(..n * inter), n, inter, &layer.down, h, None, None, &mut b.proj.slice_mut(..n * h))?;
+            d.linear_overlapped(
+                &b.attn.slice(..n * q_dim),
+                n,
+                q_dim,
+                &layer.o_proj,
+                h,
+                None,
+                None,
+                &mut b.proj.slice_mut(..n * h),
+            )?;
+            d.fused_add_rms_norm(
+                &b.proj.slice(..n * h),
+                &mut b.residual.slice_mut(..n * h),
+                &layer.mlp_norm,
+                &mut b.normed.slice_mut(..n * h),
+                n,
+                h,
+                eps,
+            )?;
+            d.linear_overlapped(
+                &b.normed.slice(..n * h),
+                n,
+                h,
+                &layer.gate_up,
+                2 * inter,
+                None,
+                None,
+                &mut b.gate_up.slice_mut(..n * 2 * inter),
+            )?;
+            d.silu_mul(
+                &b.gate_up.slice(..n * 2 * inter),
+                &mut b.act.slice_mut(..n * inter),
+                n,
+                inter,
+            )?;
+            d.linear_overlapped(
+                &b.act.slice(..n * inter),
+                n,
+                inter,
+                &layer.down,
+                h,
+                None,
+                None,
+                &mut b.proj.slice_mut(..n * h),
+            )?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
-            d.fused_add_rms_norm(&b.proj.slice(..n * h), &mut b.residual.slice_mut(..n * h), next_norm, &mut b.normed.slice_mut(..n * h), n, h, eps)?;
+            d.fused_add_rms_norm(
+                &b.proj.slice(..n * h),
+                &mut b.residual.slice_mut(..n * h),
+                next_norm,
+                &mut b.normed.slice_mut(..n * h),
+                n,
+                h,
+                eps,
+            )?;
         }
         // The LM head runs over each sequence's last row only: in a decode step those are all the
         // rows; otherwise they are gathered first (the embedding kernel is a row gather).
@@ -428,10 +556,33 @@ where
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = &mut b.logits.slice_mut(..s * c.vocab_size);
         if decode {
-            d.linear_overlapped(&b.normed.slice(..s * h), s, h, head, c.vocab_size, None, None, logits)?;
+            d.linear_overlapped(
+                &b.normed.slice(..s * h),
+                s,
+                h,
+                head,
+                c.vocab_size,
+                None,
+                None,
+                logits,
+            )?;
         } else {
-            d.embedding(&b.normed.slice(..n * h), &b.last_rows.slice(..s), &mut b.last.slice_mut(..s * h), h)?;
-            d.linear_overlapped(&b.last.slice(..s * h), s, h, head, c.vocab_size, None, None, logits)?;
+            d.embedding(
+                &b.normed.slice(..n * h),
+                &b.last_rows.slice(..s),
+                &mut b.last.slice_mut(..s * h),
+                h,
+            )?;
+            d.linear_overlapped(
+                &b.last.slice(..s * h),
+                s,
+                h,
+                head,
+                c.vocab_size,
+                None,
+                None,
+                logits,
+            )?;
         }
         Ok(())
     }
@@ -442,11 +593,21 @@ where
         self.enqueue_forward(shape).map_err(cuda)?;
         let vocab = self.config.vocab_size;
         let b = self.bufs.as_ref().expect("allocated");
-        let host = self.dev.download(&b.logits.slice(..seqs.len() * vocab)).map_err(cuda)?;
-        Ok(host.chunks(vocab).map(|row| row.iter().map(|x| x.to_f32()).collect()).collect())
+        let host = self
+            .dev
+            .download(&b.logits.slice(..seqs.len() * vocab))
+            .map_err(cuda)?;
+        Ok(host
+            .chunks(vocab)
+            .map(|row| row.iter().map(|x| x.to_f32()).collect())
+            .collect())
     }
 
-    fn forward_sample(&mut self, seqs: &[SeqInput<'_>], rows: Option<&[SamplingRow]>) -> Result<Vec<u32>> {
+    fn forward_sample(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        rows: Option<&[SamplingRow]>,
+    ) -> Result<Vec<u32>> {
         let decode = seqs.iter().all(|s| s.tokens.len() == 1);
         let shape = self.step_shape(seqs, decode)?;
         self.upload_inputs(seqs, shape)?;
@@ -464,18 +625,30 @@ where
                 let graph = self.capture(shape, greedy)?;
                 self.graphs.insert(key, graph);
             }
-            self.graphs[&key].launch().map_err(|e| cuda(CudaError::Driver { op: "graph launch", source: e }))?;
+            self.graphs[&key].launch().map_err(|e| {
+                cuda(CudaError::Driver {
+                    op: "graph launch",
+                    source: e,
+                })
+            })?;
         } else {
             self.enqueue_forward(shape).map_err(cuda)?;
             self.enqueue_choice(shape, greedy).map_err(cuda)?;
         }
         let b = self.bufs.as_ref().expect("allocated");
-        let ids = self.dev.download(&b.out_ids.slice(..seqs.len())).map_err(cuda)?;
+        let ids = self
+            .dev
+            .download(&b.out_ids.slice(..seqs.len()))
+            .map_err(cuda)?;
         Ok(ids)
     }
 
     /// Enqueue the token choice over `bufs.logits` into `bufs.out_ids`.
-    fn enqueue_choice(&mut self, shape: StepShape, greedy: bool) -> std::result::Result<(), CudaError> {
+    fn enqueue_choice(
+        &mut self,
+        shape: StepShape,
+        greedy: bool,
+    ) -> std::result::Result<(), CudaError> {
         let vocab = self.config.vocab_size;
         let b = self.bufs.as_mut().expect("allocated");
         let logits = b.logits.slice(..shape.seqs * vocab);
@@ -483,7 +656,8 @@ where
         if greedy {
             self.dev.argmax(&logits, shape.seqs, vocab, out)
         } else {
-            self.dev.sample(&logits, shape.seqs, vocab, &b.sampling, out)
+            self.dev
+                .sample(&logits, shape.seqs, vocab, &b.sampling, out)
         }
     }
 
@@ -495,12 +669,24 @@ where
         self.dev.synchronize().map_err(cuda)?;
         let stream = self.dev.stream().clone();
         let driver = |op: &'static str| move |e| cuda(CudaError::Driver { op, source: e });
-        stream.begin_capture(cudarc_capture_mode()).map_err(driver("graph capture start"))?;
-        let recorded = self.enqueue_forward(shape).and_then(|_| self.enqueue_choice(shape, greedy));
-        let graph = stream.end_capture(braid_kernels::cuda::GraphFlags(0)).map_err(driver("graph capture end"))?;
+        stream
+            .begin_capture(cudarc_capture_mode())
+            .map_err(driver("graph capture start"))?;
+        let recorded = self
+            .enqueue_forward(shape)
+            .and_then(|_| self.enqueue_choice(shape, greedy));
+        let graph = stream
+            .end_capture(braid_kernels::cuda::GraphFlags(0))
+            .map_err(driver("graph capture end"))?;
         recorded.map_err(cuda)?;
-        let graph = graph.ok_or_else(|| ModelError::Forward("CUDA graph capture recorded nothing".into()))?;
-        tracing::debug!(batch = shape.seqs, width = shape.width, greedy, "captured a decode graph");
+        let graph = graph
+            .ok_or_else(|| ModelError::Forward("CUDA graph capture recorded nothing".into()))?;
+        tracing::debug!(
+            batch = shape.seqs,
+            width = shape.width,
+            greedy,
+            "captured a decode graph"
+        );
         Ok(graph)
     }
 }
@@ -539,6 +725,9 @@ mod tests {
 
     #[test]
     fn buckets_cover_every_batch_size_with_little_padding() {
-        assert_eq!([1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65].map(bucket), [1, 2, 4, 4, 8, 8, 16, 16, 32, 64, 80]);
+        assert_eq!(
+            [1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65].map(bucket),
+            [1, 2, 4, 4, 8, 8, 16, 16, 32, 64, 80]
+        );
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod arch;
 pub mod chat_template;
+mod checkpoint;
 pub mod config;
 pub mod cuda_model;
 pub mod error;
@@ -22,7 +23,7 @@ pub mod weights;
 
 pub use arch::Architecture;
 pub use config::ModelConfig;
-pub use error::{ModelError, Result};
 pub use cuda_model::{CudaCacheConfig, CudaModel};
+pub use error::{ModelError, Result};
 pub use loader::{inspect, load, load_on, Backend, LoadedModel, ModelInfo};
 pub use model::{Model, SeqInput};

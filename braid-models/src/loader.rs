@@ -75,12 +75,24 @@ pub fn load_on(location: &ModelLocation, device: Device, dtype: DType) -> Result
     let a = open(location)?;
     let backend = match device {
         Device::Cpu if dtype != DType::F32 => {
-            return Err(ModelError::Config(format!("the CPU computes in f32; {dtype} applies to GPU runs only")))
+            return Err(ModelError::Config(format!(
+                "the CPU computes in f32; {dtype} applies to GPU runs only"
+            )))
         }
         Device::Cpu => Backend::Cpu(Box::new(Model::load(&a.info.config, &a.weights)?)),
-        Device::Cuda(ordinal) => Backend::Cuda(Box::new(CudaModel::load(&a.info.config, &a.weights, ordinal, dtype)?)),
+        Device::Cuda(ordinal) => Backend::Cuda(Box::new(CudaModel::load(
+            &a.info.config,
+            &a.weights,
+            ordinal,
+            dtype,
+        )?)),
     };
-    Ok(LoadedModel { info: a.info, backend, tokenizer: a.tokenizer, chat_template: a.chat_template })
+    Ok(LoadedModel {
+        info: a.info,
+        backend,
+        tokenizer: a.tokenizer,
+        chat_template: a.chat_template,
+    })
 }
 
 /// Read a model's description without loading its weights.
@@ -106,7 +118,12 @@ impl Assets {
             has_chat_template: chat_template.is_some(),
             config,
         };
-        Assets { info, weights, tokenizer, chat_template }
+        Assets {
+            info,
+            weights,
+            tokenizer,
+            chat_template,
+        }
     }
 }
 
@@ -124,7 +141,10 @@ fn open_hf_dir(dir: &Path) -> Result<Assets> {
 
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
-        return Err(ModelError::Tokenizer(format!("{} holds no tokenizer.json", dir.display())));
+        return Err(ModelError::Tokenizer(format!(
+            "{} holds no tokenizer.json",
+            dir.display()
+        )));
     }
     let special = |key: &str| -> Option<String> {
         match tok_config.as_ref()?.get(key)? {
@@ -136,21 +156,39 @@ fn open_hf_dir(dir: &Path) -> Result<Assets> {
     let bos = special("bos_token");
     let eos: Vec<String> = special("eos_token").into_iter().collect();
     // generation_config.json's eos ids take precedence over config.json's, as in transformers.
-    if let Some(ids) = gen_config.as_ref().and_then(|g| g.get("eos_token_id")).map(ids_of).filter(|i| !i.is_empty()) {
+    if let Some(ids) = gen_config
+        .as_ref()
+        .and_then(|g| g.get("eos_token_id"))
+        .map(ids_of)
+        .filter(|i| !i.is_empty())
+    {
         config.eos_token_ids = ids;
     }
-    let tokenizer = Tokenizer::from_file(&tok_path)?.with_special_tokens(bos.clone(), eos.clone(), config.eos_token_ids.clone());
+    let tokenizer = Tokenizer::from_file(&tok_path)?.with_special_tokens(
+        bos.clone(),
+        eos.clone(),
+        config.eos_token_ids.clone(),
+    );
 
     let template_src = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
         Ok(s) => Some(s),
-        Err(_) => tok_config.as_ref().and_then(|t| template_from_json(t.get("chat_template")?)),
+        Err(_) => tok_config
+            .as_ref()
+            .and_then(|t| template_from_json(t.get("chat_template")?)),
     };
     let chat_template = template_src
         .map(|src| ChatTemplate::new(&src, bos, eos.into_iter().next()))
         .transpose()?;
 
     let weights = Weights::Safetensors(SafetensorsWeights::open_dir(dir)?);
-    Ok(Assets::new(dir, "safetensors", config, weights, tokenizer, chat_template))
+    Ok(Assets::new(
+        dir,
+        "safetensors",
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+    ))
 }
 
 fn open_gguf(path: &Path) -> Result<Assets> {
@@ -164,28 +202,54 @@ fn open_gguf(path: &Path) -> Result<Assets> {
         .map(|src| ChatTemplate::new(src, token_str(meta.bos_id), token_str(meta.eos_id)))
         .transpose()?;
     let weights = Weights::Gguf(GgufWeights::new(file, &config));
-    Ok(Assets::new(path, "gguf", config, weights, tokenizer, chat_template))
+    Ok(Assets::new(
+        path,
+        "gguf",
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+    ))
 }
 
 /// Collect the `tokenizer.ggml.*` keys.
 fn gguf_tokenizer_metadata(file: &GgufFile) -> Result<GgufTokenizerMetadata> {
     let bad = |what: &str| ModelError::Tokenizer(format!("GGUF tokenizer metadata: {what}"));
     // An optional array key whose every element converts with `get` (else one sentence naming it).
-    fn array<T>(file: &GgufFile, key: &str, kind: &str, get: impl Fn(&GgufValue) -> Option<T>) -> Result<Option<Vec<T>>> {
+    fn array<T>(
+        file: &GgufFile,
+        key: &str,
+        kind: &str,
+        get: impl Fn(&GgufValue) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         let bad = |what: String| ModelError::Tokenizer(format!("GGUF tokenizer metadata: {what}"));
-        let Some(v) = file.get(key) else { return Ok(None) };
-        let items = v.as_array().ok_or_else(|| bad(format!("{key} is not an array")))?;
-        items.iter().map(|x| get(x).ok_or_else(|| bad(format!("{key} holds a non-{kind}")))).collect::<Result<Vec<_>>>().map(Some)
+        let Some(v) = file.get(key) else {
+            return Ok(None);
+        };
+        let items = v
+            .as_array()
+            .ok_or_else(|| bad(format!("{key} is not an array")))?;
+        items
+            .iter()
+            .map(|x| get(x).ok_or_else(|| bad(format!("{key} holds a non-{kind}"))))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
     let strings = |key: &str| array(file, key, "string", |x| x.as_str().map(str::to_owned));
     let numbers = |key: &str| array(file, key, "number", GgufValue::as_f64);
     let id = |key: &str| file.get_u64(key).map(|x| x as u32);
     Ok(GgufTokenizerMetadata {
-        model: file.get_str("tokenizer.ggml.model").ok_or_else(|| bad("tokenizer.ggml.model is missing"))?.to_owned(),
+        model: file
+            .get_str("tokenizer.ggml.model")
+            .ok_or_else(|| bad("tokenizer.ggml.model is missing"))?
+            .to_owned(),
         pre: file.get_str("tokenizer.ggml.pre").map(str::to_owned),
-        tokens: strings("tokenizer.ggml.tokens")?.ok_or_else(|| bad("tokenizer.ggml.tokens is missing"))?,
-        scores: numbers("tokenizer.ggml.scores")?.map(|v| v.into_iter().map(|x| x as f32).collect()),
-        token_types: numbers("tokenizer.ggml.token_type")?.map(|v| v.into_iter().map(|x| x as i32).collect()),
+        tokens: strings("tokenizer.ggml.tokens")?
+            .ok_or_else(|| bad("tokenizer.ggml.tokens is missing"))?,
+        scores: numbers("tokenizer.ggml.scores")?
+            .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        token_types: numbers("tokenizer.ggml.token_type")?
+            .map(|v| v.into_iter().map(|x| x as i32).collect()),
         merges: strings("tokenizer.ggml.merges")?,
         bos_id: id("tokenizer.ggml.bos_token_id"),
         eos_id: id("tokenizer.ggml.eos_token_id"),
@@ -222,7 +286,10 @@ fn template_from_json(v: &Value) -> Option<String> {
 fn ids_of(v: &Value) -> Vec<u32> {
     match v {
         Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }

@@ -4,6 +4,7 @@
 use braid_cache::KvStorage;
 use braid_kernels::{cpu, Tensor};
 
+use crate::checkpoint::{HostEnds, HostLayer};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
@@ -49,57 +50,40 @@ impl Model {
     /// Read every weight the config calls for, checking each shape.
     pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Self> {
         let c = config;
-        let spec = c.architecture.spec();
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let vec = |name: &str, n: usize| weights.get(name, &[n]).map(Tensor::into_data);
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        let tensor = |shape: Vec<usize>, data: Vec<f32>| {
+            Tensor::new(shape, data).map_err(|e| ModelError::Weights(e.to_string()))
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for (i, &window) in c.layer_windows.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let q = weights.get(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?;
-            let k = weights.get(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?;
-            let v = weights.get(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?;
-            let qkv_bias = if spec.qkv_bias {
-                let mut b = vec(&format!("{p}.self_attn.q_proj.bias"), q_dim)?;
-                b.extend(vec(&format!("{p}.self_attn.k_proj.bias"), kv_dim)?);
-                b.extend(vec(&format!("{p}.self_attn.v_proj.bias"), kv_dim)?);
-                Some(b)
-            } else {
-                None
-            };
-            let (q_norm, k_norm) = if spec.qk_norm {
-                (
-                    Some(vec(&format!("{p}.self_attn.q_norm.weight"), c.head_dim)?),
-                    Some(vec(&format!("{p}.self_attn.k_norm.weight"), c.head_dim)?),
-                )
-            } else {
-                (None, None)
-            };
-            let gate = weights.get(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?;
-            let up = weights.get(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?;
+            let l = HostLayer::read(c, weights, i)?;
             layers.push(Layer {
-                attn_norm: vec(&format!("{p}.input_layernorm.weight"), h)?,
-                qkv: concat(&[&q, &k, &v])?,
-                qkv_bias,
-                q_norm,
-                k_norm,
-                o_proj: weights.get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
-                mlp_norm: vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_up: concat(&[&gate, &up])?,
-                down: weights.get(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                attn_norm: l.attn_norm,
+                qkv: tensor(vec![q_dim + 2 * kv_dim, h], l.qkv)?,
+                qkv_bias: l.qkv_bias,
+                q_norm: l.q_norm,
+                k_norm: l.k_norm,
+                o_proj: tensor(vec![h, q_dim], l.o_proj)?,
+                mlp_norm: l.mlp_norm,
+                gate_up: tensor(vec![2 * c.intermediate_size, h], l.gate_up)?,
+                down: tensor(vec![h, c.intermediate_size], l.down)?,
                 window,
             });
         }
-        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            None
-        } else {
-            Some(weights.get("lm_head.weight", &[c.vocab_size, h])?)
-        };
+        let ends = HostEnds::read(c, weights)?;
         Ok(Model {
             config: c.clone(),
-            embed: weights.get("model.embed_tokens.weight", &[c.vocab_size, h])?,
+            embed: tensor(vec![c.vocab_size, h], ends.embed)?,
             layers,
-            norm: vec("model.norm.weight", h)?,
-            lm_head,
+            norm: ends.norm,
+            lm_head: ends
+                .lm_head
+                .map(|w| tensor(vec![c.vocab_size, h], w))
+                .transpose()?,
             inv_freq: c.rope_inv_freq(),
         })
     }
@@ -114,12 +98,21 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                l.attn_norm.len() + l.qkv.numel() + l.qkv_bias.as_ref().map_or(0, Vec::len)
-                    + l.q_norm.as_ref().map_or(0, Vec::len) + l.k_norm.as_ref().map_or(0, Vec::len)
-                    + l.o_proj.numel() + l.mlp_norm.len() + l.gate_up.numel() + l.down.numel()
+                l.attn_norm.len()
+                    + l.qkv.numel()
+                    + l.qkv_bias.as_ref().map_or(0, Vec::len)
+                    + l.q_norm.as_ref().map_or(0, Vec::len)
+                    + l.k_norm.as_ref().map_or(0, Vec::len)
+                    + l.o_proj.numel()
+                    + l.mlp_norm.len()
+                    + l.gate_up.numel()
+                    + l.down.numel()
             })
             .sum();
-        4 * (layer_floats + self.embed.numel() + self.norm.len() + self.lm_head.as_ref().map_or(0, Tensor::numel))
+        4 * (layer_floats
+            + self.embed.numel()
+            + self.norm.len()
+            + self.lm_head.as_ref().map_or(0, Tensor::numel))
     }
 
     /// Run the new tokens of every sequence in one batch, writing their K/V into `kv`, and return the
@@ -136,7 +129,9 @@ impl Model {
         let mut slots = Vec::new();
         for s in seqs {
             if s.tokens.is_empty() {
-                return Err(ModelError::Forward("a sequence in the batch has no new tokens".into()));
+                return Err(ModelError::Forward(
+                    "a sequence in the batch has no new tokens".into(),
+                ));
             }
             let end = s.start_pos + s.tokens.len();
             if end > c.max_position_embeddings {
@@ -154,12 +149,14 @@ impl Model {
             tokens.extend_from_slice(s.tokens);
             for pos in s.start_pos..end {
                 positions.push(pos);
-                slots.push(s.block_table[pos / block_size] as usize * block_size + pos % block_size);
+                slots
+                    .push(s.block_table[pos / block_size] as usize * block_size + pos % block_size);
             }
         }
         let n = tokens.len();
         let mut x = vec![0.0f32; n * h];
-        cpu::embedding(self.embed.data(), h, &tokens, &mut x).map_err(|e| ModelError::Forward(e.to_string()))?;
+        cpu::embedding(self.embed.data(), h, &tokens, &mut x)
+            .map_err(|e| ModelError::Forward(e.to_string()))?;
 
         let mut normed = vec![0.0f32; n * h];
         let mut qkv = vec![0.0f32; n * qkv_dim];
@@ -174,7 +171,15 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
-            cpu::linear(&normed, n, h, layer.qkv.data(), qkv_dim, layer.qkv_bias.as_deref(), &mut qkv);
+            cpu::linear(
+                &normed,
+                n,
+                h,
+                layer.qkv.data(),
+                qkv_dim,
+                layer.qkv_bias.as_deref(),
+                &mut qkv,
+            );
             for t in 0..n {
                 let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
                 q[t * q_dim..(t + 1) * q_dim].copy_from_slice(&row[..q_dim]);
@@ -220,10 +225,22 @@ impl Model {
 
             cpu::rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps, &mut normed);
             let inter = c.intermediate_size;
-            cpu::linear(&normed, n, h, layer.gate_up.data(), 2 * inter, None, &mut gate_up);
+            cpu::linear(
+                &normed,
+                n,
+                h,
+                layer.gate_up.data(),
+                2 * inter,
+                None,
+                &mut gate_up,
+            );
             for t in 0..n {
                 let row = &gate_up[t * 2 * inter..(t + 1) * 2 * inter];
-                cpu::silu_mul(&row[..inter], &row[inter..], &mut act[t * inter..(t + 1) * inter]);
+                cpu::silu_mul(
+                    &row[..inter],
+                    &row[inter..],
+                    &mut act[t * inter..(t + 1) * inter],
+                );
             }
             cpu::linear(&act, n, inter, layer.down.data(), h, None, &mut proj);
             cpu::add_inplace(&mut x, &proj);
@@ -236,15 +253,16 @@ impl Model {
         let mut last = vec![0.0f32; h];
         for s in seqs {
             end += s.tokens.len();
-            cpu::rms_norm(&x[(end - 1) * h..end * h], &self.norm, c.rms_norm_eps, &mut last);
+            cpu::rms_norm(
+                &x[(end - 1) * h..end * h],
+                &self.norm,
+                c.rms_norm_eps,
+                &mut last,
+            );
             let mut logits = vec![0.0f32; c.vocab_size];
             cpu::linear(&last, 1, h, head.data(), c.vocab_size, None, &mut logits);
             out.push(logits);
         }
         Ok(out)
     }
-}
-
-fn concat(parts: &[&Tensor]) -> Result<Tensor> {
-    Tensor::concat_rows(parts).map_err(|e| ModelError::Weights(e.to_string()))
 }

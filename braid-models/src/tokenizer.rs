@@ -98,7 +98,9 @@ impl Tokenizer {
         let kind = describe_kind(&spec);
         let bos_id_and_token = template_bos(&spec);
         let inner: tokenizers::Tokenizer = serde_json::from_value(spec).map_err(|e| {
-            ModelError::Tokenizer(format!("{origin} is not a tokenizer this version can load: {e}"))
+            ModelError::Tokenizer(format!(
+                "{origin} is not a tokenizer this version can load: {e}"
+            ))
         })?;
         let vocab_size = inner
             .get_vocab(true)
@@ -109,7 +111,15 @@ impl Tokenizer {
             Some((id, token)) => (Some(id), Some(token)),
             None => (None, None),
         };
-        Ok(Tokenizer { inner, kind, vocab_size, bos_token, bos_id, eos_token: None, eos_ids: Vec::new() })
+        Ok(Tokenizer {
+            inner,
+            kind,
+            vocab_size,
+            bos_token,
+            bos_id,
+            eos_token: None,
+            eos_ids: Vec::new(),
+        })
     }
 
     /// Turns text into token ids; `add_special_tokens` adds what the tokenizer adds around a
@@ -118,7 +128,12 @@ impl Tokenizer {
         let encoding = self
             .inner
             .encode_fast(text, add_special_tokens)
-            .map_err(|e| ModelError::Tokenizer(format!("could not encode {} bytes of text: {e}", text.len())))?;
+            .map_err(|e| {
+                ModelError::Tokenizer(format!(
+                    "could not encode {} bytes of text: {e}",
+                    text.len()
+                ))
+            })?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -126,9 +141,9 @@ impl Tokenizer {
     /// Face tokenizers do, so a model whose embedding table is padded past the vocabulary cannot
     /// break a stream.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| ModelError::Tokenizer(format!("could not decode {} token ids: {e}", ids.len())))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| {
+            ModelError::Tokenizer(format!("could not decode {} token ids: {e}", ids.len()))
+        })
     }
 
     /// One past the largest token id the tokenizer knows (added tokens included).
@@ -175,7 +190,12 @@ impl Tokenizer {
     ///
     /// `None` / empty keep what the tokenizer already knows. Whether BOS is added while encoding
     /// stays with the tokenizer's own post-processor, which transformers also follows.
-    pub fn with_special_tokens(mut self, bos: Option<String>, eos: Vec<String>, extra_eos_ids: Vec<u32>) -> Self {
+    pub fn with_special_tokens(
+        mut self,
+        bos: Option<String>,
+        eos: Vec<String>,
+        extra_eos_ids: Vec<u32>,
+    ) -> Self {
         if let Some(bos) = bos {
             self.bos_id = self.inner.token_to_id(&bos);
             if self.bos_id.is_none() {
@@ -189,7 +209,9 @@ impl Tokenizer {
             for token in &eos {
                 match self.inner.token_to_id(token) {
                     Some(id) => push_unique(&mut self.eos_ids, id),
-                    None => tracing::warn!("EOS token {token:?} is not in the tokenizer's vocabulary"),
+                    None => {
+                        tracing::warn!("EOS token {token:?} is not in the tokenizer's vocabulary")
+                    }
                 }
             }
         }
@@ -228,14 +250,18 @@ fn describe_kind(spec: &Value) -> String {
         None if model.get("merges").is_some() => "BPE",
         None => "unknown",
     };
-    let mentions = |part: &str, needle: &str| spec.get(part).is_some_and(|v| v.to_string().contains(needle));
+    let mentions = |part: &str, needle: &str| {
+        spec.get(part)
+            .is_some_and(|v| v.to_string().contains(needle))
+    };
     match model_type {
         "BPE" if mentions("pre_tokenizer", "ByteLevel") || mentions("decoder", "ByteLevel") => {
             "BPE (byte-level)".to_string()
         }
-        "BPE" if model["byte_fallback"].as_bool() == Some(true)
-            || mentions("pre_tokenizer", "Metaspace")
-            || mentions("normalizer", SPACE_PIECE) =>
+        "BPE"
+            if model["byte_fallback"].as_bool() == Some(true)
+                || mentions("pre_tokenizer", "Metaspace")
+                || mentions("normalizer", SPACE_PIECE) =>
         {
             "BPE (SentencePiece-style)".to_string()
         }
@@ -392,7 +418,9 @@ fn gguf_tokenizer_spec(meta: &GgufTokenizerMetadata) -> Result<Value> {
 fn check_gguf_metadata(meta: &GgufTokenizerMetadata) -> Result<()> {
     let n = meta.tokens.len();
     if n == 0 {
-        return Err(ModelError::Tokenizer("the GGUF file has an empty tokenizer.ggml.tokens list".to_string()));
+        return Err(ModelError::Tokenizer(
+            "the GGUF file has an empty tokenizer.ggml.tokens list".to_string(),
+        ));
     }
     if let Some(scores) = &meta.scores {
         if scores.len() != n {
@@ -475,7 +503,10 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
         merges.extend(local);
     }
     merges.sort_by(|a, b| key(b.2).total_cmp(&key(a.2)));
-    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 /// GGUF control (and, for SentencePiece vocabularies, unknown) tokens become special added
@@ -507,7 +538,10 @@ fn gguf_added_tokens(meta: &GgufTokenizerMetadata, unknown_is_special: bool) -> 
         // Without types, the tokens the GGUF names are the only ones known to be special.
         None => {
             let mut ids: Vec<u32> = Vec::new();
-            for id in [meta.unk_id, meta.bos_id, meta.eos_id, meta.pad_id].into_iter().flatten() {
+            for id in [meta.unk_id, meta.bos_id, meta.eos_id, meta.pad_id]
+                .into_iter()
+                .flatten()
+            {
                 push_unique(&mut ids, id);
             }
             ids.into_iter().map(|id| added(id as usize, true)).collect()
@@ -517,11 +551,16 @@ fn gguf_added_tokens(meta: &GgufTokenizerMetadata, unknown_is_special: bool) -> 
 
 /// A `TemplateProcessing` post-processor that adds BOS and/or EOS around each sequence, the
 /// way transformers' LLaMA tokenizer builds it; `None` when neither is added.
-fn special_tokens_template(bos: Option<String>, eos: Option<String>, meta: &GgufTokenizerMetadata) -> Option<Value> {
+fn special_tokens_template(
+    bos: Option<String>,
+    eos: Option<String>,
+    meta: &GgufTokenizerMetadata,
+) -> Option<Value> {
     if bos.is_none() && eos.is_none() {
         return None;
     }
-    let special = |token: &str, type_id: u32| json!({"SpecialToken": {"id": token, "type_id": type_id}});
+    let special =
+        |token: &str, type_id: u32| json!({"SpecialToken": {"id": token, "type_id": type_id}});
     let sequence = |name: &str, type_id: u32| json!({"Sequence": {"id": name, "type_id": type_id}});
     let mut single = Vec::new();
     let mut pair = Vec::new();
@@ -539,7 +578,10 @@ fn special_tokens_template(bos: Option<String>, eos: Option<String>, meta: &Gguf
     let mut special_tokens = Map::new();
     for (token, id) in [(&bos, meta.bos_id), (&eos, meta.eos_id)] {
         if let (Some(token), Some(id)) = (token, id) {
-            special_tokens.insert(token.clone(), json!({"id": token, "ids": [id], "tokens": [token]}));
+            special_tokens.insert(
+                token.clone(),
+                json!({"id": token, "ids": [id], "tokens": [token]}),
+            );
         }
     }
     Some(json!({
@@ -591,12 +633,8 @@ impl ByteLevelPre {
     }
 
     fn pre_tokenizer(self) -> Value {
-        let byte_level = |trim_offsets: bool, use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim_offsets, "use_regex": use_regex})
-        };
-        let split = |regex: &str| {
-            json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |trim_offsets: bool, use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim_offsets, "use_regex": use_regex});
+        let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
         match self {
             ByteLevelPre::Gpt2 => byte_level(true, true),
             ByteLevelPre::Digits => json!({
@@ -649,14 +687,21 @@ mod tests {
 
     /// GPT-2's printable stand-in for a byte.
     fn byte_symbol(b: u8) -> String {
-        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         if printable {
             char::from(b).to_string()
         } else {
             let offset = (0u8..b)
-                .filter(|&c| !((b'!'..=b'~').contains(&c) || (0xA1..=0xAC).contains(&c) || (0xAE..=0xFF).contains(&c)))
+                .filter(|&c| {
+                    !((b'!'..=b'~').contains(&c)
+                        || (0xA1..=0xAC).contains(&c)
+                        || (0xAE..=0xFF).contains(&c))
+                })
                 .count() as u32;
-            char::from_u32(256 + offset).map(String::from).unwrap_or_default()
+            char::from_u32(256 + offset)
+                .map(String::from)
+                .unwrap_or_default()
         }
     }
 
@@ -691,11 +736,17 @@ mod tests {
         let mut meta = byte_level_meta();
         let bos = meta.bos_id.unwrap();
         let eos = meta.eos_id.unwrap();
-        let without = Tokenizer::from_gguf(&meta).unwrap().encode("hello", true).unwrap();
+        let without = Tokenizer::from_gguf(&meta)
+            .unwrap()
+            .encode("hello", true)
+            .unwrap();
         assert_ne!(without.first(), Some(&bos));
         meta.add_bos = Some(true);
         meta.add_eos = Some(true);
-        let with = Tokenizer::from_gguf(&meta).unwrap().encode("hello", true).unwrap();
+        let with = Tokenizer::from_gguf(&meta)
+            .unwrap()
+            .encode("hello", true)
+            .unwrap();
         assert_eq!(with.first(), Some(&bos));
         assert_eq!(with.last(), Some(&eos));
         assert_eq!(&with[1..with.len() - 1], &without[..]);
@@ -706,12 +757,18 @@ mod tests {
         let mut meta = byte_level_meta();
         meta.model = "bert".to_string();
         let err = Tokenizer::from_gguf(&meta).unwrap_err().to_string();
-        assert!(err.contains("unsupported GGUF tokenizer model \"bert\""), "{err}");
+        assert!(
+            err.contains("unsupported GGUF tokenizer model \"bert\""),
+            "{err}"
+        );
 
         let mut meta = byte_level_meta();
         meta.eos_id = Some(100_000);
         let err = Tokenizer::from_gguf(&meta).unwrap_err().to_string();
-        assert!(err.contains("eos_token_id is 100000, outside the vocabulary"), "{err}");
+        assert!(
+            err.contains("eos_token_id is 100000, outside the vocabulary"),
+            "{err}"
+        );
 
         let mut meta = byte_level_meta();
         meta.merges = Some(strings(&["h e", "nospace"]));
@@ -728,13 +785,23 @@ mod tests {
         let err = Tokenizer::from_gguf(&meta).unwrap_err().to_string();
         assert!(err.contains("token_type has 3 entries"), "{err}");
 
-        let meta = GgufTokenizerMetadata { model: "llama".to_string(), ..Default::default() };
+        let meta = GgufTokenizerMetadata {
+            model: "llama".to_string(),
+            ..Default::default()
+        };
         let err = Tokenizer::from_gguf(&meta).unwrap_err().to_string();
         assert!(err.contains("empty tokenizer.ggml.tokens"), "{err}");
 
-        let meta = GgufTokenizerMetadata { model: "llama".to_string(), tokens: strings(&["a"]), ..Default::default() };
+        let meta = GgufTokenizerMetadata {
+            model: "llama".to_string(),
+            tokens: strings(&["a"]),
+            ..Default::default()
+        };
         let err = Tokenizer::from_gguf(&meta).unwrap_err().to_string();
-        assert!(err.contains("neither tokenizer.ggml.merges nor tokenizer.ggml.scores"), "{err}");
+        assert!(
+            err.contains("neither tokenizer.ggml.merges nor tokenizer.ggml.scores"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -742,9 +809,15 @@ mod tests {
         let tokens = strings(&["a", "b", "c", "ab", "bc", "abc"]);
         let scores = [-10.0, -11.0, -12.0, -1.0, -2.0, -3.0];
         let merges = merges_from_scores(&tokens, &scores);
-        let pairs: Vec<(&str, &str)> = merges.iter().map(|(l, r)| (l.as_str(), r.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(l, r)| (l.as_str(), r.as_str()))
+            .collect();
         // "abc" splits as ab|c and a|bc; "ab" (-1) outscores "a" (-10), so ab|c comes first.
-        assert_eq!(pairs, vec![("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]);
+        assert_eq!(
+            pairs,
+            vec![("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
+        );
     }
 
     #[test]
@@ -761,7 +834,11 @@ mod tests {
         let end = tok.token_to_id("<|im_end|>").unwrap();
         let tok = tok.with_special_tokens(
             Some("<|endoftext|>".to_string()),
-            vec!["<|endoftext|>".to_string(), "<|im_end|>".to_string(), "<|missing|>".to_string()],
+            vec![
+                "<|endoftext|>".to_string(),
+                "<|im_end|>".to_string(),
+                "<|missing|>".to_string(),
+            ],
             vec![end, 7],
         );
         assert_eq!(tok.bos_token(), Some("<|endoftext|>"));
@@ -787,13 +864,23 @@ mod tests {
         let mut meta = byte_level_meta();
         meta.pre = Some("something-new".to_string());
         let tok = Tokenizer::from_gguf(&meta).unwrap();
-        assert_eq!(tok.decode(&tok.encode("hello world", false).unwrap(), false).unwrap(), "hello world");
+        assert_eq!(
+            tok.decode(&tok.encode("hello world", false).unwrap(), false)
+                .unwrap(),
+            "hello world"
+        );
     }
 
     #[test]
     fn describe_kind_names_the_algorithm() {
-        assert_eq!(describe_kind(&json!({"model": {"type": "Unigram"}})), "Unigram (SentencePiece-style)");
-        assert_eq!(describe_kind(&json!({"model": {"type": "WordPiece"}})), "WordPiece");
+        assert_eq!(
+            describe_kind(&json!({"model": {"type": "Unigram"}})),
+            "Unigram (SentencePiece-style)"
+        );
+        assert_eq!(
+            describe_kind(&json!({"model": {"type": "WordPiece"}})),
+            "WordPiece"
+        );
         assert_eq!(
             describe_kind(&json!({"model": {"type": "BPE", "byte_fallback": true}})),
             "BPE (SentencePiece-style)"

@@ -9,6 +9,7 @@ use braid_kernels::Tensor;
 use braid_quant::GgufFile;
 use memmap2::Mmap;
 use rayon::prelude::*;
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::arch::Architecture;
@@ -49,11 +50,10 @@ impl Weights {
         let mut out = BTreeMap::new();
         match self {
             Weights::Safetensors(w) => {
-                for (name, &file) in &w.index {
-                    if let Ok(st) = SafeTensors::deserialize(&w.maps[file]) {
-                        if let Ok(t) = st.tensor(name) {
-                            *out.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() += 1;
-                        }
+                for f in &w.files {
+                    for info in f.metadata.tensors().values() {
+                        *out.entry(format!("{:?}", info.dtype).to_lowercase())
+                            .or_default() += 1;
                     }
                 }
             }
@@ -67,10 +67,18 @@ impl Weights {
     }
 }
 
+/// One memory-mapped `.safetensors` file with its header parsed once.
+struct SafetensorsFile {
+    map: Mmap,
+    /// Where the data section starts in `map`.
+    data_start: usize,
+    metadata: Metadata,
+}
+
 /// One or more memory-mapped `.safetensors` files.
 pub struct SafetensorsWeights {
-    maps: Vec<Mmap>,
-    /// Tensor name → index into `maps`.
+    files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
     index: HashMap<String, usize>,
 }
 
@@ -79,12 +87,20 @@ impl SafetensorsWeights {
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Weights(format!("{} is not valid JSON: {e}", index_path.display())))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ModelError::Weights(format!("{} has no weight_map object", index_path.display()))
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                ModelError::Weights(format!("{} is not valid JSON: {e}", index_path.display()))
             })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    ModelError::Weights(format!(
+                        "{} has no weight_map object",
+                        index_path.display()
+                    ))
+                })?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort_unstable();
             names.dedup();
@@ -99,38 +115,57 @@ impl SafetensorsWeights {
             found
         };
         if files.is_empty() {
-            return Err(ModelError::Weights(format!("{} holds no .safetensors weight files", dir.display())));
+            return Err(ModelError::Weights(format!(
+                "{} holds no .safetensors weight files",
+                dir.display()
+            )));
         }
         Self::open_files(&files)
     }
 
-    pub fn open_files(files: &[PathBuf]) -> Result<Self> {
-        let mut maps = Vec::with_capacity(files.len());
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
-        for (i, path) in files.iter().enumerate() {
+        for (i, path) in paths.iter().enumerate() {
             let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
             // SAFETY: the file is opened read-only and the mapping is never written; a file
             // changed underneath a running process is outside what any loader can defend against.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| {
-                ModelError::Weights(format!("{} is not a valid safetensors file: {e}", path.display()))
+            // Checks every tensor's offsets against the file length, so slicing below cannot fail.
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+                ModelError::Weights(format!(
+                    "{} is not a valid safetensors file: {e}",
+                    path.display()
+                ))
             })?;
-            for name in st.names() {
-                index.insert(name.to_owned(), i);
+            for name in metadata.tensors().into_keys() {
+                index.insert(name, i);
             }
-            maps.push(map);
+            files.push(SafetensorsFile {
+                data_start: 8 + header_len,
+                metadata,
+                map,
+            });
         }
-        Ok(SafetensorsWeights { maps, index })
+        Ok(SafetensorsWeights { files, index })
+    }
+
+    fn info(&self, name: &str) -> Result<(&SafetensorsFile, &TensorInfo)> {
+        let &file = self.index.get(name).ok_or_else(|| missing(name))?;
+        let f = &self.files[file];
+        let info = f.metadata.info(name).ok_or_else(|| missing(name))?;
+        Ok((f, info))
     }
 
     fn get(&self, name: &str) -> Result<Tensor> {
-        let &file = self.index.get(name).ok_or_else(|| missing(name))?;
-        let st = SafeTensors::deserialize(&self.maps[file])
-            .map_err(|e| ModelError::Weights(format!("safetensors header became unreadable: {e}")))?;
-        let view = st.tensor(name).map_err(|e| ModelError::Weights(format!("tensor {name}: {e}")))?;
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.par_chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        let (f, info) = self.info(name)?;
+        let (start, end) = info.data_offsets;
+        let bytes = &f.map[f.data_start + start..f.data_start + end];
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes
+                .par_chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             Dtype::F16 => bytes
                 .par_chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -145,7 +180,8 @@ impl SafetensorsWeights {
                 )))
             }
         };
-        Tensor::new(view.shape().to_vec(), data).map_err(|e| ModelError::Weights(format!("tensor {name}: {e}")))
+        Tensor::new(info.shape.clone(), data)
+            .map_err(|e| ModelError::Weights(format!("tensor {name}: {e}")))
     }
 }
 
@@ -159,7 +195,12 @@ pub struct GgufWeights {
 
 impl GgufWeights {
     pub fn new(file: GgufFile, config: &ModelConfig) -> Self {
-        GgufWeights { file, arch: config.architecture, num_heads: config.num_heads, num_kv_heads: config.num_kv_heads }
+        GgufWeights {
+            file,
+            arch: config.architecture,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+        }
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -174,8 +215,12 @@ impl GgufWeights {
             "lm_head.weight" => return "output.weight".into(),
             _ => {}
         }
-        let Some(rest) = hf.strip_prefix("model.layers.") else { return hf.to_owned() };
-        let Some((layer, tail)) = rest.split_once('.') else { return hf.to_owned() };
+        let Some(rest) = hf.strip_prefix("model.layers.") else {
+            return hf.to_owned();
+        };
+        let Some((layer, tail)) = rest.split_once('.') else {
+            return hf.to_owned();
+        };
         let mapped = match tail {
             "input_layernorm.weight" => "attn_norm.weight",
             "post_attention_layernorm.weight" => "ffn_norm.weight",
@@ -212,7 +257,8 @@ impl GgufWeights {
             if let Some(heads) = heads {
                 let rows = shape[0];
                 let cols = if shape.len() > 1 { shape[1] } else { 1 };
-                data = unpermute_rows(&data, rows, cols, heads).map_err(|msg| ModelError::Weights(format!("tensor {name}: {msg}")))?;
+                data = unpermute_rows(&data, rows, cols, heads)
+                    .map_err(|msg| ModelError::Weights(format!("tensor {name}: {msg}")))?;
             }
         }
         Tensor::new(shape, data).map_err(|e| ModelError::Weights(format!("tensor {name}: {e}")))
@@ -221,9 +267,16 @@ impl GgufWeights {
 
 /// Undo llama.cpp's Q/K permutation: GGUF keeps each head's rotary pairs interleaved
 /// (`reshape(heads, 2, half, cols).swapaxes(1, 2)`); Hugging Face keeps the halves apart.
-fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> std::result::Result<Vec<f32>, String> {
+fn unpermute_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> std::result::Result<Vec<f32>, String> {
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        return Err(format!("{rows} rows cannot be split into {heads} heads of rotary pairs"));
+        return Err(format!(
+            "{rows} rows cannot be split into {heads} heads of rotary pairs"
+        ));
     }
     let half = rows / heads / 2;
     let mut out = vec![0.0; data.len()];
@@ -268,7 +321,10 @@ mod tests {
     fn unpermute_inverts_the_converter() {
         let (rows, cols, heads) = (24, 3, 3);
         let data: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
-        assert_eq!(unpermute_rows(&permute(&data, rows, cols, heads), rows, cols, heads).unwrap(), data);
+        assert_eq!(
+            unpermute_rows(&permute(&data, rows, cols, heads), rows, cols, heads).unwrap(),
+            data
+        );
         assert!(unpermute_rows(&data, 10, 1, 3).is_err());
     }
 }

@@ -41,7 +41,8 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/chat_templates.json");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/chat_templates.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -52,10 +53,16 @@ fn compile(spec: &TemplateSpec) -> ChatTemplate {
 #[test]
 fn renders_match_transformers() {
     let fixture = fixture();
-    let templates: BTreeMap<&str, ChatTemplate> =
-        fixture.templates.iter().map(|(name, spec)| (name.as_str(), compile(spec))).collect();
+    let templates: BTreeMap<&str, ChatTemplate> = fixture
+        .templates
+        .iter()
+        .map(|(name, spec)| (name.as_str(), compile(spec)))
+        .collect();
     for name in ["smollm2", "llama3", "qwen3", "mistral", "features"] {
-        assert!(fixture.renders.iter().any(|r| r.template == name), "no renders of {name}");
+        assert!(
+            fixture.renders.iter().any(|r| r.template == name),
+            "no renders of {name}"
+        );
     }
     let mut failures = Vec::new();
     for render in &fixture.renders {
@@ -66,11 +73,20 @@ fn renders_match_transformers() {
         if got != render.expected {
             failures.push(format!(
                 "{} / {} / generation prompt {} / {:?}:\n  got      {got:?}\n  expected {:?}",
-                render.template, render.conversation, render.add_generation_prompt, render.extra, render.expected
+                render.template,
+                render.conversation,
+                render.add_generation_prompt,
+                render.extra,
+                render.expected
             ));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -82,7 +98,9 @@ fn render_is_render_with_no_extra_variables() {
     let expected = fixture
         .renders
         .iter()
-        .find(|r| r.template == "smollm2" && r.conversation == "multi_turn" && r.add_generation_prompt)
+        .find(|r| {
+            r.template == "smollm2" && r.conversation == "multi_turn" && r.add_generation_prompt
+        })
         .unwrap();
     assert_eq!(template.render(messages, true).unwrap(), expected.expected);
 }
@@ -93,7 +111,9 @@ fn raise_exception_reaches_the_caller() {
     assert!(!fixture.errors.is_empty());
     for rejected in &fixture.errors {
         let template = compile(&fixture.templates[&rejected.template]);
-        let err = template.render(&fixture.conversations[&rejected.conversation], false).unwrap_err();
+        let err = template
+            .render(&fixture.conversations[&rejected.conversation], false)
+            .unwrap_err();
         assert!(matches!(err, ModelError::ChatTemplate(_)), "{err:?}");
         assert!(err.to_string().contains(&rejected.message), "{err}");
     }
@@ -101,7 +121,15 @@ fn raise_exception_reaches_the_caller() {
 
 #[test]
 fn chat_messages_deserialize_from_openai_style_json() {
-    let messages: Vec<ChatMessage> =
-        serde_json::from_str(r#"[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]"#).unwrap();
-    assert_eq!(messages, vec![ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "yo")]);
+    let messages: Vec<ChatMessage> = serde_json::from_str(
+        r#"[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]"#,
+    )
+    .unwrap();
+    assert_eq!(
+        messages,
+        vec![
+            ChatMessage::new("user", "hi"),
+            ChatMessage::new("assistant", "yo")
+        ]
+    );
 }

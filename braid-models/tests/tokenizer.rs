@@ -47,17 +47,26 @@ fn check(tok: &Tokenizer, cases: &[Case], what: &str) {
     for case in cases {
         let ids = tok.encode(&case.text, false).unwrap();
         if ids != case.ids {
-            failures.push(format!("encode {:?}: got {ids:?}, transformers {:?}", case.text, case.ids));
+            failures.push(format!(
+                "encode {:?}: got {ids:?}, transformers {:?}",
+                case.text, case.ids
+            ));
         }
         if let Some(expected) = &case.ids_with_special {
             let ids = tok.encode(&case.text, true).unwrap();
             if &ids != expected {
-                failures.push(format!("encode+special {:?}: got {ids:?}, transformers {expected:?}", case.text));
+                failures.push(format!(
+                    "encode+special {:?}: got {ids:?}, transformers {expected:?}",
+                    case.text
+                ));
             }
         }
         let decoded = tok.decode(&case.ids, false).unwrap();
         if decoded != case.decoded {
-            failures.push(format!("decode {:?}: got {decoded:?}, transformers {:?}", case.ids, case.decoded));
+            failures.push(format!(
+                "decode {:?}: got {decoded:?}, transformers {:?}",
+                case.ids, case.decoded
+            ));
         }
         let skipped = tok.decode(&case.ids, true).unwrap();
         if skipped != case.decoded_skip_special {
@@ -67,7 +76,12 @@ fn check(tok: &Tokenizer, cases: &[Case], what: &str) {
             ));
         }
     }
-    assert!(failures.is_empty(), "{what}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{what}: {} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 // ---- a minimal GGUF metadata reader, enough for the fixtures (llama.cpp's format, version 3) ----
@@ -128,7 +142,10 @@ impl Reader<'_> {
 
 fn read_gguf_tokenizer(path: &Path) -> GgufTokenizerMetadata {
     let bytes = std::fs::read(path).unwrap();
-    let mut r = Reader { bytes: &bytes, at: 0 };
+    let mut r = Reader {
+        bytes: &bytes,
+        at: 0,
+    };
     assert_eq!(r.take(4), b"GGUF");
     assert_eq!(r.u32(), 3);
     let _tensors = r.u64();
@@ -163,9 +180,13 @@ fn read_gguf_tokenizer(path: &Path) -> GgufTokenizerMetadata {
     GgufTokenizerMetadata {
         model: string(get("model").unwrap()),
         pre: get("pre").map(string),
-        tokens: array(get("tokens").unwrap()).into_iter().map(string).collect(),
+        tokens: array(get("tokens").unwrap())
+            .into_iter()
+            .map(string)
+            .collect(),
         scores: get("scores").map(|v| array(v).into_iter().map(float).collect()),
-        token_types: get("token_type").map(|v| array(v).into_iter().map(|t| int(t) as i32).collect()),
+        token_types: get("token_type")
+            .map(|v| array(v).into_iter().map(|t| int(t) as i32).collect()),
         merges: get("merges").map(|v| array(v).into_iter().map(string).collect()),
         bos_id: get("bos_token_id").map(|v| int(v) as u32),
         eos_id: get("eos_token_id").map(|v| int(v) as u32),
@@ -201,7 +222,10 @@ fn byte_level_gguf_matches_transformers() {
     assert_eq!(tok.vocab_size(), expected.vocab_size);
     assert_eq!(tok.bos_token(), Some(expected.bos_token.as_str()));
     assert_eq!(tok.eos_token(), Some(expected.eos_token.as_str()));
-    assert_eq!(tok.eos_ids(), &[tok.token_to_id(&expected.eos_token).unwrap()]);
+    assert_eq!(
+        tok.eos_ids(),
+        &[tok.token_to_id(&expected.eos_token).unwrap()]
+    );
     assert_eq!(tok.bos_id(), tok.token_to_id(&expected.bos_token));
     check(&tok, &expected.cases, "byte-level GGUF");
     // add_bos is false in this file, so special tokens add nothing.
@@ -216,7 +240,11 @@ fn byte_level_gguf_pre_tokenizers_match_their_tokenizer_json() {
     let meta = read_gguf_tokenizer(&fixtures().join("byte_level.gguf"));
     assert!(!all.byte_level_pre.is_empty());
     for (pre, cases) in &all.byte_level_pre {
-        let meta = GgufTokenizerMetadata { pre: Some(pre.clone()), add_bos: Some(false), ..meta.clone() };
+        let meta = GgufTokenizerMetadata {
+            pre: Some(pre.clone()),
+            add_bos: Some(false),
+            ..meta.clone()
+        };
         let tok = Tokenizer::from_gguf(&meta).unwrap();
         check(&tok, cases, &format!("GGUF pre-tokenizer {pre:?}"));
     }
@@ -279,7 +307,8 @@ fn sentencepiece_tokenizer_json_matches_transformers() {
 #[test]
 fn sentencepiece_gguf_matches_transformers() {
     let expected = cases().sentencepiece;
-    let tok = Tokenizer::from_gguf(&read_gguf_tokenizer(&fixtures().join("sentencepiece.gguf"))).unwrap();
+    let tok =
+        Tokenizer::from_gguf(&read_gguf_tokenizer(&fixtures().join("sentencepiece.gguf"))).unwrap();
     assert_eq!(tok.kind(), "BPE (SentencePiece-style)");
     assert_eq!(tok.vocab_size(), expected.vocab_size);
     assert_eq!(tok.bos_token(), Some(expected.bos_token.as_str()));
@@ -290,13 +319,17 @@ fn sentencepiece_gguf_matches_transformers() {
 
 #[test]
 fn sentencepiece_gguf_uses_byte_fallback() {
-    let tok = Tokenizer::from_gguf(&read_gguf_tokenizer(&fixtures().join("sentencepiece.gguf"))).unwrap();
+    let tok =
+        Tokenizer::from_gguf(&read_gguf_tokenizer(&fixtures().join("sentencepiece.gguf"))).unwrap();
     let newline = tok.token_to_id("<0x0A>").unwrap();
     assert!(tok.encode("a\nb", false).unwrap().contains(&newline));
     // "😀" is not a piece of this vocabulary: it becomes its four UTF-8 bytes.
     let ids = tok.encode("😀", false).unwrap();
     let bytes: Vec<String> = ids.iter().filter_map(|&id| tok.id_to_token(id)).collect();
-    assert!(bytes.ends_with(&["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"].map(String::from)), "{bytes:?}");
+    assert!(
+        bytes.ends_with(&["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"].map(String::from)),
+        "{bytes:?}"
+    );
     assert_eq!(tok.decode(&ids, false).unwrap(), "😀");
 }
 
@@ -321,9 +354,17 @@ fn malformed_tokenizer_files_are_tokenizer_errors() {
     assert!(err.to_string().contains("is not valid JSON"), "{err}");
 
     let wrong_shape = dir.join("wrong_shape.json");
-    std::fs::write(&wrong_shape, r#"{"version": "1.0", "model": {"type": "BPE", "vocab": 3}}"#).unwrap();
+    std::fs::write(
+        &wrong_shape,
+        r#"{"version": "1.0", "model": {"type": "BPE", "vocab": 3}}"#,
+    )
+    .unwrap();
     let err = Tokenizer::from_file(&wrong_shape).unwrap_err();
     assert!(matches!(err, ModelError::Tokenizer(_)), "{err:?}");
-    assert!(err.to_string().contains("is not a tokenizer this version can load"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is not a tokenizer this version can load"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,7 +7,8 @@ use braid_models::weights::{SafetensorsWeights, Weights};
 use proptest::prelude::*;
 
 fn fixture() -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2/model.safetensors");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models/qwen2/model.safetensors");
     std::fs::read(path).expect("fixture weights")
 }
 
@@ -16,9 +17,14 @@ fn load_all(bytes: &[u8]) -> Result<usize, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let path = dir.path().join("model.safetensors");
     std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
-    let weights = Weights::Safetensors(SafetensorsWeights::open_files(&[path]).map_err(|e| e.to_string())?);
+    let weights =
+        Weights::Safetensors(SafetensorsWeights::open_files(&[path]).map_err(|e| e.to_string())?);
     let mut read = 0;
-    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias", "model.norm.weight"] {
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.norm.weight",
+    ] {
         if weights.contains(name) {
             // The shape check may refuse it; what matters is that nothing panics.
             let _ = weights.get(name, &[0]);

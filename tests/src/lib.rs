@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
+use braid_core::{GenerationParams, SamplingParams};
+use braid_models::source::ModelLocation;
 use braid_models::{Model, SeqInput};
 use serde_json::Value;
 
@@ -15,16 +17,25 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 pub fn read_json(path: &std::path::Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
 pub fn as_ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
+    v.as_array()
+        .expect("an id list")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
 }
 
 pub fn as_f32s(v: &Value) -> Vec<f32> {
-    v.as_array().expect("a number list").iter().map(|x| x.as_f64().expect("a number") as f32).collect()
+    v.as_array()
+        .expect("a number list")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
 }
 
 /// ‖a − b‖ / ‖b‖.
@@ -51,20 +62,81 @@ pub fn prefill_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let mut cache = BlockManager::new(layout);
     let mut storage = KvStorage::new(layout);
     let mut table = BlockTable::new();
-    cache.reserve(&mut table, ids.len()).expect("the cache was sized for the prompt");
-    let input = SeqInput { tokens: ids, start_pos: 0, block_table: table.blocks() };
-    model.forward(&[input], &mut storage).expect("forward").remove(0)
+    cache
+        .reserve(&mut table, ids.len())
+        .expect("the cache was sized for the prompt");
+    let input = SeqInput {
+        tokens: ids,
+        start_pos: 0,
+        block_table: table.blocks(),
+    };
+    model
+        .forward(&[input], &mut storage)
+        .expect("forward")
+        .remove(0)
 }
 
 /// Greedy tokens must equal the reference's up to the first step whose top-2 margin is too small
 /// for the backend's rounding to decide; after a near-tie the two runs may rightly part ways.
-pub fn assert_greedy_matches(name: &str, ours: &[u32], expected: &[u32], margins: &[f32], min_margin: f32) {
+pub fn assert_greedy_matches(
+    name: &str,
+    ours: &[u32],
+    expected: &[u32],
+    margins: &[f32],
+    min_margin: f32,
+) {
     for (i, (&a, &b)) in ours.iter().zip(expected).enumerate() {
         if margins.get(i).is_some_and(|&m| m < min_margin) {
-            eprintln!("{name}: greedy step {i} is a near-tie (margin {}); compared {i} tokens", margins[i]);
+            eprintln!(
+                "{name}: greedy step {i} is a near-tie (margin {}); compared {i} tokens",
+                margins[i]
+            );
             return;
         }
-        assert_eq!(a, b, "{name}: greedy token {i} differs: ours {ours:?}, transformers {expected:?}");
+        assert_eq!(
+            a, b,
+            "{name}: greedy token {i} differs: ours {ours:?}, transformers {expected:?}"
+        );
     }
     assert_eq!(ours.len(), expected.len(), "{name}: greedy length differs");
+}
+
+/// Every fixture model (tests/fixtures/models), sorted by name: its name, where it loads from
+/// (`model.gguf` when the folder has one) and its `expected.json`.
+pub fn fixture_models() -> Vec<(String, ModelLocation, Value)> {
+    let dir = fixtures_dir().join("models");
+    let mut out = Vec::new();
+    for entry in
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+    {
+        let path = entry.expect("a directory entry").path();
+        let name = path
+            .file_name()
+            .expect("a folder name")
+            .to_string_lossy()
+            .into_owned();
+        let location = if path.join("model.gguf").exists() {
+            ModelLocation::Gguf(path.join("model.gguf"))
+        } else {
+            ModelLocation::HfDir(path.clone())
+        };
+        out.push((name, location, read_json(&path.join("expected.json"))));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(
+        out.len() >= 10,
+        "expected every fixture model, found {}",
+        out.len()
+    );
+    out
+}
+
+/// Greedy decoding of exactly `max_tokens` tokens (EOS ignored), as the fixtures were made.
+pub fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        ignore_eos: true,
+    }
 }

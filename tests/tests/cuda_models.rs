@@ -28,25 +28,6 @@ fn cuda_available() -> bool {
     }
 }
 
-fn fixture_models() -> Vec<(String, ModelLocation, Value)> {
-    let dir = fixtures_dir().join("models");
-    let mut out: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let loc = if path.join("model.gguf").exists() { ModelLocation::Gguf(path.join("model.gguf")) } else { ModelLocation::HfDir(path.clone()) };
-            (name, loc, read_json(&path.join("expected.json")))
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: true }
-}
-
 fn gpu_engine(location: &ModelLocation, config: EngineConfig) -> Engine {
     let loaded = braid_models::load_on(location, Device::Cuda(0), DType::BF16).unwrap();
     assert!(matches!(loaded.backend, Backend::Cuda(_)));
@@ -64,14 +45,30 @@ fn gpu_logits_match_the_cpu() {
         let cpu_model = cpu.cpu_model().unwrap();
         for (dtype, tolerance) in [(DType::BF16, BF16_TOLERANCE), (DType::F16, F16_TOLERANCE)] {
             let loaded = braid_models::load_on(&location, Device::Cuda(0), dtype).unwrap();
-            let Backend::Cuda(mut gpu) = loaded.backend else { panic!("{name}: not on the GPU") };
+            let Backend::Cuda(mut gpu) = loaded.backend else {
+                panic!("{name}: not on the GPU")
+            };
             let c = &loaded.info.config;
-            gpu.allocate(braid_models::CudaCacheConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 256, max_seqs: 8, max_seq_len: c.max_position_embeddings.min(1024) }).unwrap();
+            gpu.allocate(braid_models::CudaCacheConfig {
+                num_blocks: 64,
+                block_size: 16,
+                max_batch_tokens: 256,
+                max_seqs: 8,
+                max_seq_len: c.max_position_embeddings.min(1024),
+            })
+            .unwrap();
             for case in expected["prompts"].as_array().unwrap() {
                 let ids = as_ids(&case["input_ids"]);
                 let want = prefill_logits(cpu_model, &ids);
                 let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
-                let got = gpu.forward_logits(&[braid_models::SeqInput { tokens: &ids, start_pos: 0, block_table: &blocks }]).unwrap().remove(0);
+                let got = gpu
+                    .forward_logits(&[braid_models::SeqInput {
+                        tokens: &ids,
+                        start_pos: 0,
+                        block_table: &blocks,
+                    }])
+                    .unwrap()
+                    .remove(0);
                 let err = rel_l2(&got, &want);
                 eprintln!("{name} {dtype}: logits rel. L2 {err:.2e}");
                 if err >= tolerance {
@@ -80,7 +77,10 @@ fn gpu_logits_match_the_cpu() {
             }
         }
     }
-    assert!(failures.is_empty(), "GPU logits off the CPU's: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "GPU logits off the CPU's: {failures:?}"
+    );
 }
 
 #[test]
@@ -89,28 +89,59 @@ fn gpu_greedy_tokens_match_transformers_batched_and_single() {
         return;
     }
     for (name, location, expected) in fixture_models() {
-        let cases: Vec<&Value> = expected["prompts"].as_array().unwrap().iter().chain([&expected["chat"]]).collect();
+        let cases: Vec<&Value> = expected["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain([&expected["chat"]])
+            .collect();
         // One at a time (prefill then graph-replayed decode), then all together.
         let mut braid = Braid::with_engine(gpu_engine(&location, EngineConfig::default())).unwrap();
         for case in &cases {
             let want = as_ids(&case["greedy_ids"]);
-            let out = braid.generate(Prompt::Ids(as_ids(&case["input_ids"])), &greedy(want.len())).unwrap();
-            assert_greedy_matches(&name, &out.token_ids, &want, &as_f32s(&case["greedy_margins"]), BF16_MIN_MARGIN);
+            let out = braid
+                .generate(Prompt::Ids(as_ids(&case["input_ids"])), &greedy(want.len()))
+                .unwrap();
+            assert_greedy_matches(
+                &name,
+                &out.token_ids,
+                &want,
+                &as_f32s(&case["greedy_margins"]),
+                BF16_MIN_MARGIN,
+            );
         }
-        let mut engine = gpu_engine(&location, EngineConfig { max_batch_tokens: 16, ..EngineConfig::default() });
+        let mut engine = gpu_engine(
+            &location,
+            EngineConfig {
+                max_batch_tokens: 16,
+                ..EngineConfig::default()
+            },
+        );
         let mut runs = Vec::new();
         for case in &cases {
             let want = as_ids(&case["greedy_ids"]);
-            let id = engine.add_request(as_ids(&case["input_ids"]), greedy(want.len())).unwrap();
+            let id = engine
+                .add_request(as_ids(&case["input_ids"]), greedy(want.len()))
+                .unwrap();
             runs.push((id, want, as_f32s(&case["greedy_margins"]), Vec::new()));
         }
         while engine.has_work() {
             for ev in engine.step().unwrap() {
-                runs.iter_mut().find(|r| r.0 == ev.request).unwrap().3.extend(ev.token);
+                runs.iter_mut()
+                    .find(|r| r.0 == ev.request)
+                    .unwrap()
+                    .3
+                    .extend(ev.token);
             }
         }
         for (_, want, margins, got) in &runs {
-            assert_greedy_matches(&format!("{name} batched"), got, want, margins, BF16_MIN_MARGIN);
+            assert_greedy_matches(
+                &format!("{name} batched"),
+                got,
+                want,
+                margins,
+                BF16_MIN_MARGIN,
+            );
         }
     }
 }
@@ -123,11 +154,24 @@ fn gpu_seeded_sampling_is_reproducible() {
     let location = ModelLocation::HfDir(fixtures_dir().join("models/qwen3"));
     let params = GenerationParams {
         max_tokens: 20,
-        sampling: SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.02, repetition_penalty: 1.0, seed: Some(42) },
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.02,
+            repetition_penalty: 1.0,
+            seed: Some(42),
+        },
         stop: Vec::new(),
         ignore_eos: true,
     };
-    let run = || Braid::with_engine(gpu_engine(&location, EngineConfig::default())).unwrap().generate(Prompt::Raw("the little robot".into()), &params).unwrap().token_ids;
+    let run = || {
+        Braid::with_engine(gpu_engine(&location, EngineConfig::default()))
+            .unwrap()
+            .generate(Prompt::Raw("the little robot".into()), &params)
+            .unwrap()
+            .token_ids
+    };
     let (a, b) = (run(), run());
     assert_eq!(a, b);
     assert_eq!(a.len(), 20);
@@ -138,16 +182,36 @@ fn default_model_gives_the_cpu_continuation_on_the_gpu() {
     if !cuda_available() {
         return;
     }
-    let alias = source::aliases().iter().find(|a| a.name == source::DEFAULT_MODEL).unwrap();
+    let alias = source::aliases()
+        .iter()
+        .find(|a| a.name == source::DEFAULT_MODEL)
+        .unwrap();
     let Some(path) = source::cached_path(alias) else {
         eprintln!("skipped: {} is not cached", alias.name);
         return;
     };
     let expected = read_json(&fixtures_dir().join("smollm2/expected.json"));
     let case = &expected["completion"];
-    let mut braid = Braid::with_engine(gpu_engine(&ModelLocation::Gguf(path), EngineConfig { kv_cache_tokens: Some(4096), ..EngineConfig::default() })).unwrap();
-    let out = braid.generate(Prompt::Raw(case["text"].as_str().unwrap().into()), &greedy(16)).unwrap();
-    assert_eq!(out.token_ids, as_ids(&case["greedy_ids_16"]), "GPU: {:?}", out.text);
+    let mut braid = Braid::with_engine(gpu_engine(
+        &ModelLocation::Gguf(path),
+        EngineConfig {
+            kv_cache_tokens: Some(4096),
+            ..EngineConfig::default()
+        },
+    ))
+    .unwrap();
+    let out = braid
+        .generate(
+            Prompt::Raw(case["text"].as_str().unwrap().into()),
+            &greedy(16),
+        )
+        .unwrap();
+    assert_eq!(
+        out.token_ids,
+        as_ids(&case["greedy_ids_16"]),
+        "GPU: {:?}",
+        out.text
+    );
 }
 
 #[test]
@@ -155,13 +219,33 @@ fn gpu_prefix_cache_hits_do_not_change_the_output() {
     if !cuda_available() {
         return;
     }
-    for (name, location, expected) in fixture_models().into_iter().filter(|(n, ..)| n == "llama" || n == "qwen3") {
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3")
+    {
         let case = &expected["prompts"][0];
         let ids = as_ids(&case["input_ids"]);
-        let mut braid = Braid::with_engine(gpu_engine(&location, EngineConfig { block_size: 4, ..EngineConfig::default() })).unwrap();
-        let first = braid.generate(Prompt::Ids(ids.clone()), &greedy(24)).unwrap();
-        let again = braid.generate(Prompt::Ids(ids.clone()), &greedy(24)).unwrap();
-        assert!(braid.engine().stats().prefix_hit_tokens > 0, "{name}: no prefix hit");
-        assert_eq!(again.token_ids, first.token_ids, "{name}: a cache hit changed the output on the GPU");
+        let mut braid = Braid::with_engine(gpu_engine(
+            &location,
+            EngineConfig {
+                block_size: 4,
+                ..EngineConfig::default()
+            },
+        ))
+        .unwrap();
+        let first = braid
+            .generate(Prompt::Ids(ids.clone()), &greedy(24))
+            .unwrap();
+        let again = braid
+            .generate(Prompt::Ids(ids.clone()), &greedy(24))
+            .unwrap();
+        assert!(
+            braid.engine().stats().prefix_hit_tokens > 0,
+            "{name}: no prefix hit"
+        );
+        assert_eq!(
+            again.token_ids, first.token_ids,
+            "{name}: a cache hit changed the output on the GPU"
+        );
     }
 }

@@ -1,36 +1,13 @@
 //! Every tiny model saved by transformers (tests/fixtures/models, made by scripts/make_fixtures.py)
 //! loads and runs on the CPU with transformers' logits (rel. L2 < 1e-4) and greedy tokens.
 
-use braid_core::{Braid, Engine, EngineConfig, FinishReason, GenerationParams, Prompt, SamplingParams};
-use braid_models::source::ModelLocation;
+use braid_core::{Braid, Engine, EngineConfig, FinishReason, Prompt};
 use braid_tests::*;
 use serde_json::Value;
 
 const LOGITS_TOLERANCE: f64 = 1e-4;
 /// A greedy step closer than this may flip under f32 reordering alone.
 const MIN_MARGIN: f32 = 1e-3;
-
-fn fixture_models() -> Vec<(String, ModelLocation, Value)> {
-    let dir = fixtures_dir().join("models");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let location = if path.join("model.gguf").exists() {
-            ModelLocation::Gguf(path.join("model.gguf"))
-        } else {
-            ModelLocation::HfDir(path.clone())
-        };
-        out.push((name, location, read_json(&path.join("expected.json"))));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 10, "expected every fixture model, found {}", out.len());
-    out
-}
-
-fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams { max_tokens, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: true }
-}
 
 /// Each prompt, and the chat prompt, of a fixture.
 fn cases(expected: &Value) -> Vec<&Value> {
@@ -47,7 +24,11 @@ fn logits_match_transformers() {
             let ids = as_ids(&case["input_ids"]);
             let ours = prefill_logits(loaded.cpu_model().unwrap(), &ids);
             let err = rel_l2(&ours, &as_f32s(&case["last_logits"]));
-            assert!(err < LOGITS_TOLERANCE, "{name}: logits rel. L2 {err:.2e} for {:?}", case["text"]);
+            assert!(
+                err < LOGITS_TOLERANCE,
+                "{name}: logits rel. L2 {err:.2e} for {:?}",
+                case["text"]
+            );
         }
     }
 }
@@ -55,27 +36,55 @@ fn logits_match_transformers() {
 #[test]
 fn tokenizer_and_chat_template_give_transformers_ids() {
     for (name, location, expected) in fixture_models() {
-        let braid = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), EngineConfig::default()).unwrap()).unwrap();
+        let braid = Braid::with_engine(
+            Engine::new(
+                braid_models::load(&location).unwrap(),
+                EngineConfig::default(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         for case in expected["prompts"].as_array().unwrap() {
-            let ids = braid.tokenize(&Prompt::Raw(case["text"].as_str().unwrap().into())).unwrap();
+            let ids = braid
+                .tokenize(&Prompt::Raw(case["text"].as_str().unwrap().into()))
+                .unwrap();
             assert_eq!(ids, as_ids(&case["input_ids"]), "{name}: raw prompt ids");
         }
         let chat = &expected["chat"];
         let messages = serde_json::from_value(chat["messages"].clone()).unwrap();
         let ids = braid.tokenize(&Prompt::Chat(messages)).unwrap();
-        assert_eq!(ids, as_ids(&chat["input_ids"]), "{name}: chat-templated ids");
+        assert_eq!(
+            ids,
+            as_ids(&chat["input_ids"]),
+            "{name}: chat-templated ids"
+        );
     }
 }
 
 #[test]
 fn greedy_tokens_match_transformers() {
     for (name, location, expected) in fixture_models() {
-        let mut braid = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), EngineConfig::default()).unwrap()).unwrap();
+        let mut braid = Braid::with_engine(
+            Engine::new(
+                braid_models::load(&location).unwrap(),
+                EngineConfig::default(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         for case in cases(&expected) {
             let want = as_ids(&case["greedy_ids"]);
-            let out = braid.generate(Prompt::Ids(as_ids(&case["input_ids"])), &greedy(want.len())).unwrap();
+            let out = braid
+                .generate(Prompt::Ids(as_ids(&case["input_ids"])), &greedy(want.len()))
+                .unwrap();
             assert_eq!(out.finish_reason, FinishReason::Length);
-            assert_greedy_matches(&name, &out.token_ids, &want, &as_f32s(&case["greedy_margins"]), MIN_MARGIN);
+            assert_greedy_matches(
+                &name,
+                &out.token_ids,
+                &want,
+                &as_f32s(&case["greedy_margins"]),
+                MIN_MARGIN,
+            );
         }
     }
 }
@@ -85,13 +94,23 @@ fn greedy_tokens_match_transformers() {
 /// sequence still produces transformers' greedy tokens.
 #[test]
 fn batched_chunked_and_preempted_generation_is_unchanged() {
-    for (name, location, expected) in fixture_models().into_iter().filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding") {
-        let config = EngineConfig { block_size: 4, kv_cache_tokens: Some(96), max_batch_tokens: 7, max_running: 8 };
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding")
+    {
+        let config = EngineConfig {
+            block_size: 4,
+            kv_cache_tokens: Some(96),
+            max_batch_tokens: 7,
+            max_running: 8,
+        };
         let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
         let mut requests = Vec::new();
         for case in cases(&expected) {
             let want = as_ids(&case["greedy_ids"]);
-            let id = engine.add_request(as_ids(&case["input_ids"]), greedy(want.len())).unwrap();
+            let id = engine
+                .add_request(as_ids(&case["input_ids"]), greedy(want.len()))
+                .unwrap();
             requests.push((id, want, as_f32s(&case["greedy_margins"]), Vec::new()));
         }
         while engine.has_work() {
@@ -100,7 +119,10 @@ fn batched_chunked_and_preempted_generation_is_unchanged() {
                 r.3.extend(ev.token);
             }
         }
-        assert!(engine.stats().preemptions > 0, "{name}: the pool was meant to overflow");
+        assert!(
+            engine.stats().preemptions > 0,
+            "{name}: the pool was meant to overflow"
+        );
         for (_, want, margins, got) in &requests {
             assert_greedy_matches(&name, got, want, margins, MIN_MARGIN);
         }
@@ -111,41 +133,77 @@ fn batched_chunked_and_preempted_generation_is_unchanged() {
 /// shared blocks from the prefix cache and still produce transformers' greedy tokens.
 #[test]
 fn prefix_cache_hits_do_not_change_the_output() {
-    for (name, location, expected) in fixture_models().into_iter().filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding") {
-        let config = EngineConfig { block_size: 4, ..EngineConfig::default() };
-        let mut braid = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), config).unwrap()).unwrap();
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding")
+    {
+        let config = EngineConfig {
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let mut braid = Braid::with_engine(
+            Engine::new(braid_models::load(&location).unwrap(), config).unwrap(),
+        )
+        .unwrap();
         let case = &expected["prompts"][0];
         let ids = as_ids(&case["input_ids"]);
         let want = as_ids(&case["greedy_ids"]);
         let margins = as_f32s(&case["greedy_margins"]);
-        let first = braid.generate(Prompt::Ids(ids.clone()), &greedy(want.len())).unwrap();
+        let first = braid
+            .generate(Prompt::Ids(ids.clone()), &greedy(want.len()))
+            .unwrap();
         assert_eq!(braid.engine().stats().prefix_hit_tokens, 0);
-        let again = braid.generate(Prompt::Ids(ids.clone()), &greedy(want.len())).unwrap();
+        let again = braid
+            .generate(Prompt::Ids(ids.clone()), &greedy(want.len()))
+            .unwrap();
         let hits = braid.engine().stats().prefix_hit_tokens;
         // Every full block of the prompt but the one holding its last token comes from the cache.
         assert_eq!(hits as usize, (ids.len() - 1) / 4 * 4, "{name}");
-        assert_eq!(again.token_ids, first.token_ids, "{name}: a cache hit changed the output");
+        assert_eq!(
+            again.token_ids, first.token_ids,
+            "{name}: a cache hit changed the output"
+        );
         assert_greedy_matches(&name, &again.token_ids, &want, &margins, MIN_MARGIN);
 
         // The prompt plus the first answer (a second turn) reuses the prompt and the generated tokens.
         let mut turn2 = ids.clone();
         turn2.extend_from_slice(&first.token_ids[..8]);
-        let cached = braid.generate(Prompt::Ids(turn2.clone()), &greedy(8)).unwrap();
-        assert!(braid.engine().stats().prefix_hit_tokens > hits + 4, "{name}: the answer's blocks were not reused");
-        let fresh = Braid::with_engine(Engine::new(braid_models::load(&location).unwrap(), EngineConfig::default()).unwrap())
-            .unwrap()
-            .generate(Prompt::Ids(turn2), &greedy(8))
+        let cached = braid
+            .generate(Prompt::Ids(turn2.clone()), &greedy(8))
             .unwrap();
-        assert_eq!(cached.token_ids, fresh.token_ids, "{name}: reuse of generated tokens changed the output");
+        assert!(
+            braid.engine().stats().prefix_hit_tokens > hits + 4,
+            "{name}: the answer's blocks were not reused"
+        );
+        let fresh = Braid::with_engine(
+            Engine::new(
+                braid_models::load(&location).unwrap(),
+                EngineConfig::default(),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .generate(Prompt::Ids(turn2), &greedy(8))
+        .unwrap();
+        assert_eq!(
+            cached.token_ids, fresh.token_ids,
+            "{name}: reuse of generated tokens changed the output"
+        );
     }
 }
 
 /// Each finished request reports its costs; a repeated prompt reports its cached tokens.
 #[test]
 fn finished_requests_report_their_metrics() {
-    let (_, location, expected) = fixture_models().into_iter().find(|(n, ..)| n == "llama").unwrap();
+    let (_, location, expected) = fixture_models()
+        .into_iter()
+        .find(|(n, ..)| n == "llama")
+        .unwrap();
     let ids = as_ids(&expected["prompts"][0]["input_ids"]);
-    let config = EngineConfig { block_size: 4, ..EngineConfig::default() };
+    let config = EngineConfig {
+        block_size: 4,
+        ..EngineConfig::default()
+    };
     let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
     let run = |engine: &mut Engine| {
         let id = engine.add_request(ids.clone(), greedy(6)).unwrap();
@@ -160,7 +218,14 @@ fn finished_requests_report_their_metrics() {
         last.expect("the finishing event carries metrics")
     };
     let first = run(&mut engine);
-    assert_eq!((first.prompt_tokens, first.generated_tokens, first.cached_prompt_tokens), (ids.len(), 6, 0));
+    assert_eq!(
+        (
+            first.prompt_tokens,
+            first.generated_tokens,
+            first.cached_prompt_tokens
+        ),
+        (ids.len(), 6, 0)
+    );
     assert!(first.time_to_first_token_s >= first.queue_s && first.mean_inter_token_s > 0.0);
     let second = run(&mut engine);
     assert_eq!(second.cached_prompt_tokens, (ids.len() - 1) / 4 * 4);

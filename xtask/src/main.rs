@@ -36,12 +36,17 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -55,26 +60,47 @@ fn fixtures(root: &Path, extra: &[String]) -> Result<()> {
         .arg(root.join("tests/fixtures"))
         .args(extra)
         .current_dir(root))?;
-    run(Command::new("python3").arg(root.join("scripts/make_tokenizer_fixtures.py")).current_dir(root))?;
-    run(Command::new("python3").arg(root.join("scripts/make_gguf_fixtures.py")).current_dir(root))
+    run(Command::new("python3")
+        .arg(root.join("scripts/make_tokenizer_fixtures.py"))
+        .current_dir(root))?;
+    run(Command::new("python3")
+        .arg(root.join("scripts/make_gguf_fixtures.py"))
+        .current_dir(root))
 }
 
 fn device_bundle(root: &Path, out: &Path) -> Result<()> {
-    run(Command::new("cargo").args(["build", "--release", "-p", "braid-cli"]).current_dir(root))?;
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "braid-cli"])
+        .current_dir(root))?;
     let output = Command::new("cargo")
-        .args(["test", "--release", "--workspace", "--no-run", "--message-format=json", "--test", "cuda_*"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--no-run",
+            "--message-format=json",
+            "--test",
+            "cuda_*",
+        ])
         .current_dir(root)
         .output()
         .context("cannot run cargo test --no-run")?;
     if !output.status.success() {
-        bail!("building the test binaries failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "building the test binaries failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let mut tests = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
             // The GPU suites (`cuda_*`); the CPU suites run in CI already.
-            let gpu_suite = msg["target"]["name"].as_str().is_some_and(|n| n.starts_with("cuda_"));
+            let gpu_suite = msg["target"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("cuda_"));
             if let (true, Some(exe)) = (gpu_suite, msg["executable"].as_str()) {
                 tests.push(PathBuf::from(exe));
             }
@@ -88,7 +114,11 @@ fn device_bundle(root: &Path, out: &Path) -> Result<()> {
     std::fs::copy(root.join("target/release/braid"), bin.join("braid"))?;
     let mut names = Vec::new();
     for exe in &tests {
-        let name = exe.file_name().context("test binary without a name")?.to_string_lossy().into_owned();
+        let name = exe
+            .file_name()
+            .context("test binary without a name")?
+            .to_string_lossy()
+            .into_owned();
         std::fs::copy(exe, bin.join(&name))?;
         names.push(name);
     }
@@ -128,9 +158,17 @@ exit $failed
     );
     write_executable(&out.join("run.sh"), &script)?;
     let size = dir_size(out)?;
-    eprintln!("device bundle: {} ({:.1} MiB, {} test binaries)", out.display(), size as f64 / (1 << 20) as f64, names.len());
+    eprintln!(
+        "device bundle: {} ({:.1} MiB, {} test binaries)",
+        out.display(),
+        size as f64 / (1 << 20) as f64,
+        names.len()
+    );
     if size > 64 << 20 {
-        bail!("the bundle is {:.1} MiB, over the 64 MiB a transfer may carry", size as f64 / (1 << 20) as f64);
+        bail!(
+            "the bundle is {:.1} MiB, over the 64 MiB a transfer may carry",
+            size as f64 / (1 << 20) as f64
+        );
     }
     Ok(())
 }
@@ -175,7 +213,9 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
         let entry = entry?;
         let target = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {
@@ -191,7 +231,11 @@ fn dir_size(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        total += if entry.file_type()?.is_dir() { dir_size(&entry.path())? } else { entry.metadata()?.len() };
+        total += if entry.file_type()?.is_dir() {
+            dir_size(&entry.path())?
+        } else {
+            entry.metadata()?.len()
+        };
     }
     Ok(total)
 }

@@ -28,32 +28,41 @@ pub fn paged_attention(
     v_cache: &[f32],
     out: &mut [f32],
 ) {
-    let AttentionShape { num_heads, num_kv_heads, head_dim, block_size, sliding_window, scale } = *shape;
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        sliding_window,
+        scale,
+    } = *shape;
     let group = num_heads / num_kv_heads;
     let kv_row = num_kv_heads * head_dim;
     let key_offset = |j: usize, kvh: usize| {
         let slot = block_table[j / block_size] as usize * block_size + j % block_size;
         slot * kv_row + kvh * head_dim
     };
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(idx, o)| {
-        let (t, h) = (idx / num_heads, idx % num_heads);
-        let kvh = h / group;
-        let pos = positions[t];
-        let start = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-        let mut scores: Vec<f32> = (start..=pos)
-            .map(|j| {
+    out.par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (t, h) = (idx / num_heads, idx % num_heads);
+            let kvh = h / group;
+            let pos = positions[t];
+            let start = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let qh = &q[idx * head_dim..(idx + 1) * head_dim];
+            let mut scores: Vec<f32> = (start..=pos)
+                .map(|j| {
+                    let off = key_offset(j, kvh);
+                    super::dot(qh, &k_cache[off..off + head_dim]) * scale
+                })
+                .collect();
+            super::softmax_inplace(&mut scores);
+            o.fill(0.0);
+            for (j, p) in (start..=pos).zip(scores) {
                 let off = key_offset(j, kvh);
-                super::dot(qh, &k_cache[off..off + head_dim]) * scale
-            })
-            .collect();
-        super::softmax_inplace(&mut scores);
-        o.fill(0.0);
-        for (j, p) in (start..=pos).zip(scores) {
-            let off = key_offset(j, kvh);
-            for (o, &v) in o.iter_mut().zip(&v_cache[off..off + head_dim]) {
-                *o += p * v;
+                for (o, &v) in o.iter_mut().zip(&v_cache[off..off + head_dim]) {
+                    *o += p * v;
+                }
             }
-        }
-    });
+        });
 }

@@ -16,21 +16,23 @@ pub fn apply_rope(
 ) {
     let half = inv_freq.len();
     let row = n_heads * head_dim;
-    x.par_chunks_mut(row).zip(positions.par_iter()).for_each(|(tok, &pos)| {
-        // Angles in f32, as the reference implementation computes them.
-        let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|&f| {
-                let a = pos as f32 * f;
-                (a.sin() * attention_factor, a.cos() * attention_factor)
-            })
-            .unzip();
-        for head in tok.chunks_exact_mut(head_dim) {
-            for i in 0..half {
-                let (x0, x1) = (head[i], head[i + half]);
-                head[i] = x0 * cos[i] - x1 * sin[i];
-                head[i + half] = x1 * cos[i] + x0 * sin[i];
+    x.par_chunks_mut(row)
+        .zip(positions.par_iter())
+        .for_each(|(tok, &pos)| {
+            // Angles in f32, as the reference implementation computes them.
+            let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|&f| {
+                    let a = pos as f32 * f;
+                    (a.sin() * attention_factor, a.cos() * attention_factor)
+                })
+                .unzip();
+            for head in tok.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (x0, x1) = (head[i], head[i + half]);
+                    head[i] = x0 * cos[i] - x1 * sin[i];
+                    head[i + half] = x1 * cos[i] + x0 * sin[i];
+                }
             }
-        }
-    });
+        });
 }

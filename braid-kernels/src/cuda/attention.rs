@@ -79,7 +79,12 @@ struct Geometry {
 impl AttentionParams {
     fn validate<T: KernelFloat>(&self, op: &'static str) -> Result<Geometry, CudaError> {
         if T::SUFFIX == "f32" {
-            return Err(invalid_argument(op, "the storage dtype", "f16 or bf16", "f32"));
+            return Err(invalid_argument(
+                op,
+                "the storage dtype",
+                "f16 or bf16",
+                "f32",
+            ));
         }
         if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
             return Err(invalid_argument(

@@ -198,7 +198,12 @@ fn alignment(ptr: CUdeviceptr) -> u32 {
 }
 
 fn cublas_error(call: &'static str, err: CublasError) -> CudaError {
-    invalid_argument("linear", call, "CUBLAS_STATUS_SUCCESS", format!("{:?}", err.0))
+    invalid_argument(
+        "linear",
+        call,
+        "CUBLAS_STATUS_SUCCESS",
+        format!("{:?}", err.0),
+    )
 }
 
 /// Everything a cuBLASLt matmul of one shape needs besides the pointers, built once and reused:
@@ -284,8 +289,15 @@ unsafe fn set_attribute<H, A, V>(
 ) -> Result<(), CudaError> {
     // SAFETY: `value` points at a live `V` of exactly the size passed; the caller vouches for
     // the handle and the type.
-    unsafe { set(handle, attr, (value as *const V).cast(), std::mem::size_of::<V>()) }
-        .map_err(|e| cublas_error(call, e))
+    unsafe {
+        set(
+            handle,
+            attr,
+            (value as *const V).cast(),
+            std::mem::size_of::<V>(),
+        )
+    }
+    .map_err(|e| cublas_error(call, e))
 }
 
 fn set_desc_attribute<V>(
@@ -689,9 +701,7 @@ impl CudaDevice {
             attrs: &mut attribute,
             numAttrs: 1,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver_error("linear"))?;
+        self.ctx.bind_to_thread().map_err(driver_error("linear"))?;
         // SAFETY: `config` and `attribute` outlive the call; the caller vouches for `params`.
         unsafe {
             driver_sys::cuLaunchKernelEx(

@@ -155,7 +155,12 @@ fn check_rope_shape(p: &RopeParams) -> Result<RopeShape, CudaError> {
     check_nonzero(OP, "num_heads", p.num_heads)?;
     check_nonzero(OP, "num_kv_heads", p.num_kv_heads)?;
     if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || p.head_dim > ROPE_MAX_HEAD_DIM {
-        return Err(invalid_argument(OP, "head_dim", "an even number from 2 to 512", p.head_dim));
+        return Err(invalid_argument(
+            OP,
+            "head_dim",
+            "an even number from 2 to 512",
+            p.head_dim,
+        ));
     }
     // Every count the kernel indexes with 32-bit ints (tokens, heads, warps) must stay below
     // i32::MAX; element offsets are 64-bit there.
@@ -171,13 +176,17 @@ fn check_rope_shape(p: &RopeParams) -> Result<RopeShape, CudaError> {
         .checked_mul(2)
         .and_then(|kv| kv.checked_add(p.num_heads))
         .filter(|&h| h <= limit)
-        .ok_or_else(|| too_large("the head count", p.num_heads.saturating_add(p.num_kv_heads.saturating_mul(2))))?;
+        .ok_or_else(|| {
+            too_large(
+                "the head count",
+                p.num_heads.saturating_add(p.num_kv_heads.saturating_mul(2)),
+            )
+        })?;
     check_limit(OP, "the token count", p.n, limit)?;
-    let items = p
-        .n
-        .checked_mul(heads)
-        .filter(|&i| i <= limit)
-        .ok_or_else(|| too_large("tokens times heads", p.n.saturating_mul(heads)))?;
+    let items =
+        p.n.checked_mul(heads)
+            .filter(|&i| i <= limit)
+            .ok_or_else(|| too_large("tokens times heads", p.n.saturating_mul(heads)))?;
     let qkv_len = items
         .checked_mul(p.head_dim)
         .ok_or_else(|| too_large("the qkv length", usize::MAX))?;
@@ -216,7 +225,9 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_named() {
-        let err = check_rope_shape(&params(1, 4, 2, 63)).unwrap_err().to_string();
+        let err = check_rope_shape(&params(1, 4, 2, 63))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "rope_qk_norm_kv_write: head_dim must be an even number from 2 to 512, found 63"
@@ -225,6 +236,15 @@ mod tests {
         assert!(check_rope_shape(&params(1, 0, 2, 64)).is_err());
         assert!(check_rope_shape(&params(1, 4, 0, 64)).is_err());
         let err = check_rope_shape(&params(1 << 30, 4, 2, 64)).unwrap_err();
-        assert!(matches!(err, CudaError::TooLarge { dimension: "tokens times heads", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CudaError::TooLarge {
+                    dimension: "tokens times heads",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -2,10 +2,13 @@
 //! temperature, top-k, top-p and min-p, so only token ids cross to the host.
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 
-use super::{check_limit, check_nonzero, driver_error, invalid_argument, CudaDevice, CudaError, KernelFloat};
+use super::{
+    check_limit, check_nonzero, driver_error, invalid_argument, CudaDevice, CudaError, KernelFloat,
+};
 
 /// Threads per block (mirrors `SAMPLE_BLOCK_THREADS` in sampling.cu).
 const BLOCK_THREADS: u32 = 1024;
@@ -64,11 +67,20 @@ impl SamplingRow {
     /// Checks every field's range, naming the first one out of it.
     fn validate(&self, row: usize) -> Result<(), CudaError> {
         let bad = |argument, expected, value: f32| {
-            invalid_argument("SamplingBuffers::write", argument, expected, format!("{value} in row {row}"))
+            invalid_argument(
+                "SamplingBuffers::write",
+                argument,
+                expected,
+                format!("{value} in row {row}"),
+            )
         };
         // Positive range checks, so NaN fails each of them.
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(bad("temperature", "a finite non-negative number", self.temperature));
+            return Err(bad(
+                "temperature",
+                "a finite non-negative number",
+                self.temperature,
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(bad("top_p", "greater than 0 and at most 1", self.top_p));
@@ -212,9 +224,20 @@ impl CudaDevice {
     /// The per-row kernel `family` for `rows` rows and its grid: a cluster of blocks per row for
     /// small batches on GPUs that have clusters (sm_90+), one block per row otherwise. The choice
     /// depends on the row count only, so a graph bucket keeps one kernel.
-    fn row_kernel<T: KernelFloat>(&self, family: &str, rows: usize) -> Result<(CudaFunction, LaunchConfig), CudaError> {
-        let (major, _) = self.ctx.compute_capability().map_err(driver_error("compute capability query"))?;
-        let blocks_per_row = if rows <= CLUSTER_MAX_ROWS && major >= 9 { CLUSTER } else { 1 };
+    fn row_kernel<T: KernelFloat>(
+        &self,
+        family: &str,
+        rows: usize,
+    ) -> Result<(CudaFunction, LaunchConfig), CudaError> {
+        let (major, _) = self
+            .ctx
+            .compute_capability()
+            .map_err(driver_error("compute capability query"))?;
+        let blocks_per_row = if rows <= CLUSTER_MAX_ROWS && major >= 9 {
+            CLUSTER
+        } else {
+            1
+        };
         let name = if blocks_per_row > 1 {
             format!("{family}_cluster_{}", T::SUFFIX)
         } else {
@@ -232,7 +255,12 @@ impl CudaDevice {
 }
 
 /// Checks a `[num_seqs, vocab]` logits shape and returns its element count.
-fn check_rows(op: &'static str, num_seqs: usize, vocab: usize, max_vocab: usize) -> Result<usize, CudaError> {
+fn check_rows(
+    op: &'static str,
+    num_seqs: usize,
+    vocab: usize,
+    max_vocab: usize,
+) -> Result<usize, CudaError> {
     check_nonzero(op, "vocab", vocab)?;
     check_limit(op, "the vocabulary", vocab, max_vocab)?;
     check_limit(op, "the row count", num_seqs, MAX_ROWS)?;
@@ -279,7 +307,9 @@ mod tests {
     fn shapes_are_checked_against_the_limits() {
         assert_eq!(check_rows("sample", 3, 50, SAMPLE_MAX_VOCAB).unwrap(), 150);
         assert_eq!(
-            check_rows("sample", 1, 0, SAMPLE_MAX_VOCAB).unwrap_err().to_string(),
+            check_rows("sample", 1, 0, SAMPLE_MAX_VOCAB)
+                .unwrap_err()
+                .to_string(),
             "sample: vocab must be at least 1, found 0"
         );
         assert!(check_rows("sample", 1, SAMPLE_MAX_VOCAB + 1, SAMPLE_MAX_VOCAB).is_err());
