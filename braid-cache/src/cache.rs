@@ -224,19 +224,42 @@ impl BlockManager {
     /// A new table sharing `table`'s blocks that hold tokens (each gains a reference), with the
     /// same length. Reserved blocks past the length are not shared.
     pub fn fork(&mut self, table: &BlockTable) -> BlockTable {
-        let used = self
-            .layout
-            .blocks_for_tokens(table.num_tokens)
-            .min(table.blocks.len());
+        self.fork_prefix(table, table.num_tokens)
+    }
+
+    /// A new table sharing the blocks that hold `table`'s first `len` tokens (each gains a
+    /// reference), with length `len`; `len` above the table's length is clamped to it. The last
+    /// shared block may be partly filled: call [`BlockManager::prepare_append`] on the new table
+    /// before writing to it.
+    pub fn fork_prefix(&mut self, table: &BlockTable, len: usize) -> BlockTable {
+        let len = len.min(table.num_tokens);
+        let used = self.layout.blocks_for_tokens(len).min(table.blocks.len());
         let blocks = table.blocks[..used].to_vec();
         for &id in &blocks {
             self.pool.retain(id);
         }
         BlockTable {
             blocks,
-            num_tokens: table.num_tokens,
+            num_tokens: len,
             capacity: used * self.layout.block_size,
         }
+    }
+
+    /// Leading tokens of `tokens` that [`BlockManager::match_prefix`] would attach now, without
+    /// taking anything or counting a query.
+    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
+        let block_size = self.layout.block_size;
+        let max_blocks = tokens.len().saturating_sub(1) / block_size;
+        let mut parent = Link::ROOT;
+        let mut matched = 0;
+        for block in tokens.chunks_exact(block_size).take(max_blocks) {
+            let Some((_, link)) = self.index.find(parent, block) else {
+                break;
+            };
+            parent = link;
+            matched += block_size;
+        }
+        matched
     }
 
     /// Makes every block the table's next tokens will be written to private to it; call before

@@ -30,6 +30,7 @@ fn greedy(max_tokens: usize) -> GenerationParams {
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         ignore_eos: true,
+        retain: false,
     }
 }
 

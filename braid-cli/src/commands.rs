@@ -172,6 +172,7 @@ pub fn params(gen: &GenArgs) -> Result<GenerationParams> {
         },
         stop: gen.stop.clone(),
         ignore_eos: gen.ignore_eos,
+        retain: false,
     };
     if let Err(msg) = p.validate() {
         bail!("{msg}");

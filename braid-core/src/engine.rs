@@ -71,6 +71,31 @@ pub struct Engine {
     running: Vec<Sequence>,
     next_id: RequestId,
     stats: EngineStats,
+    /// Finished requests' KV kept for follow-up prompts, oldest first.
+    retained: Vec<Retained>,
+    /// Block copies (source, destination) the backend must run before the next forward step:
+    /// copy-on-write of partly filled blocks shared with a retained output.
+    pending_copies: Vec<(u32, u32)>,
+}
+
+/// A finished request's KV, held by its own block table.
+struct Retained {
+    id: RequestId,
+    /// The tokens whose KV the table holds.
+    tokens: Vec<u32>,
+    table: BlockTable,
+    pinned: bool,
+}
+
+/// A retained output as callers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainedInfo {
+    /// The id of the request that produced it.
+    pub id: RequestId,
+    /// Tokens whose KV is held (prompt and output, less the last sampled token).
+    pub tokens: usize,
+    /// Pinned outputs are never dropped to make room.
+    pub pinned: bool,
 }
 
 struct TokenizerDecode<'a>(&'a Tokenizer);
@@ -141,6 +166,8 @@ impl Engine {
             running: Vec::new(),
             next_id: 0,
             stats: EngineStats::default(),
+            retained: Vec::new(),
+            pending_copies: Vec::new(),
         })
     }
 
@@ -200,6 +227,73 @@ impl Engine {
     /// Tokens the KV pool can hold.
     pub fn kv_capacity_tokens(&self) -> usize {
         self.kv.num_total_blocks() * self.config.block_size
+    }
+
+    /// Retained outputs, oldest first.
+    pub fn retained(&self) -> Vec<RetainedInfo> {
+        self.retained
+            .iter()
+            .map(|r| RetainedInfo {
+                id: r.id,
+                tokens: r.tokens.len(),
+                pinned: r.pinned,
+            })
+            .collect()
+    }
+
+    /// The tokens whose KV retained output `id` holds.
+    pub fn retained_tokens(&self, id: RequestId) -> Option<&[u32]> {
+        self.retained
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.tokens.as_slice())
+    }
+
+    /// Pin (never drop to make room) or unpin retained output `id`.
+    pub fn pin_retained(&mut self, id: RequestId, pinned: bool) -> Result<(), EngineError> {
+        let r = self
+            .retained
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| {
+                EngineError::InvalidRequest(format!("there is no retained output with id {id}"))
+            })?;
+        r.pinned = pinned;
+        Ok(())
+    }
+
+    /// Let go of retained output `id`; its full blocks stay in the prefix cache until evicted.
+    /// Returns whether it existed.
+    pub fn release_retained(&mut self, id: RequestId) -> bool {
+        match self.retained.iter().position(|r| r.id == id) {
+            Some(i) => {
+                let mut r = self.retained.remove(i);
+                self.kv.release(&mut r.table);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Leading tokens of `prompt` the cache would supply if it were submitted now: cached full
+    /// blocks of the prefix tree, or a retained output's tokens. At least one token is always
+    /// left to compute.
+    pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
+        let from_tree = self.kv.cached_prefix_len(prompt);
+        best_retained(&self.retained, prompt).map_or(from_tree, |(_, len)| len.max(from_tree))
+    }
+
+    /// Drop the oldest unpinned retained output to make room; false when there is none.
+    fn drop_retained(&mut self) -> bool {
+        match self.retained.iter().position(|r| !r.pinned) {
+            Some(i) => {
+                let mut r = self.retained.remove(i);
+                self.kv.release(&mut r.table);
+                tracing::debug!(request = r.id, "retained output dropped: KV cache full");
+                true
+            }
+            None => false,
+        }
     }
 
     /// Queue a request. Fails at once, with nothing queued, if the prompt cannot ever run.
@@ -291,8 +385,17 @@ impl Engine {
     /// Run one batched forward over everything schedulable and report each request's progress.
     pub fn step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
         let scheduled = self.schedule();
+        for (src, dst) in std::mem::take(&mut self.pending_copies) {
+            match &mut self.executor {
+                Executor::Cpu { kv, .. } => copy_block_cpu(kv, src, dst),
+                Executor::Cuda(model) => model.copy_block(src, dst)?,
+            }
+        }
         if scheduled.is_empty() {
-            return Ok(Vec::new());
+            return match self.running.is_empty() {
+                true => self.drop_unfittable(),
+                false => Ok(Vec::new()),
+            };
         }
         let inputs: Vec<SeqInput<'_>> = scheduled
             .iter()
@@ -368,6 +471,18 @@ impl Engine {
             if seq.pending() > 0 {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
+            if seq.params.max_tokens == 0 {
+                // Prefill only: the prompt's KV is computed and cached; nothing is generated.
+                seq.finished = Some(FinishReason::Length);
+                events.push(StepEvent {
+                    request: seq.id,
+                    token: None,
+                    text: String::new(),
+                    finished: seq.finished,
+                    metrics: Some(seq.metrics()),
+                });
+                continue;
+            }
             seq.tokens.push(token);
             let now = Instant::now();
             seq.first_token.get_or_insert(now);
@@ -416,7 +531,18 @@ impl Engine {
         while i < self.running.len() {
             if self.running[i].finished.is_some() {
                 let mut s = self.running.remove(i);
-                self.kv.release(&mut s.table);
+                if s.params.retain {
+                    self.kv.commit(&s.table, &s.tokens);
+                    s.tokens.truncate(s.num_computed);
+                    self.retained.push(Retained {
+                        id: s.id,
+                        tokens: s.tokens,
+                        table: s.table,
+                        pinned: false,
+                    });
+                } else {
+                    self.kv.release(&mut s.table);
+                }
             } else {
                 i += 1;
             }
@@ -442,7 +568,11 @@ impl Engine {
                     budget -= n;
                     break;
                 }
-                // Out of blocks: preempt the newest sequence (possibly this one) and retry.
+                // Out of blocks: drop an idle retained output, else preempt the newest sequence
+                // (possibly this one), and retry.
+                if self.drop_retained() {
+                    continue;
+                }
                 let victim = self.running.len() - 1;
                 self.preempt(victim);
                 if victim == i {
@@ -456,20 +586,50 @@ impl Engine {
                 break;
             };
             // Exact prefix reuse: take the longest run of cached full blocks holding this
-            // sequence's leading tokens, and compute only the rest.
+            // sequence's leading tokens, or a retained output's tokens if it covers more, and
+            // compute only the rest.
+            let mut copy = None;
             let hit = if s.table.blocks().is_empty() {
-                self.kv.match_prefix(&mut s.table, &s.tokens)
+                let tree = self.kv.match_prefix(&mut s.table, &s.tokens);
+                match best_retained(&self.retained, &s.tokens) {
+                    Some((r, len)) if len > tree => {
+                        self.kv.release(&mut s.table);
+                        s.table = self.kv.fork_prefix(&self.retained[r].table, len);
+                        // The last shared block may be partly filled: give this sequence its
+                        // own copy before it writes there.
+                        match self.kv.prepare_append(&mut s.table) {
+                            Ok(c) => copy = c,
+                            Err(_) => {
+                                self.kv.release(&mut s.table);
+                                break;
+                            }
+                        }
+                        len
+                    }
+                    _ => tree,
+                }
             } else {
                 0
             };
             s.num_computed += hit;
             let n = s.pending().min(budget);
-            if self.kv.reserve(&mut s.table, s.num_computed + n).is_err() {
+            let admitted = loop {
+                let s = self.waiting.front_mut().expect("checked above");
+                if self.kv.reserve(&mut s.table, s.num_computed + n).is_ok() {
+                    break true;
+                }
+                if !self.drop_retained() {
+                    break false;
+                }
+            };
+            let s = self.waiting.front_mut().expect("checked above");
+            if !admitted {
                 // Not admitted: hand the matched blocks back so they stay evictable.
                 self.kv.release(&mut s.table);
                 s.num_computed = 0;
                 break;
             }
+            self.pending_copies.extend(copy);
             self.stats.prefix_hit_tokens += hit as u64;
             if s.first_scheduled.is_none() {
                 s.cached_prompt_tokens = hit.min(s.prompt_len);
@@ -485,6 +645,24 @@ impl Engine {
         scheduled
     }
 
+    /// Nothing runs, yet the next waiting request could not be admitted: only pinned outputs hold
+    /// the pool, so it would wait forever. Drop it with an error naming the shortfall.
+    fn drop_unfittable(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        let Some(mut s) = self.waiting.pop_front() else {
+            return Ok(Vec::new());
+        };
+        self.kv.release(&mut s.table);
+        let needed = self
+            .kv
+            .layout()
+            .blocks_for_tokens(s.pending().min(self.config.max_batch_tokens) + s.num_computed);
+        Err(EngineError::CacheHeld {
+            request: s.id,
+            needed,
+            available: self.kv.num_free_blocks(),
+        })
+    }
+
     /// Free a running sequence's blocks and send it back to the front of the queue; it will be
     /// recomputed from its tokens, with its sampler state intact, so its output does not change.
     fn preempt(&mut self, index: usize) {
@@ -495,6 +673,38 @@ impl Engine {
         self.stats.preemptions += 1;
         tracing::debug!(request = s.id, "preempted: KV cache full");
         self.waiting.push_front(s);
+    }
+}
+
+/// The retained output sharing the longest run of leading tokens with `prompt` (leaving at least
+/// one token to compute), and that length; the newest wins a tie.
+fn best_retained(retained: &[Retained], prompt: &[u32]) -> Option<(usize, usize)> {
+    let limit = prompt.len().saturating_sub(1);
+    retained
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let common = r
+                .tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            (i, common.min(limit))
+        })
+        .filter(|&(_, len)| len > 0)
+        .max_by_key(|&(i, len)| (len, i))
+}
+
+/// Copy one block's keys and values, in every layer, within the CPU cache.
+fn copy_block_cpu(kv: &mut KvStorage, src: u32, dst: u32) {
+    let layout = *kv.layout();
+    let elems = layout.block_size * layout.kv_dim();
+    let (src, dst) = (src as usize * elems, dst as usize * elems);
+    for l in 0..layout.num_layers {
+        let (k, v) = kv.layer_mut(l);
+        k.copy_within(src..src + elems, dst);
+        v.copy_within(src..src + elems, dst);
     }
 }
 

@@ -9,4 +9,11 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("invalid engine configuration: {0}")]
     InvalidConfig(String),
+    /// A request was dropped because its KV can never fit beside the pinned outputs.
+    #[error("request {request} needs {needed} KV blocks but only {available} are not held by pinned outputs; it was dropped")]
+    CacheHeld {
+        request: crate::RequestId,
+        needed: usize,
+        available: usize,
+    },
 }

@@ -16,6 +16,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Keep the request's KV (prompt and generated tokens) after it finishes, as a retained
+    /// output under the request's id, so a follow-up prompt that starts with those tokens
+    /// computes only what is new (see [`crate::Engine::retained`]).
+    pub retain: bool,
 }
 
 impl Default for GenerationParams {
@@ -25,16 +29,15 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            retain: false,
         }
     }
 }
 
 impl GenerationParams {
-    /// Check every field, returning one sentence about the first bad one.
+    /// Check every field, returning one sentence about the first bad one. `max_tokens` 0 is
+    /// valid: the request only computes (and caches) its prompt's KV.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
-        }
         if self.stop.iter().any(String::is_empty) {
             return Err("stop strings must not be empty".into());
         }

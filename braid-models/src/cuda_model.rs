@@ -94,6 +94,11 @@ impl CudaModel {
         with_runner!(self, r => r.dev.memory_info().ok().map(|(free, total)| total - free))
     }
 
+    /// Copy KV block `src` over block `dst` in every layer (copy-on-write of a shared block).
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        with_runner!(self, r => r.copy_block(src as usize, dst as usize))
+    }
+
     /// Logits at each sequence's last new token, copied to the host ([num_seqs][vocab], f32).
     pub fn forward_logits(&mut self, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
         with_runner!(self, r => r.forward_logits(seqs))
@@ -241,6 +246,47 @@ where
             .iter()
             .map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<T>())
             .sum()
+    }
+
+    fn copy_block(&mut self, src: usize, dst: usize) -> Result<()> {
+        let bufs = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        let elems = bufs.cache.block_size * self.config.num_kv_heads * self.config.head_dim;
+        if src == dst || src.max(dst) >= bufs.cache.num_blocks {
+            return Err(ModelError::Forward(format!(
+                "cannot copy KV block {src} to block {dst} in a cache of {} blocks",
+                bufs.cache.num_blocks
+            )));
+        }
+        let st = self.dev.stream();
+        for (k, v) in &mut self.kv {
+            for cache in [k, v] {
+                // Split the buffer between the two blocks to borrow one for reading and the
+                // other for writing.
+                let result = if src < dst {
+                    let (a, mut b) = cache.split_at_mut(dst * elems);
+                    st.memcpy_dtod(
+                        &a.slice(src * elems..(src + 1) * elems),
+                        &mut b.slice_mut(..elems),
+                    )
+                } else {
+                    let (mut a, b) = cache.split_at_mut(src * elems);
+                    st.memcpy_dtod(
+                        &b.slice(..elems),
+                        &mut a.slice_mut(dst * elems..(dst + 1) * elems),
+                    )
+                };
+                result.map_err(|e| {
+                    cuda(CudaError::Driver {
+                        op: "KV block copy",
+                        source: e,
+                    })
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn allocate(&mut self, cache: CudaCacheConfig) -> Result<()> {

@@ -138,5 +138,6 @@ pub fn greedy(max_tokens: usize) -> GenerationParams {
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         ignore_eos: true,
+        retain: false,
     }
 }

@@ -164,6 +164,7 @@ fn gpu_seeded_sampling_is_reproducible() {
         },
         stop: Vec::new(),
         ignore_eos: true,
+        retain: false,
     };
     let run = || {
         Braid::with_engine(gpu_engine(&location, EngineConfig::default()))

@@ -1,7 +1,7 @@
 //! Every tiny model saved by transformers (tests/fixtures/models, made by scripts/make_fixtures.py)
 //! loads and runs on the CPU with transformers' logits (rel. L2 < 1e-4) and greedy tokens.
 
-use braid_core::{Braid, Engine, EngineConfig, FinishReason, Prompt};
+use braid_core::{Braid, Engine, EngineConfig, FinishReason, GenerationParams, Prompt, RequestMetrics};
 use braid_tests::*;
 use serde_json::Value;
 
@@ -232,4 +232,132 @@ fn finished_requests_report_their_metrics() {
     let (used, total) = engine.kv_blocks();
     assert_eq!(used, 0, "finished requests hold no blocks (of {total})");
     assert_eq!(engine.queue_lengths(), (0, 0));
+}
+
+fn run_to_end(engine: &mut Engine, id: braid_core::RequestId) -> (Vec<u32>, RequestMetrics) {
+    let (mut tokens, mut metrics) = (Vec::new(), None);
+    while engine.has_work() {
+        for ev in engine.step().unwrap() {
+            if ev.request == id {
+                tokens.extend(ev.token);
+                if ev.finished.is_some() {
+                    metrics = ev.metrics;
+                }
+            }
+        }
+    }
+    (tokens, metrics.expect("the finishing event carries metrics"))
+}
+
+fn retaining(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        retain: true,
+        ..greedy(max_tokens)
+    }
+}
+
+/// A retained answer is the next turn's prefix, token-exact (its partly filled last block
+/// included): the second turn computes only its new tokens and gives the output of an engine
+/// that never saw the first turn; the retained KV survives the second turn's writes
+/// (copy-on-write), and outputs can be pinned, listed and released.
+#[test]
+fn retained_outputs_are_reused_exactly() {
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding")
+    {
+        let config = EngineConfig {
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
+        let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+        let turn1 = engine.add_request(ids.clone(), retaining(7)).unwrap();
+        let (answer, _) = run_to_end(&mut engine, turn1);
+        let held = engine.retained();
+        assert_eq!(held.len(), 1, "{name}");
+        assert_eq!((held[0].id, held[0].tokens, held[0].pinned), (turn1, ids.len() + 6, false));
+        let mut kept = ids.clone();
+        kept.extend_from_slice(&answer[..6]);
+        assert_eq!(engine.retained_tokens(turn1), Some(&kept[..]));
+
+        // The next turn: the whole first turn, then new tokens.
+        let mut turn2 = ids.clone();
+        turn2.extend_from_slice(&answer);
+        turn2.extend_from_slice(&ids[1..4]);
+        assert_eq!(engine.cached_prefix_len(&turn2), kept.len(), "{name}");
+        let second = engine.add_request(turn2.clone(), greedy(6)).unwrap();
+        let (cached_out, metrics) = run_to_end(&mut engine, second);
+        assert_eq!(
+            metrics.cached_prompt_tokens,
+            kept.len(),
+            "{name}: only the new tokens are computed"
+        );
+        let mut fresh = Engine::new(
+            braid_models::load(&location).unwrap(),
+            EngineConfig::default(),
+        )
+        .unwrap();
+        let id = fresh.add_request(turn2.clone(), greedy(6)).unwrap();
+        assert_eq!(
+            cached_out,
+            run_to_end(&mut fresh, id).0,
+            "{name}: reusing the retained answer changed the output"
+        );
+        // The same follow-up again: the retained blocks were not overwritten.
+        let again = engine.add_request(turn2, greedy(6)).unwrap();
+        assert_eq!(run_to_end(&mut engine, again).0, cached_out, "{name}");
+
+        assert!(engine.pin_retained(turn1 + 100, true).is_err());
+        engine.pin_retained(turn1, true).unwrap();
+        assert!(engine.retained()[0].pinned);
+        assert!(engine.release_retained(turn1));
+        assert!(!engine.release_retained(turn1));
+        assert_eq!(engine.kv_blocks().0, 0, "{name}: nothing holds blocks any more");
+    }
+}
+
+/// `max_tokens` 0 computes and retains the prompt's KV without generating; when the pool runs
+/// short, unpinned outputs are dropped first, and a request that cannot fit beside pinned outputs
+/// is dropped with an error instead of waiting forever.
+#[test]
+fn prefill_only_requests_and_pool_pressure() {
+    let (_, location, expected) = fixture_models()
+        .into_iter()
+        .find(|(n, ..)| n == "llama")
+        .unwrap();
+    let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+    let config = EngineConfig {
+        block_size: 4,
+        kv_cache_tokens: Some(64),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
+    let warm = engine.add_request(ids.clone(), retaining(0)).unwrap();
+    let (tokens, metrics) = run_to_end(&mut engine, warm);
+    assert!(tokens.is_empty());
+    assert_eq!((metrics.prompt_tokens, metrics.generated_tokens), (ids.len(), 0));
+    assert_eq!(engine.retained_tokens(warm), Some(&ids[..]));
+
+    // An unrelated prompt that needs most of the pool: the idle retained output makes room.
+    let long: Vec<u32> = (0..50).map(|i| 3 + i % 40).collect();
+    let big = engine.add_request(long.clone(), greedy(8)).unwrap();
+    assert_eq!(run_to_end(&mut engine, big).0.len(), 8);
+    assert!(engine.retained().is_empty(), "the unpinned output was dropped");
+
+    // A pinned output is never dropped; a request that cannot fit beside it errs once.
+    let pinned = engine.add_request(long[..40].to_vec(), retaining(0)).unwrap();
+    run_to_end(&mut engine, pinned);
+    engine.pin_retained(pinned, true).unwrap();
+    let other: Vec<u32> = long.iter().map(|t| t + 1).collect();
+    let blocked = engine.add_request(other, greedy(8)).unwrap();
+    let err = loop {
+        match engine.step() {
+            Ok(_) => assert!(engine.has_work(), "the request cannot have finished"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(err.contains(&format!("request {blocked}")) && err.contains("pinned"), "{err}");
+    assert!(!engine.has_work());
+    assert_eq!(engine.retained().len(), 1);
 }
