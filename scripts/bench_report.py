@@ -89,6 +89,34 @@ def ratio(braid: float | None, other: float | None) -> float | None:
     return braid / other
 
 
+def shared_prefix_table(shared: object) -> list[str]:
+    """Braid's shared-prefix workload: cascade vs plain paged attention vs no prefix sharing."""
+    if not isinstance(shared, dict) or not isinstance(shared.get("runs"), dict):
+        return []
+    runs = shared["runs"]
+    title = (
+        f"Shared prefix (Braid only): {shared.get('requests', MISSING)} requests sharing a "
+        f"{shared.get('prefix_tokens', MISSING)}-token system prompt, {shared.get('question_tokens', MISSING)}-token "
+        f"questions, {shared.get('new_tokens', MISSING)} new tokens each"
+    )
+    lines = ["", title, "", "| run | decode tok/s ↑ | peak KV GiB ↓ | cascade steps |", "|---|---:|---:|---:|"]
+    for name, label in (("cascade", "prefix cached, cascade attention"), ("plain", "prefix cached, plain paged attention"), ("unshared", "no prefix sharing")):
+        run = runs.get(name)
+        tps, kv, steps = (number(run, (k,)) for k in ("decode_tok_s", "peak_kv_gib", "cascade_steps"))
+        cells = [_rate(tps) if tps is not None else MISSING, _gib(kv) if kv is not None else MISSING, f"{steps:.0f}" if steps is not None else MISSING]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    speedup = ratio(number(runs.get("cascade"), ("decode_tok_s",)), number(runs.get("plain"), ("decode_tok_s",)))
+    saving = ratio(number(runs.get("unshared"), ("peak_kv_gib",)), number(runs.get("cascade"), ("peak_kv_gib",)))
+    if speedup is not None or saving is not None:
+        parts = []
+        if speedup is not None:
+            parts.append(f"cascade decode speed-up {speedup:.2f}×")
+        if saving is not None:
+            parts.append(f"KV memory {saving:.1f}× smaller than unshared")
+        lines += ["", "; ".join(parts) + "."]
+    return lines
+
+
 def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
     frameworks = torch_data.get("frameworks") if isinstance(torch_data.get("frameworks"), dict) else {}
     engines = {
@@ -153,6 +181,7 @@ def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
         notes.append(f"PyTorch measurements that failed: {', '.join(sorted(errors))}")
     if notes:
         lines += ["", "; ".join(notes) + "."]
+    lines += shared_prefix_table(braid_data.get("shared_prefix"))
 
     merged = {
         "gpu": gpu,

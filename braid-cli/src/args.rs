@@ -93,6 +93,18 @@ pub struct BenchArgs {
     /// Most tokens per forward step (prefill chunk size).
     #[arg(long, default_value_t = 8192)]
     pub max_batch_tokens: usize,
+    /// Shared-prefix workload: tokens of the system prompt all its requests share (0 skips it).
+    #[arg(long, default_value_t = 4096)]
+    pub shared_prefix: usize,
+    /// Shared-prefix workload: requests sharing the prompt.
+    #[arg(long, default_value_t = 64)]
+    pub shared_batch: usize,
+    /// Shared-prefix workload: each request's own question, in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub shared_question: usize,
+    /// Shared-prefix workload: tokens generated per request.
+    #[arg(long, default_value_t = 256)]
+    pub shared_new_tokens: usize,
     /// Date to record in the JSON (the harness passes it).
     #[arg(long, default_value = "")]
     pub date: String,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use braid_core::{Engine, EngineConfig, GenerationParams, SamplingParams};
+use braid_core::{CascadePolicy, Engine, EngineConfig, GenerationParams, SamplingParams};
 use serde_json::{json, Value};
 
 use crate::args::{BenchArgs, ModelArgs};
@@ -44,14 +44,30 @@ fn decode_throughput(
     new_tokens: usize,
 ) -> Result<f64> {
     let vocab = engine.info().config.vocab_size;
-    for i in 0..batch {
-        engine.add_request(prompt(prompt_len, i as u64 + 1, vocab), greedy(new_tokens))?;
+    let prompts = (0..batch).map(|i| prompt(prompt_len, i as u64 + 1, vocab));
+    Ok(run_batch(engine, prompts, new_tokens)?.0)
+}
+
+/// Submit every prompt, run them to the end, and return the decode tokens per second (see
+/// [`decode_throughput`]) and the most KV blocks in use at any step.
+fn run_batch(
+    engine: &mut Engine,
+    prompts: impl Iterator<Item = Vec<u32>>,
+    new_tokens: usize,
+) -> Result<(f64, usize)> {
+    let mut batch = 0;
+    for p in prompts {
+        engine.add_request(p, greedy(new_tokens))?;
+        batch += 1;
     }
     let mut started = std::collections::HashSet::new();
     let mut window: Option<(Instant, usize)> = None;
     let mut produced = 0usize;
+    let mut peak_blocks = 0;
     while engine.has_work() {
-        for ev in engine.step()? {
+        let events = engine.step()?;
+        peak_blocks = peak_blocks.max(engine.kv_blocks().0);
+        for ev in events {
             if ev.token.is_some() {
                 produced += 1;
                 started.insert(ev.request);
@@ -64,7 +80,72 @@ fn decode_throughput(
     let Some((t0, at)) = window else {
         bail!("no sequence produced a token")
     };
-    Ok((produced - at) as f64 / t0.elapsed().as_secs_f64())
+    Ok((
+        (produced - at) as f64 / t0.elapsed().as_secs_f64(),
+        peak_blocks,
+    ))
+}
+
+/// The shared-prefix workload: `shared_batch` requests whose prompts are one `shared_prefix`-token
+/// system prompt plus a distinct question. Run three ways on fresh engines of the same pool size:
+/// the prefix cached once and decoded with cascade attention, cached but decoded with plain paged
+/// attention, and with prefix caching off (every request holds its own copy). Reports decode
+/// tok/s and the peak KV memory the block pool had in use for each.
+fn shared_prefix(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
+    let (n, len) = (args.shared_batch, args.shared_prefix);
+    let kv_tokens = n * (len + args.shared_question + args.shared_new_tokens + 16);
+    let mut results = serde_json::Map::new();
+    for (name, cascade, prefix_caching) in [
+        ("cascade", CascadePolicy::Auto, true),
+        ("plain", CascadePolicy::Off, true),
+        ("unshared", CascadePolicy::Off, false),
+    ] {
+        let config = EngineConfig {
+            kv_cache_tokens: Some(kv_tokens),
+            max_running: n,
+            max_batch_tokens: args.max_batch_tokens,
+            prefix_caching,
+            cascade,
+            ..EngineConfig::default()
+        };
+        let mut engine = crate::commands::load_engine(model, config)?;
+        let vocab = engine.info().config.vocab_size;
+        let system = prompt(len, 7, vocab);
+        // The system prompt is computed once, as a client would register it, before the burst.
+        engine.add_request(system.clone(), greedy(0))?;
+        while engine.has_work() {
+            engine.step()?;
+        }
+        let prompts = (0..n).map(|i| {
+            let mut p = system.clone();
+            p.extend(prompt(args.shared_question, 100 + i as u64, vocab));
+            p
+        });
+        let (tps, peak_blocks) = run_batch(&mut engine, prompts, args.shared_new_tokens)?;
+        let (_, kv_bytes, _) = engine.memory_report();
+        let block_bytes = kv_bytes / engine.kv_blocks().1;
+        let kv_gib = (peak_blocks * block_bytes) as f64 / (1u64 << 30) as f64;
+        let stats = engine.stats();
+        eprintln!(
+            "shared prefix {len} x {n} ({name:>8}): {tps:>10.1} tok/s, peak KV {kv_gib:.2} GiB, {} cascade steps",
+            stats.cascade_steps
+        );
+        results.insert(
+            name.into(),
+            json!({
+                "decode_tok_s": tps,
+                "peak_kv_gib": kv_gib,
+                "cascade_steps": stats.cascade_steps,
+            }),
+        );
+    }
+    Ok(json!({
+        "prefix_tokens": len,
+        "requests": n,
+        "question_tokens": args.shared_question,
+        "new_tokens": args.shared_new_tokens,
+        "runs": results,
+    }))
 }
 
 /// Median time to the first token of one request with a `len`-token prompt, over `runs` runs
@@ -119,9 +200,16 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
         ttft.insert(len.to_string(), json!(ms));
     }
     let memory = engine.memory_report();
+    let device = engine.device_name();
+    drop(engine); // the shared-prefix runs need the memory
+    let shared = if args.shared_prefix > 0 {
+        Some(shared_prefix(model, args)?)
+    } else {
+        None
+    };
     let out: Value = json!({
         "model": model.model,
-        "device": engine.device_name(),
+        "device": device,
         "date": args.date,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
@@ -131,6 +219,7 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
         "weights_gib": memory.0 as f64 / (1u64 << 30) as f64,
         "kv_cache_gib": memory.1 as f64 / (1u64 << 30) as f64,
         "peak_memory_gib": memory.2.map(|b| b as f64 / (1u64 << 30) as f64),
+        "shared_prefix": shared,
     });
     eprintln!(
         "start-up {startup_s:.2} s; {}",

@@ -11,6 +11,7 @@ use braid_models::chat_template::ChatTemplate;
 use braid_models::tokenizer::Tokenizer;
 use braid_models::{Backend, CudaCacheConfig, CudaModel, LoadedModel, Model, ModelInfo, SeqInput};
 
+use crate::cascade::CascadePolicy;
 use crate::detokenizer::{Decode, IncrementalDetokenizer};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationParams, RequestId, StepEvent};
@@ -30,6 +31,10 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Reuse cached KV of earlier requests' leading tokens (prefix tree and retained outputs).
+    pub prefix_caching: bool,
+    /// When decode steps read a shared prefix's KV once per group.
+    pub cascade: CascadePolicy,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +44,8 @@ impl Default for EngineConfig {
             kv_cache_tokens: None,
             max_batch_tokens: 2048,
             max_running: 64,
+            prefix_caching: true,
+            cascade: CascadePolicy::Auto,
         }
     }
 }
@@ -52,6 +59,10 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// Prompt tokens whose KV came from the prefix cache instead of being computed.
     pub prefix_hit_tokens: u64,
+    /// Decode steps that ran cascade attention.
+    pub cascade_steps: u64,
+    /// Tokens of KV (per layer) cascade attention did not re-read, summed over steps.
+    pub cascade_saved_tokens: u64,
 }
 
 /// Runs forward passes on one backend.
@@ -279,6 +290,9 @@ impl Engine {
     /// blocks of the prefix tree, or a retained output's tokens. At least one token is always
     /// left to compute.
     pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
+        if !self.config.prefix_caching {
+            return 0;
+        }
         let from_tree = self.kv.cached_prefix_len(prompt);
         best_retained(&self.retained, prompt).map_or(from_tree, |(_, len)| len.max(from_tree))
     }
@@ -465,7 +479,7 @@ impl Engine {
             // preemption) as soon as their KV exists. Committing walks the whole table, so it runs
             // only on the steps that fill a block.
             let bs = self.config.block_size;
-            if seq.num_computed / bs > (seq.num_computed - n) / bs {
+            if self.config.prefix_caching && seq.num_computed / bs > (seq.num_computed - n) / bs {
                 self.kv.commit(&seq.table, &seq.tokens);
             }
             if seq.pending() > 0 {
@@ -532,7 +546,9 @@ impl Engine {
             if self.running[i].finished.is_some() {
                 let mut s = self.running.remove(i);
                 if s.params.retain {
-                    self.kv.commit(&s.table, &s.tokens);
+                    if self.config.prefix_caching {
+                        self.kv.commit(&s.table, &s.tokens);
+                    }
                     s.tokens.truncate(s.num_computed);
                     self.retained.push(Retained {
                         id: s.id,
@@ -589,7 +605,7 @@ impl Engine {
             // sequence's leading tokens, or a retained output's tokens if it covers more, and
             // compute only the rest.
             let mut copy = None;
-            let hit = if s.table.blocks().is_empty() {
+            let hit = if s.table.blocks().is_empty() && self.config.prefix_caching {
                 let tree = self.kv.match_prefix(&mut s.table, &s.tokens);
                 match best_retained(&self.retained, &s.tokens) {
                     Some((r, len)) if len > tree => {

@@ -2,6 +2,7 @@
 //! sampling, stop handling, incremental detokenization and streaming, plus the simple [`Braid`] API.
 
 mod api;
+mod cascade;
 pub mod detokenizer;
 mod engine;
 mod error;
@@ -12,7 +13,8 @@ pub mod stop;
 
 pub use api::{Braid, Generation, Prompt, Timings};
 pub use braid_models::chat_template::ChatMessage;
-pub use engine::{Engine, EngineConfig, EngineStats};
+pub use cascade::{CascadePolicy, AUTO_MIN_SAVED_TOKENS};
+pub use engine::{Engine, EngineConfig, EngineStats, RetainedInfo};
 pub use error::EngineError;
 pub use request::{FinishReason, GenerationParams, RequestId, RequestMetrics, StepEvent};
 pub use sampling::SamplingParams;

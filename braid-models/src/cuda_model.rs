@@ -99,6 +99,21 @@ impl CudaModel {
         with_runner!(self, r => r.copy_block(src as usize, dst as usize))
     }
 
+    /// Bytes of one KV block over all layers (K then V per layer, in the cache dtype).
+    pub fn block_bytes(&mut self) -> usize {
+        with_runner!(self, r => r.block_elems() * 2 * r.kv.len() * r.elem_bytes())
+    }
+
+    /// Copy KV block `id` of every layer to the host, as [`CudaModel::block_bytes`] bytes.
+    pub fn read_block(&mut self, id: u32, out: &mut [u8]) -> Result<()> {
+        with_runner!(self, r => r.read_block(id as usize, out))
+    }
+
+    /// Overwrite KV block `id` of every layer with bytes laid out as [`CudaModel::read_block`] gives them.
+    pub fn write_block(&mut self, id: u32, data: &[u8]) -> Result<()> {
+        with_runner!(self, r => r.write_block(id as usize, data))
+    }
+
     /// Logits at each sequence's last new token, copied to the host ([num_seqs][vocab], f32).
     pub fn forward_logits(&mut self, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
         with_runner!(self, r => r.forward_logits(seqs))
@@ -246,6 +261,76 @@ where
             .iter()
             .map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<T>())
             .sum()
+    }
+
+    /// Elements of one layer's K (or V) block.
+    fn block_elems(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.cache.block_size)
+            * self.config.num_kv_heads
+            * self.config.head_dim
+    }
+
+    fn elem_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    /// The block's element range in a layer's K or V buffer, after checking `id` and `bytes`.
+    fn block_range(&self, id: usize, bytes: usize) -> Result<std::ops::Range<usize>> {
+        let num_blocks = self.bufs.as_ref().map_or(0, |b| b.cache.num_blocks);
+        let elems = self.block_elems();
+        let want = elems * 2 * self.kv.len() * self.elem_bytes();
+        if id >= num_blocks || bytes != want {
+            return Err(ModelError::Forward(format!(
+                "KV block {id} of {bytes} bytes does not fit a cache of {num_blocks} blocks of {want} bytes"
+            )));
+        }
+        Ok(id * elems..(id + 1) * elems)
+    }
+
+    fn read_block(&mut self, id: usize, out: &mut [u8]) -> Result<()> {
+        let range = self.block_range(id, out.len())?;
+        let st = self.dev.stream();
+        let mut host = vec![T::from_f32(0.0); range.len()];
+        let mut chunks = out.chunks_exact_mut(range.len() * self.elem_bytes());
+        for (k, v) in &self.kv {
+            for cache in [k, v] {
+                st.memcpy_dtoh(&cache.slice(range.clone()), &mut host)
+                    .and_then(|()| st.synchronize())
+                    .map_err(|e| {
+                        cuda(CudaError::Driver {
+                            op: "KV block read",
+                            source: e,
+                        })
+                    })?;
+                if let Some(chunk) = chunks.next() {
+                    chunk.copy_from_slice(bytemuck::cast_slice(&host));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_block(&mut self, id: usize, data: &[u8]) -> Result<()> {
+        let range = self.block_range(id, data.len())?;
+        let st = self.dev.stream();
+        let mut host = vec![T::from_f32(0.0); range.len()];
+        let mut chunks = data.chunks_exact(range.len() * self.elem_bytes());
+        for (k, v) in &mut self.kv {
+            for cache in [k, v] {
+                if let Some(chunk) = chunks.next() {
+                    bytemuck::cast_slice_mut(&mut host).copy_from_slice(chunk);
+                }
+                st.memcpy_htod(&host, &mut cache.slice_mut(range.clone()))
+                    .and_then(|()| st.synchronize())
+                    .map_err(|e| {
+                        cuda(CudaError::Driver {
+                            op: "KV block write",
+                            source: e,
+                        })
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     fn copy_block(&mut self, src: usize, dst: usize) -> Result<()> {
@@ -742,7 +827,7 @@ fn cudarc_capture_mode() -> braid_kernels::cuda::CaptureMode {
 }
 
 /// f32 → storage dtype, rounding to nearest.
-pub(crate) trait Convert: Sized + Copy + Send + Sync {
+pub(crate) trait Convert: bytemuck::Pod + Send + Sync {
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
 }

@@ -26,4 +26,4 @@ pub use config::ModelConfig;
 pub use cuda_model::{CudaCacheConfig, CudaModel};
 pub use error::{ModelError, Result};
 pub use loader::{inspect, load, load_on, Backend, LoadedModel, ModelInfo};
-pub use model::{Model, SeqInput};
+pub use model::{Model, SeqInput, SharedPrefixGroup};

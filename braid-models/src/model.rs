@@ -35,6 +35,16 @@ pub struct SeqInput<'a> {
     pub block_table: &'a [u32],
 }
 
+/// Sequences of a decode step (one new token each) whose block tables start with the same blocks
+/// holding their first `shared_tokens` tokens: attention reads that shared KV once for the group
+/// (cascade attention) and each sequence's own suffix separately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedPrefixGroup {
+    /// The group's members: a contiguous run of the step's sequences.
+    pub seqs: std::ops::Range<usize>,
+    pub shared_tokens: usize,
+}
+
 /// A model ready to run on the CPU, weights in f32.
 pub struct Model {
     config: ModelConfig,
