@@ -74,6 +74,14 @@ impl CudaModel {
         Ok(CudaModel { inner })
     }
 
+    /// The dtype of the weights and the KV cache.
+    pub fn dtype(&self) -> DType {
+        match self.inner {
+            Inner::Bf16(_) => DType::BF16,
+            Inner::F16(_) => DType::F16,
+        }
+    }
+
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn device_name(&mut self) -> String {
         with_runner!(self, r => r.dev.name().unwrap_or_else(|_| "unknown GPU".into()))

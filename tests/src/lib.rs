@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
-use braid_core::{GenerationParams, SamplingParams};
+use braid_core::{Engine, GenerationParams, RequestId, RequestMetrics, SamplingParams};
 use braid_models::source::ModelLocation;
 use braid_models::{Model, SeqInput};
 use serde_json::Value;
@@ -140,4 +140,28 @@ pub fn greedy(max_tokens: usize) -> GenerationParams {
         ignore_eos: true,
         retain: false,
     }
+}
+
+/// Like [`greedy`], keeping the request's KV as a retained output when it finishes.
+pub fn retaining(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        retain: true,
+        ..greedy(max_tokens)
+    }
+}
+
+/// Step `engine` until it is idle; request `id`'s tokens and its finishing metrics.
+pub fn run_to_end(engine: &mut Engine, id: RequestId) -> (Vec<u32>, RequestMetrics) {
+    let (mut tokens, mut metrics) = (Vec::new(), None);
+    while engine.has_work() {
+        for ev in engine.step().unwrap() {
+            if ev.request == id {
+                tokens.extend(ev.token);
+                if ev.finished.is_some() {
+                    metrics = ev.metrics;
+                }
+            }
+        }
+    }
+    (tokens, metrics.expect("the finishing event carries metrics"))
 }

@@ -250,3 +250,36 @@ fn gpu_prefix_cache_hits_do_not_change_the_output() {
         );
     }
 }
+
+/// A retained answer reused as the next turn's prefix on the GPU (its partly filled last block
+/// copied on write on the device) gives the output of an engine that never saw the first turn.
+#[test]
+fn gpu_retained_outputs_are_reused_exactly() {
+    if !cuda_available() {
+        return;
+    }
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3")
+    {
+        let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+        let config = EngineConfig {
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let mut engine = gpu_engine(&location, config.clone());
+        let turn1 = engine.add_request(ids.clone(), retaining(7)).unwrap();
+        let (answer, _) = run_to_end(&mut engine, turn1);
+        let mut turn2 = ids.clone();
+        turn2.extend_from_slice(&answer);
+        turn2.extend_from_slice(&ids[1..4]);
+        let second = engine.add_request(turn2.clone(), greedy(12)).unwrap();
+        let (reused, metrics) = run_to_end(&mut engine, second);
+        assert_eq!(metrics.cached_prompt_tokens, ids.len() + 6, "{name}");
+        let mut fresh = gpu_engine(&location, config);
+        let id = fresh.add_request(turn2.clone(), greedy(12)).unwrap();
+        assert_eq!(reused, run_to_end(&mut fresh, id).0, "{name}");
+        let again = engine.add_request(turn2, greedy(12)).unwrap();
+        assert_eq!(run_to_end(&mut engine, again).0, reused, "{name}: the retained KV changed");
+    }
+}

@@ -1,7 +1,7 @@
 //! Every tiny model saved by transformers (tests/fixtures/models, made by scripts/make_fixtures.py)
 //! loads and runs on the CPU with transformers' logits (rel. L2 < 1e-4) and greedy tokens.
 
-use braid_core::{Braid, Engine, EngineConfig, FinishReason, GenerationParams, Prompt, RequestMetrics};
+use braid_core::{Braid, Engine, EngineConfig, FinishReason, Prompt};
 use braid_tests::*;
 use serde_json::Value;
 
@@ -103,6 +103,7 @@ fn batched_chunked_and_preempted_generation_is_unchanged() {
             kv_cache_tokens: Some(96),
             max_batch_tokens: 7,
             max_running: 8,
+            ..EngineConfig::default()
         };
         let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
         let mut requests = Vec::new();
@@ -232,28 +233,6 @@ fn finished_requests_report_their_metrics() {
     let (used, total) = engine.kv_blocks();
     assert_eq!(used, 0, "finished requests hold no blocks (of {total})");
     assert_eq!(engine.queue_lengths(), (0, 0));
-}
-
-fn run_to_end(engine: &mut Engine, id: braid_core::RequestId) -> (Vec<u32>, RequestMetrics) {
-    let (mut tokens, mut metrics) = (Vec::new(), None);
-    while engine.has_work() {
-        for ev in engine.step().unwrap() {
-            if ev.request == id {
-                tokens.extend(ev.token);
-                if ev.finished.is_some() {
-                    metrics = ev.metrics;
-                }
-            }
-        }
-    }
-    (tokens, metrics.expect("the finishing event carries metrics"))
-}
-
-fn retaining(max_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        retain: true,
-        ..greedy(max_tokens)
-    }
 }
 
 /// A retained answer is the next turn's prefix, token-exact (its partly filled last block
