@@ -3,8 +3,15 @@
 //! The blocks' contents live wherever the backend keeps them ([`crate::KvStorage`] on the CPU,
 //! device memory on a GPU).
 
+use std::io::{Read, Write};
+use std::path::Path;
+
 use crate::prefix::{KeyFn, Link, PrefixIndex};
-use crate::{BlockId, BlockPool, BlockTable, CacheError, KvLayout, PrefixKey};
+use crate::snapshot;
+use crate::{
+    BlockContents, BlockId, BlockPool, BlockTable, CacheError, KvLayout, PrefixKey, SnapshotMeta,
+    SnapshotSummary,
+};
 
 /// Counters of the block manager, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -325,6 +332,74 @@ impl BlockManager {
     /// need be).
     pub fn can_fit(&self, extra_blocks: usize) -> bool {
         extra_blocks <= self.pool.num_available()
+    }
+
+    /// Writes every cached full block (its place in the prefix tree, its tokens, and its KV read
+    /// through `contents`) to `writer` as a snapshot for [`BlockManager::load_snapshot`].
+    ///
+    /// Blocks held by tables are saved as well as evictable ones: a registered block's KV no
+    /// longer changes. Registered blocks whose ancestor was evicted can be reached by no prompt;
+    /// they are left out and counted as skipped. `writer` sees few, large writes; the snapshot
+    /// format is described in the [`crate::snapshot`] module. Nothing in the cache changes.
+    pub fn save_snapshot(
+        &self,
+        contents: &mut dyn BlockContents,
+        meta: &SnapshotMeta,
+        writer: impl Write,
+    ) -> Result<SnapshotSummary, CacheError> {
+        snapshot::save(&self.layout, &self.index, contents, meta, writer)
+    }
+
+    /// [`BlockManager::save_snapshot`] into the file at `path`, replaced atomically: the snapshot
+    /// is written and synced beside it (`<path>.partial`) and renamed over it only when complete.
+    pub fn save_snapshot_file(
+        &self,
+        contents: &mut dyn BlockContents,
+        meta: &SnapshotMeta,
+        path: &Path,
+    ) -> Result<SnapshotSummary, CacheError> {
+        snapshot::save_to_path(path, |writer| self.save_snapshot(contents, meta, writer))
+    }
+
+    /// Loads a snapshot written by [`BlockManager::save_snapshot`] for the same model, dtype and
+    /// KV layout (the pool size may differ), so its prompts' cached prefixes need no prefill.
+    ///
+    /// The whole stream is read and verified (magic, version, dtype, layout, bytes per block,
+    /// fingerprint, sizes, checksum, no bytes after it) before the cache changes; a refused
+    /// snapshot leaves every block's state, registration and meaningful contents as they were.
+    /// Only KV bytes of free blocks, which mean nothing, may have been overwritten.
+    ///
+    /// Each snapshot block whose prefix is not cached yet goes into a free block and becomes a
+    /// cached, evictable block that [`BlockManager::match_prefix`] finds like a computed one.
+    /// Blocks already cached are left as they are. A load never evicts: when free blocks run
+    /// out, the remaining blocks are skipped, as are blocks whose parent was not loaded; the
+    /// summary counts them.
+    pub fn load_snapshot(
+        &mut self,
+        contents: &mut dyn BlockContents,
+        meta: &SnapshotMeta,
+        reader: impl Read,
+    ) -> Result<SnapshotSummary, CacheError> {
+        snapshot::load(
+            &self.layout,
+            &mut self.pool,
+            &mut self.index,
+            contents,
+            meta,
+            reader,
+        )
+    }
+
+    /// [`BlockManager::load_snapshot`] from the file at `path`. A missing file is a
+    /// [`crate::SnapshotError::Io`] of kind [`std::io::ErrorKind::NotFound`].
+    pub fn load_snapshot_file(
+        &mut self,
+        contents: &mut dyn BlockContents,
+        meta: &SnapshotMeta,
+        path: &Path,
+    ) -> Result<SnapshotSummary, CacheError> {
+        let reader = snapshot::open_for_load(path)?;
+        self.load_snapshot(contents, meta, reader)
     }
 
     /// The manager's counters.

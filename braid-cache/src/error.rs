@@ -2,7 +2,9 @@
 
 use thiserror::Error;
 
-/// What can go wrong when sizing or growing the KV cache.
+use crate::SnapshotError;
+
+/// What can go wrong when sizing, growing, saving or loading the KV cache.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CacheError {
     /// Growing a block table needs more blocks than the pool has free.
@@ -29,4 +31,13 @@ pub enum CacheError {
         /// Blocks requested.
         num_blocks: usize,
     },
+    /// The code that holds the blocks' contents (host memory, a GPU) could not read or write them.
+    #[error("the KV cache backend failed: {message}")]
+    Backend {
+        /// The backend's own description of the failure.
+        message: String,
+    },
+    /// A prefix cache snapshot could not be saved or loaded.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }

@@ -1,5 +1,6 @@
 //! Braid's paged KV cache: a pool of fixed-size token blocks, per-sequence block tables, the
-//! per-layer key/value storage those blocks index into, and exact automatic prefix caching.
+//! per-layer key/value storage those blocks index into, exact automatic prefix caching, and
+//! snapshots that carry the cached prefixes across restarts.
 //!
 //! The engine holds one [`BlockManager`]; the CPU backend keeps the blocks' contents in a
 //! [`KvStorage`]. Each running sequence owns a [`BlockTable`]; before a forward step writes `n`
@@ -34,6 +35,22 @@
 //!
 //! [`BlockManager::stats`] reports cached, evictable and free blocks, hit tokens and evictions.
 //!
+//! # Saving and loading the prefix cache
+//!
+//! A long system prompt or document need not be prefilled again after a restart.
+//! [`BlockManager::save_snapshot`] writes every cached full block (its parent in the prefix tree,
+//! its token ids, and its KV for every layer, read through the [`BlockContents`] trait that the
+//! backend holding the blocks implements; [`KvStorage`] does on the CPU) to a checksummed file;
+//! [`BlockManager::load_snapshot`] puts such a file back at the next start. A [`SnapshotMeta`]
+//! names the model (a fingerprint the engine computes) and the KV dtype; the layout is checked
+//! too. A load reads and verifies the whole file before changing anything, so a corrupt,
+//! truncated or mismatched file is refused with one [`SnapshotError`] sentence and leaves the
+//! cache as it was. Loaded blocks fill free blocks only, as cached evictable blocks that
+//! [`BlockManager::match_prefix`] finds like computed ones; what does not fit is skipped and
+//! counted in the [`SnapshotSummary`]. The `_file` variants write atomically (a `.partial` file
+//! renamed into place) and name the path in their errors. The format is described in
+//! [`snapshot`].
+//!
 //! ```
 //! use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
 //!
@@ -60,6 +77,23 @@
 //! BlockManager::set_len(&mut second, 35);
 //! cache.release(&mut second);
 //! assert_eq!(cache.num_free_blocks(), 8, "cached blocks count as available");
+//!
+//! // Save the cache; a restarted engine loads it and skips the prefill again.
+//! use braid_cache::SnapshotMeta;
+//! let meta = SnapshotMeta {
+//!     fingerprint: SnapshotMeta::fingerprint_of(&[b"my-model", KvStorage::DTYPE.as_bytes()]),
+//!     dtype: KvStorage::DTYPE.into(),
+//! };
+//! let mut file = Vec::new();
+//! let saved = cache.save_snapshot(&mut storage, &meta, &mut file).unwrap();
+//! assert_eq!((saved.blocks, saved.tokens), (2, 32));
+//!
+//! let mut restarted = BlockManager::new(layout);
+//! let mut restarted_storage = KvStorage::new(layout);
+//! let loaded = restarted.load_snapshot(&mut restarted_storage, &meta, &file[..]).unwrap();
+//! assert_eq!(loaded.blocks, 2);
+//! let mut third = BlockTable::new();
+//! assert_eq!(restarted.match_prefix(&mut third, &prompt), 32);
 //! ```
 
 mod cache;
@@ -67,6 +101,7 @@ mod error;
 mod layout;
 mod pool;
 mod prefix;
+pub mod snapshot;
 mod storage;
 mod table;
 
@@ -75,6 +110,7 @@ pub use error::CacheError;
 pub use layout::{KvLayout, DEFAULT_BLOCK_SIZE};
 pub use pool::{BlockPool, BlockState};
 pub use prefix::PrefixKey;
+pub use snapshot::{BlockContents, SnapshotError, SnapshotMeta, SnapshotSummary};
 pub use storage::KvStorage;
 pub use table::BlockTable;
 

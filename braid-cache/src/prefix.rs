@@ -75,11 +75,24 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// The serial of the root: no registration receives it.
+    pub(crate) const ROOT_SERIAL: u64 = 0;
+
     /// Where every chain starts, before its first block.
     pub(crate) const ROOT: Link = Link {
         key: PrefixKey::ROOT,
-        serial: 0,
+        serial: Self::ROOT_SERIAL,
     };
+}
+
+/// One registration as a snapshot records it: which block, its place in the chain, its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Registration<'a> {
+    pub(crate) block: BlockId,
+    pub(crate) serial: u64,
+    /// [`Link::ROOT_SERIAL`] for a prompt's first block.
+    pub(crate) parent_serial: u64,
+    pub(crate) tokens: &'a [u32],
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +208,27 @@ impl PrefixIndex {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
+
+    /// Every registration, oldest first. A block is registered only after its parent (the parent's
+    /// link must exist to name it), so this order lists every parent before its children.
+    pub(crate) fn registrations(&self) -> Vec<Registration<'_>> {
+        let mut all: Vec<Registration<'_>> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(id, entry)| {
+                let entry = entry.as_ref()?;
+                Some(Registration {
+                    block: id as BlockId,
+                    serial: entry.link.serial,
+                    parent_serial: entry.parent_serial,
+                    tokens: &entry.tokens,
+                })
+            })
+            .collect();
+        all.sort_unstable_by_key(|reg| reg.serial);
+        all
+    }
 }
 
 #[cfg(test)]
@@ -266,5 +300,20 @@ mod tests {
         assert_eq!(index.tokens(2), Some(&[5, 6][..]));
         assert!(!index.remove(3));
         assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn registrations_list_parents_first() {
+        let mut index = PrefixIndex::new(4, PrefixKey::child);
+        // Block 3 is registered first, so block ids alone would put the child before it.
+        let root = index.insert(3, Link::ROOT, &[1, 2]);
+        let child = index.insert(0, root, &[3, 4]);
+        index.insert(2, child, &[5, 6]);
+        let regs = index.registrations();
+        assert_eq!(regs.iter().map(|r| r.block).collect::<Vec<_>>(), [3, 0, 2]);
+        assert_eq!(regs[0].parent_serial, Link::ROOT_SERIAL);
+        assert_eq!(regs[1].parent_serial, regs[0].serial);
+        assert_eq!(regs[2].parent_serial, regs[1].serial);
+        assert_eq!(regs[2].tokens, &[5, 6]);
     }
 }
