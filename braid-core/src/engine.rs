@@ -4,9 +4,13 @@
 //! nothing crashes and nothing is lost.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::time::Instant;
 
-use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage, DEFAULT_BLOCK_SIZE};
+use braid_cache::{
+    BlockContents, BlockId, BlockManager, BlockTable, CacheError, KvLayout, KvStorage,
+    SnapshotMeta, SnapshotSummary, DEFAULT_BLOCK_SIZE,
+};
 use braid_models::chat_template::ChatTemplate;
 use braid_models::tokenizer::Tokenizer;
 use braid_models::{Backend, CudaCacheConfig, CudaModel, LoadedModel, Model, ModelInfo, SeqInput};
@@ -308,6 +312,49 @@ impl Engine {
             }
             None => false,
         }
+    }
+
+    /// Write every cached full block (token ids and KV) to `path`, replacing it atomically, so a
+    /// later engine for the same model and dtype can load it instead of prefilling again.
+    pub fn save_prefix_cache(&mut self, path: &Path) -> Result<SnapshotSummary, EngineError> {
+        let meta = self.snapshot_meta()?;
+        let summary = match &mut self.executor {
+            Executor::Cpu { kv, .. } => self.kv.save_snapshot_file(kv, &meta, path),
+            Executor::Cuda(model) => {
+                self.kv
+                    .save_snapshot_file(&mut GpuBlocks(model), &meta, path)
+            }
+        };
+        summary.map_err(|e| cache_file_error("save", path, e))
+    }
+
+    /// Load cached blocks saved by [`Engine::save_prefix_cache`] into free blocks of the pool.
+    /// A file for another model, dtype or cache layout, or a damaged one, is refused with the
+    /// cache unchanged.
+    pub fn load_prefix_cache(&mut self, path: &Path) -> Result<SnapshotSummary, EngineError> {
+        let meta = self.snapshot_meta()?;
+        let summary = match &mut self.executor {
+            Executor::Cpu { kv, .. } => self.kv.load_snapshot_file(kv, &meta, path),
+            Executor::Cuda(model) => {
+                self.kv
+                    .load_snapshot_file(&mut GpuBlocks(model), &meta, path)
+            }
+        };
+        summary.map_err(|e| cache_file_error("load", path, e))
+    }
+
+    fn snapshot_meta(&self) -> Result<SnapshotMeta, EngineError> {
+        let dtype = match &self.executor {
+            Executor::Cpu { .. } => KvStorage::DTYPE.to_string(),
+            Executor::Cuda(model) => model.dtype().name().to_string(),
+        };
+        let fingerprint = crate::fingerprint::model_fingerprint(&self.info, &dtype).map_err(|e| {
+            EngineError::CacheFile(format!(
+                "cannot read the model files at {} to fingerprint them: {e}",
+                self.info.path.display()
+            ))
+        })?;
+        Ok(SnapshotMeta { fingerprint, dtype })
     }
 
     /// Queue a request. Fails at once, with nothing queued, if the prompt cannot ever run.
@@ -710,6 +757,34 @@ fn best_retained(retained: &[Retained], prompt: &[u32]) -> Option<(usize, usize)
         })
         .filter(|&(_, len)| len > 0)
         .max_by_key(|&(i, len)| (len, i))
+}
+
+/// The GPU's KV blocks as the cache snapshot reads and writes them.
+struct GpuBlocks<'a>(&'a mut CudaModel);
+
+impl BlockContents for GpuBlocks<'_> {
+    fn block_bytes(&self) -> usize {
+        self.0.block_bytes()
+    }
+
+    fn read_block(&mut self, id: BlockId, out: &mut [u8]) -> Result<(), CacheError> {
+        self.0.read_block(id, out).map_err(|e| CacheError::Backend {
+            message: e.to_string(),
+        })
+    }
+
+    fn write_block(&mut self, id: BlockId, data: &[u8]) -> Result<(), CacheError> {
+        self.0.write_block(id, data).map_err(|e| CacheError::Backend {
+            message: e.to_string(),
+        })
+    }
+}
+
+fn cache_file_error(action: &str, path: &Path, e: CacheError) -> EngineError {
+    EngineError::CacheFile(format!(
+        "cannot {action} the prefix cache file {}: {e}",
+        path.display()
+    ))
 }
 
 /// Copy one block's keys and values, in every layer, within the CPU cache.

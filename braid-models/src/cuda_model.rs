@@ -108,8 +108,11 @@ impl CudaModel {
     }
 
     /// Bytes of one KV block over all layers (K then V per layer, in the cache dtype).
-    pub fn block_bytes(&mut self) -> usize {
-        with_runner!(self, r => r.block_elems() * 2 * r.kv.len() * r.elem_bytes())
+    pub fn block_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Bf16(r) => r.block_bytes(),
+            Inner::F16(r) => r.block_bytes(),
+        }
     }
 
     /// Copy KV block `id` of every layer to the host, as [`CudaModel::block_bytes`] bytes.
@@ -282,11 +285,15 @@ where
         std::mem::size_of::<T>()
     }
 
+    fn block_bytes(&self) -> usize {
+        self.block_elems() * 2 * self.kv.len() * self.elem_bytes()
+    }
+
     /// The block's element range in a layer's K or V buffer, after checking `id` and `bytes`.
     fn block_range(&self, id: usize, bytes: usize) -> Result<std::ops::Range<usize>> {
         let num_blocks = self.bufs.as_ref().map_or(0, |b| b.cache.num_blocks);
         let elems = self.block_elems();
-        let want = elems * 2 * self.kv.len() * self.elem_bytes();
+        let want = self.block_bytes();
         if id >= num_blocks || bytes != want {
             return Err(ModelError::Forward(format!(
                 "KV block {id} of {bytes} bytes does not fit a cache of {num_blocks} blocks of {want} bytes"

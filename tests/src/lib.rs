@@ -163,5 +163,8 @@ pub fn run_to_end(engine: &mut Engine, id: RequestId) -> (Vec<u32>, RequestMetri
             }
         }
     }
-    (tokens, metrics.expect("the finishing event carries metrics"))
+    (
+        tokens,
+        metrics.expect("the finishing event carries metrics"),
+    )
 }

@@ -280,6 +280,44 @@ fn gpu_retained_outputs_are_reused_exactly() {
         let id = fresh.add_request(turn2.clone(), greedy(12)).unwrap();
         assert_eq!(reused, run_to_end(&mut fresh, id).0, "{name}");
         let again = engine.add_request(turn2, greedy(12)).unwrap();
-        assert_eq!(run_to_end(&mut engine, again).0, reused, "{name}: the retained KV changed");
+        assert_eq!(
+            run_to_end(&mut engine, again).0,
+            reused,
+            "{name}: the retained KV changed"
+        );
     }
+}
+
+/// A prefix cache saved from the GPU (bf16 KV) loads into a fresh GPU engine and gives the same
+/// output with the prompt's blocks taken from the file.
+#[test]
+fn gpu_prefix_cache_files_survive_a_restart() {
+    if !cuda_available() {
+        return;
+    }
+    let (_, location, expected) = fixture_models()
+        .into_iter()
+        .find(|(n, ..)| n == "qwen3")
+        .unwrap();
+    let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+    let config = EngineConfig {
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let file = std::env::temp_dir().join(format!("braid-gpu-cache-{}.braidkv", std::process::id()));
+    let mut first = gpu_engine(&location, config.clone());
+    let id = first.add_request(ids.clone(), greedy(8)).unwrap();
+    let (want, _) = run_to_end(&mut first, id);
+    let saved = first.save_prefix_cache(&file).unwrap();
+    assert!(saved.blocks > 0);
+    let mut restarted = gpu_engine(&location, config);
+    assert_eq!(
+        restarted.load_prefix_cache(&file).unwrap().blocks,
+        saved.blocks
+    );
+    let id = restarted.add_request(ids.clone(), greedy(8)).unwrap();
+    let (got, metrics) = run_to_end(&mut restarted, id);
+    assert_eq!(metrics.cached_prompt_tokens, (ids.len() - 1) / 4 * 4);
+    assert_eq!(got, want);
+    std::fs::remove_file(&file).unwrap();
 }

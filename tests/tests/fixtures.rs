@@ -255,7 +255,10 @@ fn retained_outputs_are_reused_exactly() {
         let (answer, _) = run_to_end(&mut engine, turn1);
         let held = engine.retained();
         assert_eq!(held.len(), 1, "{name}");
-        assert_eq!((held[0].id, held[0].tokens, held[0].pinned), (turn1, ids.len() + 6, false));
+        assert_eq!(
+            (held[0].id, held[0].tokens, held[0].pinned),
+            (turn1, ids.len() + 6, false)
+        );
         let mut kept = ids.clone();
         kept.extend_from_slice(&answer[..6]);
         assert_eq!(engine.retained_tokens(turn1), Some(&kept[..]));
@@ -292,7 +295,11 @@ fn retained_outputs_are_reused_exactly() {
         assert!(engine.retained()[0].pinned);
         assert!(engine.release_retained(turn1));
         assert!(!engine.release_retained(turn1));
-        assert_eq!(engine.kv_blocks().0, 0, "{name}: nothing holds blocks any more");
+        assert_eq!(
+            engine.kv_blocks().0,
+            0,
+            "{name}: nothing holds blocks any more"
+        );
     }
 }
 
@@ -315,17 +322,25 @@ fn prefill_only_requests_and_pool_pressure() {
     let warm = engine.add_request(ids.clone(), retaining(0)).unwrap();
     let (tokens, metrics) = run_to_end(&mut engine, warm);
     assert!(tokens.is_empty());
-    assert_eq!((metrics.prompt_tokens, metrics.generated_tokens), (ids.len(), 0));
+    assert_eq!(
+        (metrics.prompt_tokens, metrics.generated_tokens),
+        (ids.len(), 0)
+    );
     assert_eq!(engine.retained_tokens(warm), Some(&ids[..]));
 
     // An unrelated prompt that needs most of the pool: the idle retained output makes room.
     let long: Vec<u32> = (0..50).map(|i| 3 + i % 40).collect();
     let big = engine.add_request(long.clone(), greedy(8)).unwrap();
     assert_eq!(run_to_end(&mut engine, big).0.len(), 8);
-    assert!(engine.retained().is_empty(), "the unpinned output was dropped");
+    assert!(
+        engine.retained().is_empty(),
+        "the unpinned output was dropped"
+    );
 
     // A pinned output is never dropped; a request that cannot fit beside it errs once.
-    let pinned = engine.add_request(long[..40].to_vec(), retaining(0)).unwrap();
+    let pinned = engine
+        .add_request(long[..40].to_vec(), retaining(0))
+        .unwrap();
     run_to_end(&mut engine, pinned);
     engine.pin_retained(pinned, true).unwrap();
     let other: Vec<u32> = long.iter().map(|t| t + 1).collect();
@@ -336,7 +351,74 @@ fn prefill_only_requests_and_pool_pressure() {
             Err(e) => break e.to_string(),
         }
     };
-    assert!(err.contains(&format!("request {blocked}")) && err.contains("pinned"), "{err}");
+    assert!(
+        err.contains(&format!("request {blocked}")) && err.contains("pinned"),
+        "{err}"
+    );
     assert!(!engine.has_work());
     assert_eq!(engine.retained().len(), 1);
+}
+
+/// A saved prefix cache loads into a fresh engine for the same model, which then skips the
+/// prompt's cached blocks and gives the same output; a file for another model, or a damaged one,
+/// is refused with the cache left empty.
+#[test]
+fn prefix_cache_files_survive_a_restart() {
+    let models = fixture_models();
+    let find = |name: &str| models.iter().find(|(n, ..)| n == name).unwrap();
+    let (_, location, expected) = find("llama");
+    let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+    let config = EngineConfig {
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let new_engine =
+        |location| Engine::new(braid_models::load(location).unwrap(), config.clone()).unwrap();
+    let dir = std::env::temp_dir().join(format!("braid-prefix-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("llama.braidkv");
+
+    let mut first = new_engine(location);
+    let id = first.add_request(ids.clone(), greedy(6)).unwrap();
+    let (want, _) = run_to_end(&mut first, id);
+    let saved = first.save_prefix_cache(&file).unwrap();
+    assert_eq!(
+        saved.blocks,
+        (ids.len() + 5) / 4,
+        "every full block is saved"
+    );
+
+    let mut restarted = new_engine(location);
+    let loaded = restarted.load_prefix_cache(&file).unwrap();
+    assert_eq!((loaded.blocks, loaded.tokens), (saved.blocks, saved.tokens));
+    let id = restarted.add_request(ids.clone(), greedy(6)).unwrap();
+    let (got, metrics) = run_to_end(&mut restarted, id);
+    assert_eq!(metrics.cached_prompt_tokens, (ids.len() - 1) / 4 * 4);
+    assert_eq!(got, want, "loaded KV changed the output");
+
+    // Same layout, other weights: the GGUF export of another model is refused by fingerprint.
+    let (_, other, _) = find("llama-gguf");
+    let mut stranger = new_engine(other);
+    let err = stranger.load_prefix_cache(&file).unwrap_err().to_string();
+    assert!(err.contains("different model"), "{err}");
+    assert_eq!(stranger.cached_prefix_len(&ids), 0);
+
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    let broken = dir.join("broken.braidkv");
+    std::fs::write(&broken, &bytes).unwrap();
+    let mut fresh = new_engine(location);
+    let err = fresh.load_prefix_cache(&broken).unwrap_err().to_string();
+    assert!(
+        err.contains("corrupt") && err.contains("broken.braidkv"),
+        "{err}"
+    );
+    assert_eq!(fresh.cached_prefix_len(&ids), 0);
+    let err = fresh
+        .load_prefix_cache(&dir.join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
