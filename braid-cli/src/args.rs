@@ -27,13 +27,20 @@ pub enum Command {
         prompt: Option<String>,
         #[command(flatten)]
         gen: GenArgs,
+        /// Start the interactive chat with reasoning text hidden (/think show brings it back).
+        #[arg(long, conflicts_with = "prompt")]
+        hide_think: bool,
     },
-    /// Interactive chat that keeps the conversation.
+    /// Interactive chat that keeps the conversation, and its KV, between turns (/help lists the
+    /// commands).
     Chat {
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
         gen: GenArgs,
+        /// Start with reasoning text hidden (/think show brings it back).
+        #[arg(long)]
+        hide_think: bool,
     },
     /// Generate from a prompt (chat-templated unless --raw) or from token ids.
     Generate {

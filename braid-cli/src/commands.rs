@@ -20,6 +20,7 @@ pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
             model,
             prompt: Some(prompt),
             gen,
+            ..
         } => {
             let mut braid = load(&model)?;
             let messages = conversation(&gen, &prompt);
@@ -30,10 +31,15 @@ pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
             model,
             prompt: None,
             gen,
+            hide_think,
         }
-        | Command::Chat { model, gen } => {
+        | Command::Chat {
+            model,
+            gen,
+            hide_think,
+        } => {
             let mut braid = load(&model)?;
-            crate::chat::interactive(&mut braid, &gen)
+            crate::interactive::run(&mut braid, &gen, hide_think)
         }
         Command::Generate {
             model,
@@ -160,6 +166,10 @@ pub fn load_engine(args: &ModelArgs, mut config: EngineConfig) -> Result<Engine>
 }
 
 pub fn params(gen: &GenArgs) -> Result<GenerationParams> {
+    // The engine accepts 0 (prefill only), which generates nothing a command could show.
+    if gen.max_tokens == 0 {
+        bail!("max_tokens must be at least 1");
+    }
     let p = GenerationParams {
         max_tokens: gen.max_tokens,
         sampling: SamplingParams {

@@ -2,8 +2,8 @@
 
 mod args;
 mod bench;
-mod chat;
 mod commands;
+mod interactive;
 
 use clap::Parser;
 

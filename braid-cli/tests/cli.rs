@@ -329,3 +329,235 @@ fn copy_fixture(name: &str, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+// ---- the interactive chat, driven through stdin ----
+
+#[path = "../../braid-core/tests/common/mod.rs"]
+mod engine_helpers;
+
+/// Runs `braid` with `input` on stdin.
+fn braid_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(args)
+        .env(
+            "BRAID_CACHE",
+            std::env::temp_dir().join("braid-cli-test-cache"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A chat on `model` that ends cleanly; returns (stdout, stderr).
+fn chat(model: &str, extra: &[&str], input: &str) -> (String, String) {
+    let mut args = vec![
+        "chat",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let out = braid_with_input(&args, input);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "the chat failed: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (stdout, stderr)
+}
+
+/// (prompt tokens, cached tokens) of each answer's summary line.
+fn summaries(stderr: &str) -> Vec<(usize, usize)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let (prompt, rest) = l.split_once(" prompt tokens (")?;
+            let (cached, _) = rest.split_once(" cached)")?;
+            Some((prompt.parse().ok()?, cached.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_answers_commands() {
+    let input = "\
+/system Be brief.
+/context The sky is blue.
+/query What color?
+/infer
+/bogus
+hello there
+/use-output 9
+/think maybe
+/stats
+/output
+/list
+/clear
+/list
+/exit
+/help
+";
+    let (stdout, stderr) = chat(&model("qwen3"), &["--max-tokens", "4"], input);
+    for needle in [
+        "system prompt set (",
+        "context 1 added (",
+        "query set (",
+        "turns: 2",
+        "cache hits: ",
+        "tok/s",
+        "#1 (",
+        "#2 query: hello there",
+        "conversation cleared",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("Type a message"),
+        "nothing runs after /exit"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: unknown command '/bogus'; /help lists the commands",
+            "error: there is no answer 9; the conversation has 2 answers",
+            "error: /think takes show or hide, not 'maybe'",
+        ]
+    );
+
+    // The second answer found the first turn in the cache; /stats says how much it saved.
+    let answers = summaries(&stderr);
+    assert_eq!(answers.len(), 2, "{stderr}");
+    assert_eq!(answers[0].1, 0);
+    assert!(answers[1].1 > answers[0].0, "{answers:?}");
+    assert!(
+        stdout.contains(&format!("tokens saved: {}", answers[1].1)),
+        "{stdout}"
+    );
+    let after_clear = &stdout[stdout.find("conversation cleared").unwrap()..];
+    assert!(after_clear.contains("system: Be brief.") && !after_clear.contains("#1 query"));
+}
+
+#[test]
+fn run_without_a_prompt_is_the_chat() {
+    let out = braid_with_input(
+        &[
+            "run",
+            "--model",
+            &model("qwen3"),
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "3",
+        ],
+        "hi\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("3 generated (length)"), "{stderr}");
+
+    // Hiding reasoning is a chat setting; a one-shot run refuses it.
+    let out = braid(&["run", "--model", &model("qwen3"), "hi", "--hide-think"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--hide-think"));
+}
+
+#[test]
+fn a_saved_chat_loads_in_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chat.json");
+    let file = file.to_str().unwrap();
+    let (stdout, _) = chat(
+        &model("qwen3"),
+        &["--max-tokens", "3"],
+        &format!("/context Cats purr.\nWhy?\n/save {file}\n"),
+    );
+    assert!(
+        stdout.contains(&format!("saved 1 turn to {file}")),
+        "{stdout}"
+    );
+    assert!(dir.path().join("chat.json.kv").is_file());
+
+    let (stdout, stderr) = chat(
+        &model("qwen3"),
+        &["--max-tokens", "3"],
+        &format!("/load {file}\n/list\nAnd then?\n/load {file}.missing\n"),
+    );
+    let loaded = stdout
+        .lines()
+        .find(|l| l.starts_with("loaded 1 turn from"))
+        .unwrap_or_else(|| panic!("no load line in:\n{stdout}"));
+    let from_file: usize = loaded
+        .split_once('(')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        from_file > 0,
+        "full blocks come from the cache file: {loaded}"
+    );
+    assert!(stdout.contains("#1 context: Cats purr."), "{stdout}");
+    let answers = summaries(&stderr);
+    assert!(
+        answers[0].1 > from_file,
+        "the next turn starts from the loaded conversation"
+    );
+    let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+    assert!(
+        error.starts_with("error: cannot read conversation file") && error.contains(".missing"),
+        "{error}"
+    );
+}
+
+#[test]
+fn reasoning_is_marked_when_piped_and_can_be_hidden() {
+    let mut base = engine_helpers::qwen3();
+    let choice = engine_helpers::choose_think_ids(&mut base);
+    let g = &choice.generated;
+    let think = engine_helpers::think_model(g[0], g[choice.close_at]);
+    let engine = think.engine();
+    let tags = braid_core::ThinkTags::detect(engine.tokenizer()).unwrap();
+    let raw = engine.tokenizer().decode(g, true).unwrap();
+    let (reasoning, answer) = braid_core::reasoning::split_reasoning(&raw, &tags);
+    let dir = think.dir.to_str().unwrap();
+    let gen = ["--max-tokens", "16", "--ignore-eos"];
+    let question = format!("{}\n", choice.question);
+
+    let (stdout, _) = chat(dir, &gen, &question);
+    assert_eq!(
+        stdout,
+        format!("<think>\n{reasoning}\n</think>\n\n{answer}\n")
+    );
+    assert!(
+        !stdout.contains('\x1b'),
+        "no ANSI codes when stdout is not a terminal"
+    );
+
+    let hidden = [&gen[..], &["--hide-think"]].concat();
+    let (stdout, _) = chat(dir, &hidden, &question);
+    assert_eq!(stdout, format!("{answer}\n"));
+    let (stdout, _) = chat(dir, &gen, &format!("/think hide\n{question}"));
+    assert_eq!(stdout, format!("reasoning is hidden\n{answer}\n"));
+    let (stdout, _) = chat(dir, &hidden, &format!("/think show\n{question}"));
+    assert!(
+        stdout.starts_with("reasoning is shown\n<think>\n"),
+        "{stdout}"
+    );
+}

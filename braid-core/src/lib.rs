@@ -3,10 +3,13 @@
 
 mod api;
 mod cascade;
+pub mod chunks;
+pub mod conversation;
 pub mod detokenizer;
 mod engine;
 mod error;
 mod fingerprint;
+pub mod reasoning;
 mod request;
 pub mod sampling;
 mod sequence;
@@ -14,6 +17,12 @@ pub mod stop;
 
 pub use api::{Braid, Generation, Prompt, Timings};
 pub use braid_models::chat_template::ChatMessage;
+pub use chunks::{
+    Chunk, ChunkError, ChunkFilter, ChunkId, ChunkRole, ChunkStats, ChunkStore, Composition,
+    CompositionReport,
+};
+pub use conversation::{Conversation, ConversationError, ConversationStats, Turn};
+pub use reasoning::{OutputPiece, ReasoningParser, ThinkTags};
 pub use cascade::{CascadePolicy, AUTO_MIN_SAVED_TOKENS};
 pub use braid_cache::SnapshotSummary as CacheFileSummary;
 pub use engine::{Engine, EngineConfig, EngineStats, RetainedInfo};
