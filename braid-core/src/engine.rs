@@ -15,7 +15,7 @@ use braid_models::chat_template::ChatTemplate;
 use braid_models::tokenizer::Tokenizer;
 use braid_models::{Backend, CudaCacheConfig, CudaModel, LoadedModel, Model, ModelInfo, SeqInput};
 
-use crate::cascade::CascadePolicy;
+use crate::cascade::{self, CascadePolicy};
 use crate::detokenizer::{Decode, IncrementalDetokenizer};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationParams, RequestId, StepEvent};
@@ -320,10 +320,9 @@ impl Engine {
         let meta = self.snapshot_meta()?;
         let summary = match &mut self.executor {
             Executor::Cpu { kv, .. } => self.kv.save_snapshot_file(kv, &meta, path),
-            Executor::Cuda(model) => {
-                self.kv
-                    .save_snapshot_file(&mut GpuBlocks(model), &meta, path)
-            }
+            Executor::Cuda(model) => self
+                .kv
+                .save_snapshot_file(&mut GpuBlocks(model), &meta, path),
         };
         summary.map_err(|e| cache_file_error("save", path, e))
     }
@@ -335,10 +334,9 @@ impl Engine {
         let meta = self.snapshot_meta()?;
         let summary = match &mut self.executor {
             Executor::Cpu { kv, .. } => self.kv.load_snapshot_file(kv, &meta, path),
-            Executor::Cuda(model) => {
-                self.kv
-                    .load_snapshot_file(&mut GpuBlocks(model), &meta, path)
-            }
+            Executor::Cuda(model) => self
+                .kv
+                .load_snapshot_file(&mut GpuBlocks(model), &meta, path),
         };
         summary.map_err(|e| cache_file_error("load", path, e))
     }
@@ -348,12 +346,13 @@ impl Engine {
             Executor::Cpu { .. } => KvStorage::DTYPE.to_string(),
             Executor::Cuda(model) => model.dtype().name().to_string(),
         };
-        let fingerprint = crate::fingerprint::model_fingerprint(&self.info, &dtype).map_err(|e| {
-            EngineError::CacheFile(format!(
-                "cannot read the model files at {} to fingerprint them: {e}",
-                self.info.path.display()
-            ))
-        })?;
+        let fingerprint =
+            crate::fingerprint::model_fingerprint(&self.info, &dtype).map_err(|e| {
+                EngineError::CacheFile(format!(
+                    "cannot read the model files at {} to fingerprint them: {e}",
+                    self.info.path.display()
+                ))
+            })?;
         Ok(SnapshotMeta { fingerprint, dtype })
     }
 
@@ -445,7 +444,7 @@ impl Engine {
 
     /// Run one batched forward over everything schedulable and report each request's progress.
     pub fn step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
-        let scheduled = self.schedule();
+        let mut scheduled = self.schedule();
         for (src, dst) in std::mem::take(&mut self.pending_copies) {
             match &mut self.executor {
                 Executor::Cpu { kv, .. } => copy_block_cpu(kv, src, dst),
@@ -457,6 +456,30 @@ impl Engine {
                 true => self.drop_unfittable(),
                 false => Ok(Vec::new()),
             };
+        }
+        // Decode-only steps may read shared prefixes once per group (cascade attention); the
+        // plan orders each group's members contiguously.
+        let mut groups = Vec::new();
+        if scheduled.iter().all(|&(_, n)| n == 1) {
+            let tables: Vec<&[u32]> = scheduled
+                .iter()
+                .map(|&(i, _)| self.running[i].table.blocks())
+                .collect();
+            let computed: Vec<usize> = scheduled
+                .iter()
+                .map(|&(i, _)| self.running[i].num_computed)
+                .collect();
+            if let Some(plan) = cascade::plan(
+                &tables,
+                &computed,
+                self.config.block_size,
+                self.config.cascade,
+            ) {
+                scheduled = plan.order.iter().map(|&k| scheduled[k]).collect();
+                groups = plan.groups;
+                self.stats.cascade_steps += 1;
+                self.stats.cascade_saved_tokens += plan.saved_tokens as u64;
+            }
         }
         let inputs: Vec<SeqInput<'_>> = scheduled
             .iter()
@@ -490,12 +513,12 @@ impl Engine {
                         .map(|&(i, _)| device_row(&self.running[i]))
                         .collect()
                 });
-                model.forward_sample(&inputs, rows.as_deref())?
+                model.forward_sample(&inputs, &groups, rows.as_deref())?
             }
             executor => {
                 let logits = match executor {
-                    Executor::Cpu { model, kv } => model.forward(&inputs, kv)?,
-                    Executor::Cuda(model) => model.forward_logits(&inputs)?,
+                    Executor::Cpu { model, kv } => model.forward(&inputs, &groups, kv)?,
+                    Executor::Cuda(model) => model.forward_logits(&inputs, &groups)?,
                 };
                 let mut ids = Vec::with_capacity(logits.len());
                 for ((&(i, _), mut logits), &samples) in scheduled.iter().zip(logits).zip(&samples)
@@ -774,9 +797,11 @@ impl BlockContents for GpuBlocks<'_> {
     }
 
     fn write_block(&mut self, id: BlockId, data: &[u8]) -> Result<(), CacheError> {
-        self.0.write_block(id, data).map_err(|e| CacheError::Backend {
-            message: e.to_string(),
-        })
+        self.0
+            .write_block(id, data)
+            .map_err(|e| CacheError::Backend {
+                message: e.to_string(),
+            })
     }
 }
 

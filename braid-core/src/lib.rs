@@ -16,16 +16,16 @@ mod sequence;
 pub mod stop;
 
 pub use api::{Braid, Generation, Prompt, Timings};
+pub use braid_cache::SnapshotSummary as CacheFileSummary;
 pub use braid_models::chat_template::ChatMessage;
+pub use cascade::{CascadePolicy, AUTO_MIN_SAVED_TOKENS};
 pub use chunks::{
     Chunk, ChunkError, ChunkFilter, ChunkId, ChunkRole, ChunkStats, ChunkStore, Composition,
     CompositionReport,
 };
 pub use conversation::{Conversation, ConversationError, ConversationStats, Turn};
-pub use reasoning::{OutputPiece, ReasoningParser, ThinkTags};
-pub use cascade::{CascadePolicy, AUTO_MIN_SAVED_TOKENS};
-pub use braid_cache::SnapshotSummary as CacheFileSummary;
 pub use engine::{Engine, EngineConfig, EngineStats, RetainedInfo};
 pub use error::EngineError;
+pub use reasoning::{OutputPiece, ReasoningParser, ThinkTags};
 pub use request::{FinishReason, GenerationParams, RequestId, RequestMetrics, StepEvent};
 pub use sampling::SamplingParams;

@@ -40,6 +40,7 @@ pub use rope::{RopeParams, ROPE_MAX_HEAD_DIM, SKIP_SLOT};
 pub use sampling::{SamplingBuffers, SamplingRow, SAMPLE_MAX_VOCAB};
 
 mod attention;
+pub mod cascade;
 mod linear;
 mod rope;
 mod sampling;

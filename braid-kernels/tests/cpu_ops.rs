@@ -201,3 +201,241 @@ fn paged_attention_matches_dense_attention_through_a_scattered_block_table() {
         );
     }
 }
+
+/// A paged cache where the members of one group share their first `prefix_len` tokens: whole
+/// shared blocks are the same table entries; a partly shared block is each member's own block
+/// holding a copy of the shared rows, as copy-on-write leaves it.
+struct SharedGroup {
+    tables: Vec<Vec<u32>>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn shared_group(
+    contexts: &[usize],
+    prefix_len: usize,
+    block: usize,
+    row: usize,
+    seed: u64,
+) -> SharedGroup {
+    let full_shared = prefix_len / block;
+    let mut next_block = 0u32;
+    let mut tables: Vec<Vec<u32>> = Vec::new();
+    let mut copies: Vec<(u32, u32)> = Vec::new();
+    for (m, &ctx) in contexts.iter().enumerate() {
+        let table: Vec<u32> = (0..ctx.div_ceil(block))
+            .map(|i| {
+                if m > 0 && i < full_shared {
+                    return tables[0][i];
+                }
+                let b = next_block;
+                next_block += 1;
+                if m > 0 && i == full_shared && !prefix_len.is_multiple_of(block) {
+                    copies.push((tables[0][i], b));
+                }
+                b
+            })
+            .collect();
+        tables.push(table);
+    }
+    let len = (next_block as usize + 1) * block * row;
+    let (mut k, mut v) = (rand_vec(len, seed), rand_vec(len, seed + 1));
+    for (from, to) in copies {
+        let rows = (prefix_len % block) * row;
+        let (from, to) = (from as usize * block * row, to as usize * block * row);
+        k.copy_within(from..from + rows, to);
+        v.copy_within(from..from + rows, to);
+    }
+    SharedGroup { tables, k, v }
+}
+
+/// Cascade decode of random groups equals plain paged attention of every member: group sizes
+/// 1..9, prefixes of 0, block multiples, other lengths and one less than the shortest context,
+/// GQA 1/2/4, odd head counts, windows shorter and longer than the prefix.
+#[test]
+fn cascade_decode_equals_paged_attention_for_random_groups() {
+    let mut state = 0x5EED_u64;
+    let mut below = |n: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 33) as usize) % n
+    };
+    for case in 0..96u64 {
+        let kv_heads = [1, 3][below(2)];
+        let group = [1, 2, 4][below(3)];
+        let dim = [8, 16][below(2)];
+        let block = [4, 16][below(2)];
+        let members = 1 + below(9);
+        let prefix_len = match case % 4 {
+            0 => 0,
+            1 => block * (1 + below(4)),
+            2 => 1 + below(50),
+            _ => 3 + below(40),
+        };
+        let mut contexts: Vec<usize> = (0..members).map(|_| prefix_len + 1 + below(30)).collect();
+        if case % 4 == 3 {
+            // The prefix ends right before the shortest member's new token.
+            contexts[below(members)] = prefix_len + 1;
+        }
+        let window = match case % 3 {
+            0 => None,
+            1 => Some(1 + below(prefix_len.max(1))),
+            _ => Some(prefix_len + 2 + below(20)),
+        };
+        let heads = kv_heads * group;
+        let shape = cpu::AttentionShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: dim,
+            block_size: block,
+            sliding_window: window,
+            scale: 1.0 / (dim as f32).sqrt(),
+        };
+        let g = shared_group(&contexts, prefix_len, block, kv_heads * dim, case);
+        let row = heads * dim;
+        let q = rand_vec(members * row, 100 + case);
+        let positions: Vec<usize> = contexts.iter().map(|c| c - 1).collect();
+        let tables: Vec<&[u32]> = g.tables.iter().map(|t| &t[..]).collect();
+        let mut got = vec![f32::NAN; q.len()];
+        cpu::cascade_attention_decode(
+            &shape,
+            &q,
+            &positions,
+            &g.tables[0],
+            prefix_len,
+            &tables,
+            &g.k,
+            &g.v,
+            &mut got,
+        );
+        for (m, table) in tables.iter().enumerate() {
+            let mut want = vec![0.0f32; row];
+            cpu::paged_attention(
+                &shape,
+                &q[m * row..(m + 1) * row],
+                &positions[m..m + 1],
+                table,
+                &g.k,
+                &g.v,
+                &mut want,
+            );
+            let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            assert_close(&got[m * row..(m + 1) * row], &want, 1e-5);
+        }
+    }
+}
+
+/// Attention split at any key into two partial states and merged equals attention over all keys,
+/// including splits that leave one side empty.
+#[test]
+fn merged_partial_states_equal_full_attention() {
+    let (heads, kv_heads, dim, block) = (6, 3, 16, 4);
+    let contexts = [29usize, 3, 17];
+    let g = shared_group(&contexts, 0, block, kv_heads * dim, 7);
+    let row = heads * dim;
+    for window in [None, Some(9)] {
+        let shape = cpu::AttentionShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: dim,
+            block_size: block,
+            sliding_window: window,
+            scale: 0.3,
+        };
+        for (s, &ctx) in contexts.iter().enumerate() {
+            let positions = [ctx - 1];
+            let q = rand_vec(row, 40 + s as u64);
+            let mut want = vec![0.0f32; row];
+            cpu::paged_attention(&shape, &q, &positions, &g.tables[s], &g.k, &g.v, &mut want);
+            let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            for split in [0, 1, ctx / 2, ctx - 1, ctx, ctx + 5] {
+                let (mut a, mut la) = (vec![f32::NAN; row], vec![f32::NAN; heads]);
+                let (mut b, mut lb) = (vec![f32::NAN; row], vec![f32::NAN; heads]);
+                let table = &g.tables[s];
+                cpu::paged_attention_partial(
+                    &shape,
+                    &q,
+                    &positions,
+                    table,
+                    &g.k,
+                    &g.v,
+                    0..split,
+                    &mut a,
+                    &mut la,
+                );
+                cpu::paged_attention_partial(
+                    &shape,
+                    &q,
+                    &positions,
+                    table,
+                    &g.k,
+                    &g.v,
+                    split..ctx,
+                    &mut b,
+                    &mut lb,
+                );
+                cpu::merge_attention_states(&mut a, &mut la, &b, &lb, dim);
+                assert_close(&a, &want, 1e-5);
+                assert!(la.iter().all(|l| l.is_finite()), "split {split}: {la:?}");
+            }
+            // An empty range gives a zero output and an lse of -inf.
+            let (mut o, mut l) = (vec![f32::NAN; row], vec![0.0f32; heads]);
+            cpu::paged_attention_partial(
+                &shape,
+                &q,
+                &positions,
+                &g.tables[s],
+                &g.k,
+                &g.v,
+                ctx..ctx + 3,
+                &mut o,
+                &mut l,
+            );
+            assert!(o.iter().all(|&x| x == 0.0));
+            assert!(l.iter().all(|&x| x == f32::NEG_INFINITY));
+        }
+    }
+}
+
+/// The log-sum-exp of a partial state is that of its scaled scores.
+#[test]
+fn partial_lse_is_the_log_sum_exp_of_the_scores() {
+    let (dim, block) = (8, 4);
+    let g = shared_group(&[11], 0, block, dim, 3);
+    let shape = cpu::AttentionShape {
+        num_heads: 1,
+        num_kv_heads: 1,
+        head_dim: dim,
+        block_size: block,
+        sliding_window: None,
+        scale: 0.7,
+    };
+    let q = rand_vec(dim, 5);
+    let (mut o, mut l) = (vec![0.0f32; dim], vec![0.0f32; 1]);
+    cpu::paged_attention_partial(
+        &shape,
+        &q,
+        &[10],
+        &g.tables[0],
+        &g.k,
+        &g.v,
+        2..7,
+        &mut o,
+        &mut l,
+    );
+    let want = (2..7)
+        .map(|j: usize| {
+            let slot = g.tables[0][j / block] as usize * block + j % block;
+            let k = &g.k[slot * dim..(slot + 1) * dim];
+            (q.iter()
+                .zip(k)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+                * 0.7)
+                .exp()
+        })
+        .sum::<f64>()
+        .ln();
+    assert!((l[0] as f64 - want).abs() < 1e-5, "{} vs {want}", l[0]);
+}

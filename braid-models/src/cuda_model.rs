@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use braid_kernels::cuda::cascade::CascadeBounds;
 use braid_kernels::cuda::{
     AttentionParams, CudaDevice, CudaError, CudaGraph, CudaSlice, KernelFloat, RopeParams,
     SamplingBuffers, SamplingRow, SKIP_SLOT,
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{HostEnds, HostLayer};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::model::SeqInput;
+use crate::model::{check_groups, SeqInput, SharedPrefixGroup};
 use crate::weights::Weights;
 
 /// A model whose weights live on one GPU.
@@ -126,18 +127,26 @@ impl CudaModel {
     }
 
     /// Logits at each sequence's last new token, copied to the host ([num_seqs][vocab], f32).
-    pub fn forward_logits(&mut self, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
-        with_runner!(self, r => r.forward_logits(seqs))
+    /// The members of each of `groups` attend with cascade attention (see
+    /// [`SharedPrefixGroup`]).
+    pub fn forward_logits(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
+    ) -> Result<Vec<Vec<f32>>> {
+        with_runner!(self, r => r.forward_logits(seqs, groups))
     }
 
     /// The next token of each sequence, chosen on the device: greedily when `rows` is `None`,
-    /// else by each row's sampling parameters.
+    /// else by each row's sampling parameters. The members of each of `groups` attend with
+    /// cascade attention (a step with groups runs without a captured graph).
     pub fn forward_sample(
         &mut self,
         seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
         rows: Option<&[SamplingRow]>,
     ) -> Result<Vec<u32>> {
-        with_runner!(self, r => r.forward_sample(seqs, rows))
+        with_runner!(self, r => r.forward_sample(seqs, groups, rows))
     }
 }
 
@@ -168,6 +177,10 @@ struct Buffers<T> {
     context_lens: CudaSlice<u32>,
     q_starts: CudaSlice<u32>,
     last_rows: CudaSlice<u32>,
+    group_starts: CudaSlice<u32>,
+    prefix_lens: CudaSlice<u32>,
+    /// Cascade attention's scratch, grown to the largest step seen.
+    cascade_workspace: Option<CudaSlice<f32>>,
     residual: CudaSlice<T>,
     normed: CudaSlice<T>,
     qkv: CudaSlice<T>,
@@ -184,13 +197,21 @@ struct Buffers<T> {
 }
 
 /// What a step looks like to the kernels.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct StepShape {
     tokens: usize,
     seqs: usize,
     /// Block-table row width.
     width: usize,
     max_q_len: usize,
+    /// A decode step with cascade groups (uploaded to `group_starts` / `prefix_lens`).
+    cascade: Option<CascadeStep>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct CascadeStep {
+    num_groups: usize,
+    bounds: CascadeBounds,
 }
 
 struct Runner<T: KernelFloat> {
@@ -424,6 +445,9 @@ where
             context_lens: alloc_u(s)?,
             q_starts: alloc_u(s + 1)?,
             last_rows: alloc_u(s)?,
+            group_starts: alloc_u(s + 1)?,
+            prefix_lens: alloc_u(s)?,
+            cascade_workspace: None,
             residual: alloc_t(n * h)?,
             normed: alloc_t(n * h)?,
             qkv: alloc_t(n * (q_dim + 2 * kv_dim))?,
@@ -502,6 +526,90 @@ where
         Ok(())
     }
 
+    /// Upload the cascade groups of a decode step: every run of sequences before a group becomes
+    /// groups of one without a shared prefix, so the groups tile the batch up to the last one;
+    /// grow the scratch to the step's bounds. `None` when there are no groups.
+    fn upload_groups(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
+        shape: StepShape,
+    ) -> Result<Option<CascadeStep>> {
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        check_groups(seqs, groups)?;
+        let mut starts = vec![0u32];
+        let mut prefix = Vec::new();
+        let mut shared = vec![0usize; seqs.len()];
+        for g in groups {
+            while (*starts.last().unwrap_or(&0) as usize) < g.seqs.start {
+                starts.push(starts[starts.len() - 1] + 1);
+                prefix.push(0);
+            }
+            starts.push(g.seqs.end as u32);
+            prefix.push(g.shared_tokens as u32);
+            shared[g.seqs.clone()].fill(g.shared_tokens);
+        }
+        let bounds = CascadeBounds {
+            max_group_size: groups.iter().map(|g| g.seqs.len()).max().unwrap_or(1),
+            max_prefix_tokens: groups.iter().map(|g| g.shared_tokens).max().unwrap_or(0),
+            max_suffix_tokens: seqs
+                .iter()
+                .zip(&shared)
+                .map(|(s, &p)| s.start_pos + s.tokens.len() - p)
+                .max()
+                .unwrap_or(1),
+        };
+        let c = &self.config;
+        let params = AttentionParams {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: 1,
+            max_blocks_per_seq: 1,
+            scale: 1.0,
+            sliding_window: 0,
+        };
+        let b = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        let params = AttentionParams {
+            block_size: b.cache.block_size,
+            max_blocks_per_seq: shape.width,
+            ..params
+        };
+        let need = CudaDevice::cascade_attention_decode_workspace_len(
+            seqs.len(),
+            prefix.len(),
+            &params,
+            &bounds,
+        )
+        .max(1);
+        if b.cascade_workspace.as_ref().is_none_or(|w| w.len() < need) {
+            b.cascade_workspace = None; // free the old one first
+            b.cascade_workspace = Some(self.dev.alloc_zeros::<f32>(need).map_err(cuda)?);
+        }
+        let st = self.dev.stream();
+        for (src, dst) in [
+            (&starts, &mut b.group_starts),
+            (&prefix, &mut b.prefix_lens),
+        ] {
+            st.memcpy_htod(src.as_slice(), &mut dst.slice_mut(..src.len()))
+                .map_err(|e| {
+                    cuda(CudaError::Driver {
+                        op: "host-to-device copy",
+                        source: e,
+                    })
+                })?;
+        }
+        Ok(Some(CascadeStep {
+            num_groups: prefix.len(),
+            bounds,
+        }))
+    }
+
     fn step_shape(&self, seqs: &[SeqInput<'_>], pad: bool) -> Result<StepShape> {
         let bufs = self
             .bufs
@@ -541,6 +649,7 @@ where
             seqs: n_seqs,
             width,
             max_q_len,
+            cascade: None,
         })
     }
 
@@ -615,7 +724,22 @@ where
             };
             let tables = b.block_tables.slice(..shape.seqs * shape.width);
             let lens = b.context_lens.slice(..shape.seqs);
-            if decode {
+            if let Some(cascade) = shape.cascade {
+                let g = cascade.num_groups;
+                d.cascade_attention_decode(
+                    &b.q.slice(..n * q_dim),
+                    &*k_cache,
+                    &*v_cache,
+                    &tables,
+                    &lens,
+                    &b.group_starts.slice(..g + 1),
+                    &b.prefix_lens.slice(..g),
+                    &mut b.attn.slice_mut(..n * q_dim),
+                    b.cascade_workspace.as_mut().expect("sized with the groups"),
+                    &p,
+                    &cascade.bounds,
+                )?;
+            } else if decode {
                 d.paged_attention_decode(
                     &b.q.slice(..n * q_dim),
                     &*k_cache,
@@ -733,9 +857,14 @@ where
         Ok(())
     }
 
-    fn forward_logits(&mut self, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
-        let shape = self.step_shape(seqs, false)?;
+    fn forward_logits(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut shape = self.step_shape(seqs, false)?;
         self.upload_inputs(seqs, shape)?;
+        shape.cascade = self.upload_groups(seqs, groups, shape)?;
         self.enqueue_forward(shape).map_err(cuda)?;
         let vocab = self.config.vocab_size;
         let b = self.bufs.as_ref().expect("allocated");
@@ -752,11 +881,14 @@ where
     fn forward_sample(
         &mut self,
         seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
         rows: Option<&[SamplingRow]>,
     ) -> Result<Vec<u32>> {
-        let decode = seqs.iter().all(|s| s.tokens.len() == 1);
-        let shape = self.step_shape(seqs, decode)?;
+        // Cascade steps run eagerly: their grids follow the groups, which graphs would freeze.
+        let graphed = groups.is_empty() && seqs.iter().all(|s| s.tokens.len() == 1);
+        let mut shape = self.step_shape(seqs, graphed)?;
         self.upload_inputs(seqs, shape)?;
+        shape.cascade = self.upload_groups(seqs, groups, shape)?;
         let greedy = rows.is_none();
         if let Some(rows) = rows {
             // Padding rows of a decode bucket sample greedily; their ids are dropped.
@@ -765,7 +897,7 @@ where
             let b = self.bufs.as_mut().expect("allocated");
             b.sampling.write(&self.dev, &padded).map_err(cuda)?;
         }
-        if decode {
+        if graphed {
             let key = (shape.seqs, shape.width, greedy);
             if !self.graphs.contains_key(&key) {
                 let graph = self.capture(shape, greedy)?;

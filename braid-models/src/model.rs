@@ -126,8 +126,14 @@ impl Model {
     }
 
     /// Run the new tokens of every sequence in one batch, writing their K/V into `kv`, and return the
-    /// logits ([vocab]) at the last new token of each sequence.
-    pub fn forward(&self, seqs: &[SeqInput<'_>], kv: &mut KvStorage) -> Result<Vec<Vec<f32>>> {
+    /// logits ([vocab]) at the last new token of each sequence. The members of each of `groups`
+    /// attend with cascade attention: their shared prefix's KV is read once for the group.
+    pub fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
+        kv: &mut KvStorage,
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -163,6 +169,7 @@ impl Model {
                     .push(s.block_table[pos / block_size] as usize * block_size + pos % block_size);
             }
         }
+        check_groups(seqs, groups)?;
         let n = tokens.len();
         let mut x = vec![0.0f32; n * h];
         cpu::embedding(self.embed.data(), h, &tokens, &mut x)
@@ -216,19 +223,41 @@ impl Model {
             };
             let (k_cache, v_cache) = kv.layer(li);
             let mut offset = 0;
-            for s in seqs {
-                let len = s.tokens.len();
+            let mut i = 0;
+            while i < seqs.len() {
+                if let Some(g) = groups.iter().find(|g| g.seqs.start == i) {
+                    // One decode row per member, contiguous in the batch.
+                    let rows = offset..offset + g.seqs.len();
+                    let tables: Vec<&[u32]> =
+                        seqs[g.seqs.clone()].iter().map(|s| s.block_table).collect();
+                    cpu::cascade_attention_decode(
+                        &shape,
+                        &q[rows.start * q_dim..rows.end * q_dim],
+                        &positions[rows.clone()],
+                        tables[0],
+                        g.shared_tokens,
+                        &tables,
+                        k_cache,
+                        v_cache,
+                        &mut attn[rows.start * q_dim..rows.end * q_dim],
+                    );
+                    offset = rows.end;
+                    i = g.seqs.end;
+                    continue;
+                }
+                let len = seqs[i].tokens.len();
                 let range = offset * q_dim..(offset + len) * q_dim;
                 cpu::paged_attention(
                     &shape,
                     &q[range.clone()],
                     &positions[offset..offset + len],
-                    s.block_table,
+                    seqs[i].block_table,
                     k_cache,
                     v_cache,
                     &mut attn[range],
                 );
                 offset += len;
+                i += 1;
             }
             cpu::linear(&attn, n, q_dim, layer.o_proj.data(), h, None, &mut proj);
             cpu::add_inplace(&mut x, &proj);
@@ -275,4 +304,26 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// Cascade groups must be disjoint, ordered runs of decode rows (one new token each) whose
+/// shared prefix lies before every member's new token.
+pub(crate) fn check_groups(seqs: &[SeqInput<'_>], groups: &[SharedPrefixGroup]) -> Result<()> {
+    let mut end = 0;
+    for g in groups {
+        let ok = g.seqs.start >= end
+            && g.seqs.start < g.seqs.end
+            && g.seqs.end <= seqs.len()
+            && seqs[g.seqs.clone()]
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.start_pos >= g.shared_tokens);
+        if !ok {
+            return Err(ModelError::Forward(format!(
+                "cascade group {:?} sharing {} tokens is not an ordered run of decode sequences past the shared prefix",
+                g.seqs, g.shared_tokens
+            )));
+        }
+        end = g.seqs.end;
+    }
+    Ok(())
 }

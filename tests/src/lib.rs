@@ -71,7 +71,7 @@ pub fn prefill_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
         block_table: table.blocks(),
     };
     model
-        .forward(&[input], &mut storage)
+        .forward(&[input], &[], &mut storage)
         .expect("forward")
         .remove(0)
 }

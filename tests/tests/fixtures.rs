@@ -1,7 +1,7 @@
 //! Every tiny model saved by transformers (tests/fixtures/models, made by scripts/make_fixtures.py)
 //! loads and runs on the CPU with transformers' logits (rel. L2 < 1e-4) and greedy tokens.
 
-use braid_core::{Braid, Engine, EngineConfig, FinishReason, Prompt};
+use braid_core::{Braid, CascadePolicy, Engine, EngineConfig, FinishReason, Prompt};
 use braid_tests::*;
 use serde_json::Value;
 
@@ -421,4 +421,57 @@ fn prefix_cache_files_survive_a_restart() {
         .to_string();
     assert!(err.contains("missing"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Requests that share a cached system prompt decode with cascade attention (the prefix's KV read
+/// once per group) and produce exactly the tokens of plain paged attention, with GQA and a
+/// sliding window; the engine reports the cascade steps.
+#[test]
+fn cascade_attention_gives_the_plain_output() {
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding")
+    {
+        let ids = as_ids(&expected["prompts"][0]["input_ids"]);
+        let mut system: Vec<u32> = ids.iter().cycle().take(37).copied().collect();
+        system.reverse();
+        let run = |cascade: CascadePolicy| {
+            let config = EngineConfig {
+                block_size: 4,
+                cascade,
+                ..EngineConfig::default()
+            };
+            let mut engine = Engine::new(braid_models::load(&location).unwrap(), config).unwrap();
+            let warm = engine.add_request(system.clone(), greedy(0)).unwrap();
+            run_to_end(&mut engine, warm);
+            let requests: Vec<_> = (0..5)
+                .map(|i| {
+                    let mut p = system.clone();
+                    p.extend_from_slice(&ids[i..i + 2 + i]);
+                    engine.add_request(p, greedy(10)).unwrap()
+                })
+                .collect();
+            let mut out = vec![Vec::new(); requests.len()];
+            while engine.has_work() {
+                for ev in engine.step().unwrap() {
+                    let k = requests.iter().position(|&r| r == ev.request).unwrap();
+                    out[k].extend(ev.token);
+                }
+            }
+            (out, engine.stats().clone())
+        };
+        let (plain, plain_stats) = run(CascadePolicy::Off);
+        let (cascade, stats) = run(CascadePolicy::Always);
+        assert_eq!(plain_stats.cascade_steps, 0);
+        assert!(stats.cascade_steps >= 9, "{name}: {stats:?}");
+        // Five members sharing 36 cached tokens (nine blocks of four).
+        assert!(
+            stats.cascade_saved_tokens >= 9 * 4 * 36,
+            "{name}: {stats:?}"
+        );
+        assert_eq!(
+            cascade, plain,
+            "{name}: cascade attention changed the output"
+        );
+    }
 }

@@ -9,7 +9,10 @@ mod norm;
 mod rope;
 
 pub use activation::{add_inplace, silu_mul, softmax_inplace};
-pub use attention::{paged_attention, AttentionShape};
+pub use attention::{
+    cascade_attention_decode, merge_attention_states, paged_attention, paged_attention_partial,
+    AttentionShape,
+};
 pub use embedding::embedding;
 pub use linear::linear;
 pub use norm::rms_norm;

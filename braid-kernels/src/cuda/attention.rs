@@ -64,20 +64,20 @@ const DECODE_MAX_GROUP_CHUNK: usize = 8;
 /// 32-bit integers, with headroom for position arithmetic.
 const MAX_CAPACITY: usize = 1 << 30;
 /// Largest gridDim.y / gridDim.z.
-const MAX_GRID_YZ: usize = 65_535;
+pub(super) const MAX_GRID_YZ: usize = 65_535;
 /// The opt-in limit above which a block's dynamic shared memory needs an explicit attribute.
 const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
 
 const SUPPORTED_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
 
 /// What the validated parameters imply for a launch.
-struct Geometry {
-    block_size_log2: i32,
-    capacity: usize,
+pub(super) struct Geometry {
+    pub(super) block_size_log2: i32,
+    pub(super) capacity: usize,
 }
 
 impl AttentionParams {
-    fn validate<T: KernelFloat>(&self, op: &'static str) -> Result<Geometry, CudaError> {
+    pub(super) fn validate<T: KernelFloat>(&self, op: &'static str) -> Result<Geometry, CudaError> {
         if T::SUFFIX == "f32" {
             return Err(invalid_argument(
                 op,
@@ -132,7 +132,7 @@ impl AttentionParams {
     }
 
     /// Elements of one token row of `q`/`out`, and of one cache block.
-    fn q_row(&self) -> usize {
+    pub(super) fn q_row(&self) -> usize {
         self.num_heads * self.head_dim
     }
 
@@ -205,7 +205,7 @@ fn prefill_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
 
 /// Checks the 16-byte alignment the kernels' vector loads need, of `q`, `k_cache`, `v_cache`
 /// and `out` in that order.
-fn check_aligned(op: &'static str, [q, k, v, out]: [u64; 4]) -> Result<(), CudaError> {
+pub(super) fn check_aligned(op: &'static str, [q, k, v, out]: [u64; 4]) -> Result<(), CudaError> {
     let buffers = [
         ("the q buffer", q),
         ("the k_cache buffer", k),
@@ -486,7 +486,7 @@ impl CudaDevice {
 
     /// Checks that the block tables have one `max_blocks_per_seq` row per sequence, and that K
     /// and V are equal-length whole numbers of cache blocks of this geometry.
-    fn check_paged_cache<T>(
+    pub(super) fn check_paged_cache<T>(
         &self,
         op: &'static str,
         block_tables: &impl DevicePtr<u32>,
@@ -511,7 +511,7 @@ impl CudaDevice {
     }
 
     /// Raises a kernel's dynamic shared-memory limit when a launch needs more than the default.
-    fn allow_dynamic_smem(
+    pub(super) fn allow_dynamic_smem(
         &self,
         op: &'static str,
         kernel: &CudaFunction,
