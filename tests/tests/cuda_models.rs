@@ -29,7 +29,11 @@ fn cuda_available() -> bool {
 }
 
 fn gpu_engine(location: &ModelLocation, config: EngineConfig) -> Engine {
-    let loaded = braid_models::load_on(location, Device::Cuda(0), DType::BF16).unwrap();
+    gpu_engine_in(location, config, DType::BF16)
+}
+
+fn gpu_engine_in(location: &ModelLocation, config: EngineConfig, dtype: DType) -> Engine {
+    let loaded = braid_models::load_on(location, Device::Cuda(0), dtype).unwrap();
     assert!(matches!(loaded.backend, Backend::Cuda(_)));
     Engine::new(loaded, config).unwrap()
 }
@@ -255,7 +259,11 @@ fn gpu_prefix_cache_hits_do_not_change_the_output() {
 }
 
 /// A retained answer reused as the next turn's prefix on the GPU (its partly filled last block
-/// copied on write on the device) gives the output of an engine that never saw the first turn.
+/// copied on write on the device) gives the output of an engine that never saw the first turn,
+/// and the retained KV is unchanged by the second turn's writes. The comparison with the fresh
+/// engine runs in f16: the reused KV was computed by decode steps and the fresh engine's by one
+/// prefill, and bf16's rounding of those two paths alone can flip a near-tie on these random
+/// fixtures; f16 keeps eight times less rounding, so a real error still shows.
 #[test]
 fn gpu_retained_outputs_are_reused_exactly() {
     if !cuda_available() {
@@ -270,7 +278,7 @@ fn gpu_retained_outputs_are_reused_exactly() {
             block_size: 4,
             ..EngineConfig::default()
         };
-        let mut engine = gpu_engine(&location, config.clone());
+        let mut engine = gpu_engine_in(&location, config.clone(), DType::F16);
         let turn1 = engine.add_request(ids.clone(), retaining(7)).unwrap();
         let (answer, _) = run_to_end(&mut engine, turn1);
         let mut turn2 = ids.clone();
@@ -279,7 +287,7 @@ fn gpu_retained_outputs_are_reused_exactly() {
         let second = engine.add_request(turn2.clone(), greedy(12)).unwrap();
         let (reused, metrics) = run_to_end(&mut engine, second);
         assert_eq!(metrics.cached_prompt_tokens, ids.len() + 6, "{name}");
-        let mut fresh = gpu_engine(&location, config);
+        let mut fresh = gpu_engine_in(&location, config, DType::F16);
         let id = fresh.add_request(turn2.clone(), greedy(12)).unwrap();
         assert_eq!(reused, run_to_end(&mut fresh, id).0, "{name}");
         let again = engine.add_request(turn2, greedy(12)).unwrap();
@@ -326,8 +334,10 @@ fn gpu_prefix_cache_files_survive_a_restart() {
 }
 
 /// Cascade attention on the GPU: sequences whose tables share a prefix's blocks decode to the
-/// logits of plain paged attention (rel. L2 < 1e-2 in bf16), with GQA and a sliding window, for
-/// a prefix that is and one that is not a whole number of blocks.
+/// logits of plain paged attention, with GQA and a sliding window, for a prefix that is and one
+/// that is not a whole number of blocks. The two differ only in summation order and one merge;
+/// the attention output is rounded to the storage type, so the bound is each dtype's rounding
+/// bound (see `BF16_TOLERANCE`).
 #[test]
 fn gpu_cascade_logits_match_plain_attention() {
     if !cuda_available() {
@@ -337,8 +347,13 @@ fn gpu_cascade_logits_match_plain_attention() {
         .into_iter()
         .filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding")
     {
-        for shared in [36usize, 30] {
-            let loaded = braid_models::load_on(&location, Device::Cuda(0), DType::BF16).unwrap();
+        for (shared, dtype, tolerance) in [
+            (36usize, DType::BF16, BF16_TOLERANCE),
+            (30, DType::BF16, BF16_TOLERANCE),
+            (36, DType::F16, F16_TOLERANCE),
+            (30, DType::F16, F16_TOLERANCE),
+        ] {
+            let loaded = braid_models::load_on(&location, Device::Cuda(0), dtype).unwrap();
             let Backend::Cuda(mut gpu) = loaded.backend else {
                 panic!("{name}: not on the GPU")
             };
