@@ -1,11 +1,15 @@
-//! The GPU linear layer (skinny kernel, cuBLASLt, and the dispatch between them) against the f32
-//! CPU reference `braid_kernels::cpu::linear`, over random odd shapes with NaN-poisoned outputs;
-//! its graph-capture behaviour; and a timing report on the decode shapes of a Qwen3-0.6B-sized
-//! model. Without a device every test says "skipped: no CUDA device" and passes.
+//! The GPU linear layer (skinny kernel, cuBLASLt, and the dispatch between them) and the fused
+//! projections (residual add + RMSNorm, or SiLU·mul, computed in the projection's prologue)
+//! against the f32 CPU references in `braid_kernels::cpu`, over random odd shapes with
+//! NaN-poisoned outputs; their graph-capture behaviour; and timing reports on the decode shapes
+//! of a Qwen3-0.6B-sized model. Without a device every test says "skipped: no CUDA device" and
+//! passes.
 
 use std::io::Write as _;
 
 use braid_kernels::cpu;
+use std::cell::RefCell;
+
 use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
@@ -445,6 +449,537 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
     }
 }
 
+// ---- fused projections --------------------------------------------------------------------
+
+const EPS: f32 = 1e-6;
+
+/// Residual-stream rows scaled like a real model's: most channels O(1), a few outlier channels
+/// two orders of magnitude larger, which dominate the RMS.
+fn residual_rows<T: TestFloat>(rng: &mut Rng, n: usize, k: usize) -> Vec<T> {
+    let outliers: Vec<usize> = (0..3).map(|_| rng.below(k)).collect();
+    (0..n * k)
+        .map(|i| {
+            let scale = if outliers.contains(&(i % k)) {
+                60.0
+            } else {
+                1.5
+            };
+            T::from_f32(rng.uniform(-scale, scale))
+        })
+        .collect()
+}
+
+/// Norm weights: ordinary ones around 1, or extreme ones as trained models have them (Qwen3's
+/// k_norm reaches ~96): a few channels near 100, some near zero, some negative.
+fn norm_weights<T: TestFloat>(rng: &mut Rng, k: usize, extreme: bool) -> Vec<T> {
+    (0..k)
+        .map(|i| {
+            let v = if !extreme {
+                rng.uniform(0.5, 1.5)
+            } else {
+                match i % 7 {
+                    0 => rng.uniform(60.0, 100.0),
+                    1 => rng.uniform(-0.01, 0.01),
+                    2 => rng.uniform(-3.0, -0.5),
+                    _ => rng.uniform(0.2, 8.0),
+                }
+            };
+            T::from_f32(v)
+        })
+        .collect()
+}
+
+/// The GPU's rounding of an f32 vector to `T`, back in f32.
+fn rounded<T: TestFloat>(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|v| T::from_f32(*v).to_f32()).collect()
+}
+
+/// CPU reference of the norm prologue: the residual sum rounded to `T` (what `residual_out`
+/// must hold, bit for bit) and the normalised rows rounded to `T`, as the unfused kernels store
+/// them.
+fn norm_reference<T: TestFloat>(
+    residual: &[T],
+    delta: Option<&[T]>,
+    weight: &[T],
+) -> (Vec<T>, Vec<f32>) {
+    let sum: Vec<T> = match delta {
+        Some(delta) => residual
+            .iter()
+            .zip(delta)
+            .map(|(r, d)| T::from_f32(r.to_f32() + d.to_f32()))
+            .collect(),
+        None => residual.to_vec(),
+    };
+    let mut normed = vec![0.0f32; sum.len()];
+    cpu::rms_norm(&to_f32(&sum), &to_f32(weight), EPS, &mut normed);
+    (sum, rounded::<T>(&normed))
+}
+
+/// CPU reference of the SiLU·mul prologue: `[n, 2 * inter]` rows to `[n, inter]`, rounded.
+fn silu_reference<T: TestFloat>(gate_up: &[T], n: usize, inter: usize) -> Vec<f32> {
+    let mut act = vec![0.0f32; n * inter];
+    for r in 0..n {
+        let row = to_f32(&gate_up[r * 2 * inter..(r + 1) * 2 * inter]);
+        cpu::silu_mul(
+            &row[..inter],
+            &row[inter..],
+            &mut act[r * inter..(r + 1) * inter],
+        );
+    }
+    rounded::<T>(&act)
+}
+
+fn linear_reference(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    m: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * m];
+    cpu::linear(x, n, k, w, m, bias, &mut out);
+    out
+}
+
+/// One random case of `add_rms_norm_linear` with its references.
+struct NormCase<T> {
+    n: usize,
+    k: usize,
+    m: usize,
+    residual: Vec<T>,
+    delta: Option<Vec<T>>,
+    weight: Vec<T>,
+    w: Vec<T>,
+    bias: Option<Vec<T>>,
+    want_residual: Vec<T>,
+    want: Vec<f32>,
+}
+
+impl<T: TestFloat> NormCase<T> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rng: &mut Rng,
+        n: usize,
+        k: usize,
+        m: usize,
+        delta: bool,
+        bias: bool,
+        extreme: bool,
+    ) -> Self {
+        let scale = 1.0 / (k as f32).sqrt();
+        let residual = residual_rows::<T>(rng, n, k);
+        let delta: Option<Vec<T>> = delta.then(|| rng.vec(n * k, -1.0, 1.0));
+        let weight = norm_weights::<T>(rng, k, extreme);
+        let w: Vec<T> = rng.vec(m * k, -2.0 * scale, 2.0 * scale);
+        let bias: Option<Vec<T>> = bias.then(|| rng.vec(m, -0.5, 0.5));
+        let (want_residual, normed) = norm_reference(&residual, delta.as_deref(), &weight);
+        let bias_f32 = bias.as_deref().map(to_f32);
+        let want = linear_reference(&normed, n, k, &to_f32(&w), m, bias_f32.as_deref());
+        NormCase {
+            n,
+            k,
+            m,
+            residual,
+            delta,
+            weight,
+            w,
+            bias,
+            want_residual,
+            want,
+        }
+    }
+
+    /// Runs the fused kernel with NaN-poisoned outputs; checks the product against the
+    /// reference, `residual_out` bit for bit, and that the input residual was left alone.
+    fn check(&self, dev: &CudaDevice, write_residual: bool, what: &str) {
+        let (n, k, m) = (self.n, self.k, self.m);
+        let residual = dev.upload(&self.residual).unwrap();
+        let delta = self.delta.as_ref().map(|d| dev.upload(d).unwrap());
+        let weight = dev.upload(&self.weight).unwrap();
+        let w = dev.upload(&self.w).unwrap();
+        let bias = self.bias.as_ref().map(|b| dev.upload(b).unwrap());
+        let mut residual_out = poisoned::<T>(dev, n * k);
+        let mut out = poisoned::<T>(dev, n * m);
+        dev.add_rms_norm_linear(
+            &residual,
+            delta.as_ref().map(|d| d.as_view()).as_ref(),
+            &weight,
+            EPS,
+            n,
+            k,
+            &w,
+            m,
+            bias.as_ref().map(|b| b.as_view()).as_ref(),
+            write_residual.then(|| residual_out.as_view_mut()).as_mut(),
+            &mut out,
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_rel_l2(what, &dev.download(&out).unwrap(), &self.want);
+        assert_eq!(
+            dev.download(&residual).unwrap(),
+            self.residual,
+            "{what}: the input residual changed"
+        );
+        let written = dev.download(&residual_out).unwrap();
+        if write_residual {
+            let bad = written
+                .iter()
+                .zip(&self.want_residual)
+                .position(|(g, w)| g.to_f32().to_bits() != w.to_f32().to_bits());
+            assert!(
+                bad.is_none(),
+                "{what}: residual_out[{}] is {:?}, expected {:?}",
+                bad.unwrap_or(0),
+                written[bad.unwrap_or(0)],
+                self.want_residual[bad.unwrap_or(0)]
+            );
+        } else {
+            assert!(
+                written.iter().all(|v| v.to_f32().is_nan()),
+                "{what}: residual_out was written although none was passed"
+            );
+        }
+    }
+}
+
+fn check_fused_norm_shapes<T: TestFloat>(dev: &CudaDevice, seed: u64) {
+    let mut rng = Rng(seed);
+    let mut variant = 0usize;
+    for n in [1usize, 3, 8, 9, 16] {
+        for k in [64usize, 584, 1000, 2056] {
+            for m in [7usize, 203, 1000, 4099] {
+                // Every n sees each combination of delta, bias, residual_out and extreme weights.
+                let flags = [0, 1, 2, 3].map(|bit| variant >> bit & 1 == 1);
+                variant += 1;
+                let case = NormCase::<T>::new(&mut rng, n, k, m, flags[0], flags[1], flags[2]);
+                let what = format!(
+                    "add_rms_norm_linear_{} n={n} k={k} m={m} delta={} bias={} extreme={} residual_out={}",
+                    T::SUFFIX, flags[0], flags[1], flags[2], flags[3]
+                );
+                case.check(dev, flags[3], &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn add_rms_norm_linear_bf16_matches_cpu_reference() {
+    let Some(dev) = device("add_rms_norm_linear_bf16_matches_cpu_reference") else {
+        return;
+    };
+    check_fused_norm_shapes::<bf16>(&dev, 21);
+}
+
+#[test]
+fn add_rms_norm_linear_f16_matches_cpu_reference() {
+    let Some(dev) = device("add_rms_norm_linear_f16_matches_cpu_reference") else {
+        return;
+    };
+    check_fused_norm_shapes::<f16>(&dev, 22);
+}
+
+/// The updated residual is written by one block only and exactly once: with 257 blocks
+/// reading the same rows, `residual_out` is `residual + delta` rounded once, never
+/// `residual + 2·delta` or a mix, on every token count and over repeated runs.
+#[test]
+fn fused_norm_writes_the_residual_exactly_once() {
+    let Some(dev) = device("fused_norm_writes_the_residual_exactly_once") else {
+        return;
+    };
+    let mut rng = Rng(23);
+    for n in 1..=16 {
+        let case = NormCase::<bf16>::new(&mut rng, n, 1024, 4099, true, false, n % 2 == 0);
+        for run in 0..3 {
+            case.check(&dev, true, &format!("n={n} run {run}"));
+        }
+    }
+}
+
+fn check_silu_shapes<T: TestFloat>(dev: &CudaDevice, seed: u64) {
+    let mut rng = Rng(seed);
+    let mut variant = 0usize;
+    for n in [1usize, 2, 7, 8, 13, 16] {
+        for inter in [64usize, 1000, 3080] {
+            for m in [9usize, 1000, 1029] {
+                let bias = variant % 2 == 1;
+                variant += 1;
+                let scale = 1.0 / (inter as f32).sqrt();
+                let gate_up: Vec<T> = rng.vec(n * 2 * inter, -4.0, 4.0);
+                let w: Vec<T> = rng.vec(m * inter, -2.0 * scale, 2.0 * scale);
+                let bias: Option<Vec<T>> = bias.then(|| rng.vec(m, -0.5, 0.5));
+                let act = silu_reference(&gate_up, n, inter);
+                let bias_f32 = bias.as_deref().map(to_f32);
+                let want = linear_reference(&act, n, inter, &to_f32(&w), m, bias_f32.as_deref());
+
+                let what = format!("silu_mul_linear_{} n={n} inter={inter} m={m}", T::SUFFIX);
+                let gate_up = dev.upload(&gate_up).unwrap();
+                let w = dev.upload(&w).unwrap();
+                let bias = bias.as_ref().map(|b| dev.upload(b).unwrap());
+                let mut out = poisoned::<T>(dev, n * m);
+                dev.silu_mul_linear(
+                    &gate_up,
+                    n,
+                    inter,
+                    &w,
+                    m,
+                    bias.as_ref().map(|b| b.as_view()).as_ref(),
+                    &mut out,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_rel_l2(&what, &dev.download(&out).unwrap(), &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn silu_mul_linear_bf16_matches_cpu_reference() {
+    let Some(dev) = device("silu_mul_linear_bf16_matches_cpu_reference") else {
+        return;
+    };
+    check_silu_shapes::<bf16>(&dev, 24);
+}
+
+#[test]
+fn silu_mul_linear_f16_matches_cpu_reference() {
+    let Some(dev) = device("silu_mul_linear_f16_matches_cpu_reference") else {
+        return;
+    };
+    check_silu_shapes::<f16>(&dev, 25);
+}
+
+/// The fused kernels refuse, with an error naming the operand, what they cannot run, and
+/// `*_fits` agrees with the calls.
+#[test]
+fn fused_linear_rejects_what_it_cannot_run() {
+    let Some(dev) = device("fused_linear_rejects_what_it_cannot_run") else {
+        return;
+    };
+    let (n, k, m) = (2usize, 64usize, 24usize);
+    let x = dev.upload(&vec![bf16::ONE; 2 * n * k + 8]).unwrap();
+    let weight = dev.upload(&vec![bf16::ONE; k]).unwrap();
+    let w = dev.upload(&vec![bf16::ONE; m * k]).unwrap();
+    let mut out = poisoned::<bf16>(&dev, n * m);
+    let norm = |x: &CudaView<bf16>, n: usize, k: usize, out: &mut CudaSlice<bf16>| {
+        dev.add_rms_norm_linear(
+            x,
+            None,
+            &weight.slice(..k),
+            EPS,
+            n,
+            k,
+            &w.slice(..m * k),
+            m,
+            None,
+            None,
+            out,
+        )
+        .map(|_| ())
+    };
+
+    let err = norm(&x.slice(1..1 + n * k), n, k, &mut out).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("add_rms_norm_linear: the address of `residual` must be 16-byte aligned"),
+        "{err}"
+    );
+    let err = norm(&x.slice(..n * 60), n, 60, &mut out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "add_rms_norm_linear: the row width must be a non-zero multiple of 8 for the fused kernel's \
+         16-byte loads, found 60"
+    );
+    let err = norm(&x.slice(..n * k - 1), n, k, &mut out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "add_rms_norm_linear: `residual` holds 127 elements, expected 128"
+    );
+    let mut big_out = poisoned::<bf16>(&dev, 17 * m);
+    let x17 = dev.upload(&vec![bf16::ONE; 17 * k]).unwrap();
+    let err = norm(&x17.as_view(), 17, k, &mut big_out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "add_rms_norm_linear: n must be at most 16 for a fused projection, found 17"
+    );
+    assert!(!dev.fused_linear_fits::<bf16>(17, k));
+    assert!(!dev.fused_linear_fits::<f32>(1, k));
+    assert!(!dev.fused_linear_fits::<f16>(1, 60));
+    assert!(dev.fused_linear_fits::<bf16>(16, k));
+    assert!(dev.fused_linear_fits::<f16>(1, 3072));
+    // 16 staged rows of 32768 need a megabyte: more than any GPU's shared memory per block.
+    assert!(!dev.fused_linear_fits::<bf16>(16, 32_768));
+    let gate_up = dev.alloc_zeros::<bf16>(16 * 2 * 32_768).unwrap();
+    let w_big = dev.alloc_zeros::<bf16>(8 * 32_768).unwrap();
+    let mut out_big = poisoned::<bf16>(&dev, 16 * 8);
+    let err = dev
+        .silu_mul_linear(&gate_up, 16, 32_768, &w_big, 8, None, &mut out_big)
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "silu_mul_linear: the block's shared memory must be within the device's per-block limit"
+        ),
+        "{err}"
+    );
+
+    let err = dev
+        .silu_mul_linear(&x.slice(..2 * n * k), n, k, &w, m - 1, None, &mut out)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "silu_mul_linear: `w` holds 1536 elements, expected 1472"
+    );
+    let f32_in = dev.upload(&vec![1.0f32; 2 * n * k]).unwrap();
+    let f32_w = dev.upload(&vec![1.0f32; m * k]).unwrap();
+    let mut f32_out = dev.alloc_zeros::<f32>(n * m).unwrap();
+    let err = dev
+        .silu_mul_linear(&f32_in, n, k, &f32_w, m, None, &mut f32_out)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "silu_mul_linear: the dtype must be f16 or bf16, found f32"
+    );
+
+    // No rows is nothing to do.
+    let mut empty = poisoned::<bf16>(&dev, 0);
+    norm(&x.slice(0..0), 0, k, &mut empty).unwrap();
+    dev.synchronize().unwrap();
+}
+
+/// A decode-like chain on the fused path, run directly and as CUDA-graph replays with new
+/// inputs: per layer, `gate_up = add_rms_norm_linear(residual, delta)` writing the updated
+/// residual into the other of two buffers, then `delta = silu_mul_linear(gate_up)`; a final
+/// norm + projection reads the last residual and delta. Every kernel starts under programmatic
+/// dependent launch before its predecessor ends, so a missing wait or a residual read after it
+/// was overwritten shows as a wrong result; the intermediates are NaN-poisoned every round.
+#[test]
+fn fused_chain_replays_in_a_cuda_graph() {
+    let Some(dev) = device("fused_chain_replays_in_a_cuda_graph") else {
+        return;
+    };
+    single_stream_mode(&dev);
+    type T = bf16;
+    let mut rng = Rng(26);
+    let (n, h, inter, m, layers) = (5usize, 1000usize, 1544usize, 777usize, 3usize);
+    let norms: Vec<Vec<T>> = (0..=layers)
+        .map(|l| norm_weights::<T>(&mut rng, h, l % 2 == 1))
+        .collect();
+    let s_h = 1.0 / (h as f32).sqrt();
+    let s_i = 1.0 / (inter as f32).sqrt();
+    let w_gu: Vec<Vec<T>> = (0..layers)
+        .map(|_| rng.vec(2 * inter * h, -2.0 * s_h, 2.0 * s_h))
+        .collect();
+    let w_down: Vec<Vec<T>> = (0..layers).map(|_| rng.vec(h * inter, -s_i, s_i)).collect();
+    let w_head: Vec<T> = rng.vec(m * h, -2.0 * s_h, 2.0 * s_h);
+
+    // The reference rounds to T wherever the GPU stores an intermediate.
+    let reference = |input: &[T]| -> Vec<f32> {
+        let mut residual = input.to_vec();
+        let mut delta: Option<Vec<T>> = None;
+        for l in 0..layers {
+            let (sum, normed) = norm_reference(&residual, delta.as_deref(), &norms[l]);
+            residual = sum;
+            let gu = linear_reference(&normed, n, h, &to_f32(&w_gu[l]), 2 * inter, None);
+            let gu: Vec<T> = gu.iter().map(|v| T::from_f32(*v)).collect();
+            let act = silu_reference(&gu, n, inter);
+            let d = linear_reference(&act, n, inter, &to_f32(&w_down[l]), h, None);
+            delta = Some(d.iter().map(|v| T::from_f32(*v)).collect());
+        }
+        let (_, normed) = norm_reference(&residual, delta.as_deref(), &norms[layers]);
+        linear_reference(&normed, n, h, &to_f32(&w_head), m, None)
+    };
+    let inputs: Vec<Vec<T>> = (0..2).map(|_| residual_rows::<T>(&mut rng, n, h)).collect();
+    let wants: Vec<Vec<f32>> = inputs.iter().map(|x| reference(x)).collect();
+
+    let up = |v: &[T]| dev.upload(v).unwrap();
+    let norms_dev: Vec<_> = norms.iter().map(|v| up(v)).collect();
+    let w_gu_dev: Vec<_> = w_gu.iter().map(|v| up(v)).collect();
+    let w_down_dev: Vec<_> = w_down.iter().map(|v| up(v)).collect();
+    let w_head_dev = up(&w_head);
+    let mut res_a = poisoned::<T>(&dev, n * h);
+    let mut res_b = poisoned::<T>(&dev, n * h);
+    let mut gate_up = poisoned::<T>(&dev, n * 2 * inter);
+    let mut delta = poisoned::<T>(&dev, n * h);
+    let mut out = poisoned::<T>(&dev, n * m);
+
+    let run = |res_a: &mut CudaSlice<T>,
+               res_b: &mut CudaSlice<T>,
+               gate_up: &mut CudaSlice<T>,
+               delta: &mut CudaSlice<T>,
+               out: &mut CudaSlice<T>| {
+        for l in 0..layers {
+            let (src, dst) = if l % 2 == 0 {
+                (&*res_a, &mut *res_b)
+            } else {
+                (&*res_b, &mut *res_a)
+            };
+            let d = delta.as_view();
+            dev.add_rms_norm_linear(
+                src,
+                (l > 0).then_some(&d),
+                &norms_dev[l],
+                EPS,
+                n,
+                h,
+                &w_gu_dev[l],
+                2 * inter,
+                None,
+                Some(&mut dst.as_view_mut()),
+                gate_up,
+            )
+            .unwrap();
+            dev.silu_mul_linear(&*gate_up, n, inter, &w_down_dev[l], h, None, delta)
+                .unwrap();
+        }
+        let last = if layers % 2 == 1 { &*res_b } else { &*res_a };
+        dev.add_rms_norm_linear(
+            last,
+            Some(&delta.as_view()),
+            &norms_dev[layers],
+            EPS,
+            n,
+            h,
+            &w_head_dev,
+            m,
+            None,
+            None,
+            out,
+        )
+        .unwrap();
+    };
+    let stream = dev.stream().clone();
+    let poison = |res_b: &mut CudaSlice<T>,
+                  gate_up: &mut CudaSlice<T>,
+                  delta: &mut CudaSlice<T>,
+                  out: &mut CudaSlice<T>| {
+        stream.memcpy_htod(&vec![T::NAN; n * h], res_b).unwrap();
+        stream
+            .memcpy_htod(&vec![T::NAN; n * 2 * inter], gate_up)
+            .unwrap();
+        stream.memcpy_htod(&vec![T::NAN; n * h], delta).unwrap();
+        stream.memcpy_htod(&vec![T::NAN; n * m], out).unwrap();
+    };
+    for round in 0..6 {
+        let i = round % 2;
+        stream.memcpy_htod(&inputs[i], &mut res_a).unwrap();
+        poison(&mut res_b, &mut gate_up, &mut delta, &mut out);
+        run(&mut res_a, &mut res_b, &mut gate_up, &mut delta, &mut out);
+        let what = format!("fused chain, stream round {round}");
+        assert_rel_l2(&what, &dev.download(&out).unwrap(), &wants[i]);
+    }
+    let graph = capture(&dev, || {
+        run(&mut res_a, &mut res_b, &mut gate_up, &mut delta, &mut out)
+    });
+    for round in 0..6 {
+        let i = round % 2;
+        stream.memcpy_htod(&inputs[i], &mut res_a).unwrap();
+        poison(&mut res_b, &mut gate_up, &mut delta, &mut out);
+        graph.launch().unwrap();
+        let what = format!("fused chain, graph round {round}");
+        assert_rel_l2(&what, &dev.download(&out).unwrap(), &wants[i]);
+    }
+}
+
 // ---- timing -------------------------------------------------------------------------------
 
 /// Decode shapes of a Qwen3-0.6B-sized model: (name, k, m).
@@ -639,6 +1174,125 @@ fn timing_report() {
         "harness floor (skinny kernel, n=1 k=64 m=8): {floor:.2} µs plain, {floor_overlapped:.2} µs overlapped; \
          net = bytes / (time - overlapped floor)\n"
     ));
+    report(&table);
+}
+
+/// Buffers the fused-projection timings need besides the bench's x, W and out.
+struct FusedScratch {
+    norm_weight: CudaSlice<bf16>,
+    delta: CudaSlice<bf16>,
+    residual_out: CudaSlice<bf16>,
+    normed: CudaSlice<bf16>,
+    gate_up: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
+}
+
+/// The two ways a decode step computes `rms_norm(residual + delta) · Wᵀ` and
+/// `silu_mul(gate_up) · Wᵀ`: one fused kernel, or the separate op followed by
+/// `linear_overlapped` (what the model ran before).
+#[derive(Clone, Copy, PartialEq)]
+enum Prologue {
+    Norm,
+    Silu,
+}
+
+fn fused_op<'a>(
+    scratch: &'a RefCell<FusedScratch>,
+    prologue: Prologue,
+    fused: bool,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Box<Op<'a>> {
+    Box::new(move |dev, w, x, out| {
+        let s = &mut *scratch.borrow_mut();
+        let out = &mut out.slice_mut(0..n * m);
+        let nk = n * k;
+        match (prologue, fused) {
+            (Prologue::Norm, true) => dev.add_rms_norm_linear(
+                x,
+                Some(&s.delta.slice(..nk)),
+                &s.norm_weight.slice(..k),
+                EPS,
+                n,
+                k,
+                w,
+                m,
+                None,
+                Some(&mut s.residual_out.slice_mut(..nk)),
+                out,
+            ),
+            (Prologue::Norm, false) => {
+                // The in-place residual of the unfused path grows by delta on every call;
+                // harmless for timing.
+                dev.fused_add_rms_norm(
+                    &s.delta.slice(..nk),
+                    &mut s.residual_out.slice_mut(..nk),
+                    &s.norm_weight.slice(..k),
+                    &mut s.normed.slice_mut(..nk),
+                    n,
+                    k,
+                    EPS,
+                )?;
+                dev.linear_overlapped(&s.normed.slice(..nk), n, k, w, m, None, None, out)
+            }
+            (Prologue::Silu, true) => {
+                dev.silu_mul_linear(&s.gate_up.slice(..2 * nk), n, k, w, m, None, out)
+            }
+            (Prologue::Silu, false) => {
+                dev.silu_mul(&s.gate_up.slice(..2 * nk), &mut s.act.slice_mut(..nk), n, k)?;
+                dev.linear_overlapped(&s.act.slice(..nk), n, k, w, m, None, None, out)
+            }
+        }
+    })
+}
+
+/// The fused projections against their unfused pairs (separate norm or SiLU·mul kernel, then
+/// `linear_overlapped`) on the decode shapes, bf16, timed like `timing_report`. Prints a table;
+/// asserts only that every call succeeds.
+#[test]
+fn fused_timing_report() {
+    let Some(dev) = device("fused_timing_report") else {
+        return;
+    };
+    let name = dev.name().unwrap_or_default();
+    single_stream_mode(&dev);
+    let mut rng = Rng(27);
+    let max = 16 * 3072;
+    let up = |v: Vec<bf16>| dev.upload(&v).unwrap();
+    let scratch = RefCell::new(FusedScratch {
+        norm_weight: up(rng.vec(3072, 0.5, 1.5)),
+        delta: up(rng.vec(max, -1.0, 1.0)),
+        residual_out: up(rng.vec(max, -1.0, 1.0)),
+        normed: up(rng.vec(max, -1.0, 1.0)),
+        gate_up: up(rng.vec(2 * max, -3.0, 3.0)),
+        act: up(rng.vec(max, -1.0, 1.0)),
+    });
+    let mut bench = Bench::new(dev);
+    let shapes = [
+        ("norm + qkv 1024->4096", Prologue::Norm, 1024, 4096),
+        ("norm + gate|up 1024->6144", Prologue::Norm, 1024, 6144),
+        ("silu + down 3072->1024", Prologue::Silu, 3072, 1024),
+    ];
+    let mut table = format!(
+        "\nfused projections on {name}: bf16, µs per call in CUDA-graph replays, weights rotated \
+         past L2\n{:<26} {:>3} {:>9} {:>8} {:>8}\n",
+        "shape", "n", "unfused", "fused", "saved"
+    );
+    for (label, prologue, k, m) in shapes {
+        for n in [1usize, 2, 4, 8, 16] {
+            let unfused = bench
+                .time(n, k, m, &*fused_op(&scratch, prologue, false, n, k, m))
+                .unwrap();
+            let fused = bench
+                .time(n, k, m, &*fused_op(&scratch, prologue, true, n, k, m))
+                .unwrap();
+            table.push_str(&format!(
+                "{label:<26} {n:>3} {unfused:9.2} {fused:8.2} {:8.2}\n",
+                unfused - fused
+            ));
+        }
+    }
     report(&table);
 }
 

@@ -421,8 +421,8 @@ fn gpu_cascade_logits_match_plain_attention() {
             for (m, (a, b)) in plain.iter().zip(&cascade).enumerate() {
                 let err = rel_l2(b, a);
                 assert!(
-                    err < 1e-2,
-                    "{name}, prefix {shared}, member {m}: rel. L2 {err}"
+                    err < tolerance,
+                    "{name} {dtype}, prefix {shared}, member {m}: rel. L2 {err}"
                 );
             }
         }

@@ -1,6 +1,7 @@
 //! Dense linear layers on the GPU, `y = x·Wᵀ (+ bias) (+ residual)`: our skinny tensor-core GEMM
 //! (`cuda/gemv.cu`) for decode-sized batches, cuBLASLt for everything else, and the dispatch
-//! between them.
+//! between them; plus the decode-sized projections that compute their own x first (residual add
+//! and RMSNorm, or SiLU·mul) so that op needs no kernel of its own.
 //!
 //! Both paths read W in PyTorch's `[out_features, in_features]` row-major layout, compute in f32
 //! and round once to the storage dtype, after the bias and residual were added. Neither
@@ -15,14 +16,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys as lt_sys;
-use cudarc::driver::sys::{self as driver_sys, CUdevice_attribute, CUdeviceptr};
+use cudarc::driver::sys::{
+    self as driver_sys, CUdevice_attribute, CUdeviceptr, CUfunction_attribute,
+};
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 
 use super::{
-    check_nonzero, consts, driver_error, invalid_argument, to_i32, CudaDevice, CudaError,
-    KernelFloat,
+    check_eps, check_nonzero, consts, driver_error, invalid_argument, to_i32, CudaDevice,
+    CudaError, KernelFloat,
 };
 
 /// The kernel module built from `cuda/gemv.cu`.
@@ -39,6 +43,19 @@ const SKINNY_MAX_WARPS: usize = 16;
 const SKINNY_MAX_SHARED: usize = 48 * 1024;
 /// Floats of one warp's 16×8 accumulator tile, staged in shared memory for the k reduction.
 const FRAGMENT_FLOATS: usize = 128;
+/// Most rows the fused kernels are compiled for (`NX` ≤ 2 in gemv.cu's fused variants).
+const FUSED_TOKEN_LIMIT: usize = 16;
+/// `kSumSlots` floats in gemv.cu: the fused kernels' row-sum scratch after the k-reduction
+/// partials.
+const FUSED_SUM_SLOTS_BYTES: usize = 16 * 4;
+/// The largest k-reduction scratch a fused kernel uses: 16 warps, one 16-token tile, two row
+/// groups (`SkinnyConfig::choose` never asks for more at n ≤ 16).
+const FUSED_MAX_PARTIALS_BYTES: usize = SKINNY_MAX_WARPS * 2 * FRAGMENT_FLOATS * 4;
+
+/// `stage_stride` in gemv.cu: each staged row of x is padded to 64 bytes past a multiple of 128.
+fn stage_stride(k: usize) -> usize {
+    k.div_ceil(64) * 64 + 32
+}
 /// cuBLASLt's recommended workspace: 32 MiB on Hopper and later, 4 MiB before.
 const WORKSPACE_HOPPER: usize = 32 << 20;
 const WORKSPACE_OLDER: usize = 4 << 20;
@@ -856,6 +873,366 @@ impl CudaDevice {
     }
 }
 
+/// The op a fused projection computes its x with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prologue {
+    /// Residual add (when `delta` is given) and RMSNorm.
+    AddRmsNorm {
+        delta: bool,
+    },
+    SiluMul,
+}
+
+impl Prologue {
+    fn op(self) -> &'static str {
+        match self {
+            Prologue::AddRmsNorm { .. } => "add_rms_norm_linear",
+            Prologue::SiluMul => "silu_mul_linear",
+        }
+    }
+
+    fn kernel_name<T: KernelFloat>(self, config: SkinnyConfig) -> String {
+        let family = match self {
+            Prologue::AddRmsNorm { delta: true } => "add_rms_norm_gemm",
+            Prologue::AddRmsNorm { delta: false } => "rms_norm_gemm",
+            Prologue::SiluMul => "silu_mul_gemm",
+        };
+        format!(
+            "{family}_{}_x{}_r{}",
+            T::SUFFIX,
+            config.nx,
+            config.row_groups
+        )
+    }
+
+    /// Dynamic shared memory of one block, laid out as gemv.cu's fused kernels expect: the
+    /// k-reduction partials, the row sums, `n` staged rows of x and, for the norm, its weight.
+    fn shared_bytes<T>(self, partials: usize, n: usize, k: usize) -> usize {
+        let elem = std::mem::size_of::<T>();
+        let weight = match self {
+            Prologue::AddRmsNorm { .. } => k * elem,
+            Prologue::SiluMul => 0,
+        };
+        partials + FUSED_SUM_SLOTS_BYTES + n * stage_stride(k) * elem + weight
+    }
+}
+
+impl CudaDevice {
+    /// Most rows [`CudaDevice::add_rms_norm_linear`] and [`CudaDevice::silu_mul_linear`] take:
+    /// the decode batches that run the skinny kernel.
+    pub const FUSED_LINEAR_MAX_TOKENS: usize = FUSED_TOKEN_LIMIT;
+
+    /// Whether [`CudaDevice::add_rms_norm_linear`] and [`CudaDevice::silu_mul_linear`] take
+    /// `n` rows of width `k` (the hidden size, or the intermediate size for SiLU·mul) with `T`
+    /// storage on this device: f16 or bf16, `n ≤ 16`, `k` a non-zero multiple of 8, and the
+    /// `n` staged rows within a block's shared memory (on an H100, 16 rows up to k = 6,272,
+    /// one row up to k = 53,952). Buffer lengths and alignment are checked by the calls.
+    pub fn fused_linear_fits<T: KernelFloat>(&self, n: usize, k: usize) -> bool {
+        self.fused_obstacle::<T>(n, k).is_none()
+    }
+
+    /// `out[n, m] = rms_norm(residual + delta) · wᵀ (+ bias)` in one kernel, for decode-sized
+    /// batches: the residual add and RMSNorm that precede a projection, folded into it.
+    ///
+    /// Every element is computed as [`CudaDevice::fused_add_rms_norm`] followed by
+    /// [`CudaDevice::linear`] would: `residual + delta` is rounded to `T`, normalised with
+    /// `norm_weight` and `eps` and rounded to `T` again, then multiplied in f32; only the order
+    /// in which the sum of squares is added up differs. Without `delta` the rows of `residual`
+    /// are normalised as they are. When `residual_out` is given, it receives the rounded
+    /// `residual + delta` (or a copy of `residual`): the updated residual stream, written once.
+    /// It must be another buffer than `residual`, whose old value the kernel is still reading;
+    /// a decode step alternates two residual buffers.
+    ///
+    /// `residual`, `delta` and `residual_out` hold `n * k` elements, `norm_weight` `k`, `w`
+    /// `m * k` (PyTorch Linear layout), `bias` `m` and `out` `n * m`. Requirements (else
+    /// [`CudaError::InvalidArgument`]): those of [`CudaDevice::fused_linear_fits`], and every
+    /// buffer but `bias` and `out` 16-byte aligned.
+    ///
+    /// Every block recomputes the norm of all `n` rows before its share of the product, so the
+    /// fusion pays only at the smallest batches: on an H100 with the Qwen3-0.6B shapes, the
+    /// QKV projection fused took 5.70 µs against 6.68 for the norm kernel plus
+    /// [`CudaDevice::linear_overlapped`] at 1 row, 6.32 against 6.80 at 4, 7.44 against 6.96
+    /// at 8 (`fused_timing_report` in tests/cuda_linear.rs).
+    ///
+    /// The kernel is launched with programmatic dependent launch, as
+    /// [`CudaDevice::linear_overlapped`]: it starts loading `w` before the previous kernel on
+    /// the stream has finished, and reads everything else only after it has. So no kernel that
+    /// may still be running may write `w` (model weights qualify). Nothing is allocated or
+    /// synchronised: the call can be captured into a CUDA graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm_linear<T: KernelFloat>(
+        &self,
+        residual: &impl DevicePtr<T>,
+        delta: Option<&CudaView<T>>,
+        norm_weight: &impl DevicePtr<T>,
+        eps: f32,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual_out: Option<&mut CudaViewMut<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let prologue = Prologue::AddRmsNorm {
+            delta: delta.is_some(),
+        };
+        let op = prologue.op();
+        let x_len = self.check_matrix(op, n, k)?;
+        let w_len = self.check_matrix(op, m, k)?;
+        let out_len = self.check_matrix(op, n, m)?;
+        check_nonzero(op, "k", k)?;
+        check_eps(op, eps)?;
+        self.check_buffer(op, "residual", residual, x_len)?;
+        if let Some(delta) = delta {
+            self.check_buffer(op, "delta", delta, x_len)?;
+        }
+        self.check_buffer(op, "norm_weight", norm_weight, k)?;
+        self.check_buffer(op, "w", w, w_len)?;
+        if let Some(bias) = bias {
+            self.check_buffer(op, "bias", bias, m)?;
+        }
+        if let Some(residual_out) = residual_out.as_deref() {
+            self.check_buffer(op, "residual_out", residual_out, x_len)?;
+        }
+        self.check_buffer(op, "out", out, out_len)?;
+        if let Some((argument, expected, found)) = self.fused_obstacle::<T>(n, k) {
+            return Err(invalid_argument(op, argument, expected, found));
+        }
+
+        let (residual_ptr, _residual_sync) = residual.device_ptr(&self.stream);
+        let delta_ptr = delta.map(|d| d.device_ptr(&self.stream));
+        let (norm_ptr, _norm_sync) = norm_weight.device_ptr(&self.stream);
+        let (w_ptr, _w_sync) = w.device_ptr(&self.stream);
+        let bias_ptr = bias.map(|b| b.device_ptr(&self.stream));
+        let residual_out_ptr = residual_out.map(|r| r.device_ptr_mut(&self.stream));
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let null: CUdeviceptr = 0;
+        let delta_ptr = delta_ptr.as_ref().map_or(null, |(p, _)| *p);
+        let bias_ptr = bias_ptr.as_ref().map_or(null, |(p, _)| *p);
+        let residual_out_ptr = residual_out_ptr.as_ref().map_or(null, |(p, _)| *p);
+        check_aligned(
+            op,
+            &[
+                ("the address of `residual`", residual_ptr),
+                ("the address of `delta`", delta_ptr),
+                ("the address of `norm_weight`", norm_ptr),
+                ("the address of `w`", w_ptr),
+                ("the address of `residual_out`", residual_out_ptr),
+            ],
+        )?;
+        if out_len == 0 {
+            return Ok(());
+        }
+
+        let config = SkinnyConfig::choose(n, k, m);
+        let (n_i, k_i, m_i) = (to_i32(n), to_i32(k), to_i32(m));
+        let mut params: [*mut c_void; 11] = [
+            (&residual_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&delta_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&norm_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&residual_out_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&eps as *const f32).cast_mut().cast(),
+            (&w_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&bias_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&out_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&n_i as *const i32).cast_mut().cast(),
+            (&k_i as *const i32).cast_mut().cast(),
+            (&m_i as *const i32).cast_mut().cast(),
+        ];
+        // SAFETY: `params` matches `{add_,}rms_norm_gemm_*(const T*, const T*, const T*, T*,
+        // float, const T*, const T*, T*, int, int, int)` in gemv.cu, each entry pointing at a
+        // live local of that type; the buffer lengths were checked against n, k and m and the
+        // pointers' alignment above, and Rust's borrows keep `residual_out` and `out` apart from
+        // the inputs.
+        unsafe { self.launch_fused::<T>(prologue, config, n, k, m, &mut params) }
+    }
+
+    /// `out[n, m] = (silu(gate) * up) · wᵀ (+ bias)` in one kernel, for decode-sized batches:
+    /// the gated activation folded into the down projection. Each row of `gate_up` is the gate
+    /// projection followed by the up projection, `2 * inter` elements, as
+    /// [`CudaDevice::silu_mul`] reads them; the activation is rounded to `T` exactly as that op
+    /// stores it, then multiplied in f32.
+    ///
+    /// `gate_up` holds `n * 2 * inter` elements, `w` `m * inter`, `bias` `m`, `out` `n * m`.
+    /// Requirements (else [`CudaError::InvalidArgument`]): those of
+    /// [`CudaDevice::fused_linear_fits`] with `inter` as `k`, and `gate_up` and `w` 16-byte
+    /// aligned. Launched with programmatic dependent launch, as
+    /// [`CudaDevice::add_rms_norm_linear`]; capturable.
+    #[allow(clippy::too_many_arguments)]
+    pub fn silu_mul_linear<T: KernelFloat>(
+        &self,
+        gate_up: &impl DevicePtr<T>,
+        n: usize,
+        inter: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let prologue = Prologue::SiluMul;
+        let op = prologue.op();
+        let x_len = self.check_matrix(op, n, inter)?;
+        let w_len = self.check_matrix(op, m, inter)?;
+        let out_len = self.check_matrix(op, n, m)?;
+        check_nonzero(op, "inter", inter)?;
+        self.check_buffer(op, "gate_up", gate_up, 2 * x_len)?;
+        self.check_buffer(op, "w", w, w_len)?;
+        if let Some(bias) = bias {
+            self.check_buffer(op, "bias", bias, m)?;
+        }
+        self.check_buffer(op, "out", out, out_len)?;
+        if let Some((argument, expected, found)) = self.fused_obstacle::<T>(n, inter) {
+            return Err(invalid_argument(op, argument, expected, found));
+        }
+
+        let (gate_up_ptr, _gate_up_sync) = gate_up.device_ptr(&self.stream);
+        let (w_ptr, _w_sync) = w.device_ptr(&self.stream);
+        let bias_ptr = bias.map(|b| b.device_ptr(&self.stream));
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let bias_ptr = bias_ptr.as_ref().map_or(0, |(p, _)| *p);
+        check_aligned(
+            op,
+            &[
+                ("the address of `gate_up`", gate_up_ptr),
+                ("the address of `w`", w_ptr),
+            ],
+        )?;
+        if out_len == 0 {
+            return Ok(());
+        }
+
+        let config = SkinnyConfig::choose(n, inter, m);
+        let (n_i, k_i, m_i) = (to_i32(n), to_i32(inter), to_i32(m));
+        let mut params: [*mut c_void; 7] = [
+            (&gate_up_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&w_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&bias_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&out_ptr as *const CUdeviceptr).cast_mut().cast(),
+            (&n_i as *const i32).cast_mut().cast(),
+            (&k_i as *const i32).cast_mut().cast(),
+            (&m_i as *const i32).cast_mut().cast(),
+        ];
+        // SAFETY: `params` matches `silu_mul_gemm_*(const T*, const T*, const T*, T*, int, int,
+        // int)` in gemv.cu, each entry pointing at a live local of that type; lengths and
+        // alignment were checked above.
+        unsafe { self.launch_fused::<T>(prologue, config, n, inter, m, &mut params) }
+    }
+
+    /// Launches the fused kernel of `prologue` for `config` with programmatic dependent launch,
+    /// over `n` rows of width `k` and `m` rows of W. The grid holds at most as many blocks as
+    /// fit on the GPU at once (each loops over tiles of W), so every block's prologue runs in
+    /// the first and only wave; the dynamic shared-memory limit is raised first when the staged
+    /// rows need more than 48 KB.
+    ///
+    /// # Safety
+    /// As [`CudaDevice::launch_with_dependency_overlap`]; the caller has checked the shape with
+    /// `fused_obstacle`.
+    unsafe fn launch_fused<T: KernelFloat>(
+        &self,
+        prologue: Prologue,
+        config: SkinnyConfig,
+        n: usize,
+        k: usize,
+        m: usize,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        let op = prologue.op();
+        let function = self.kernel(MODULE, &prologue.kernel_name::<T>(config))?;
+        // The attribute and occupancy calls below act on the current context.
+        self.ctx.bind_to_thread().map_err(driver_error(op))?;
+        let mut cfg = config.launch_config(m);
+        let shared = prologue.shared_bytes::<T>(cfg.shared_mem_bytes as usize, n, k);
+        if shared > SKINNY_MAX_SHARED {
+            function
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    to_i32(shared),
+                )
+                .map_err(driver_error(op))?;
+        }
+        cfg.shared_mem_bytes = shared as u32;
+        // Without the occupancy figures the grid keeps one block per tile: still correct.
+        let resident = function
+            .occupancy_max_active_blocks_per_multiprocessor(cfg.block_dim.0, shared, None)
+            .ok()
+            .zip(
+                self.ctx
+                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                    .ok(),
+            )
+            .map(|(per_sm, sms)| per_sm as usize * usize::try_from(sms).unwrap_or(0))
+            .filter(|&blocks| blocks > 0);
+        if let Some(resident) = resident {
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(resident as u32);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_with_dependency_overlap(&function, cfg, params) }
+    }
+
+    /// Why the fused kernels cannot take `n` rows of width `k` in `T` on this device, if they
+    /// cannot.
+    fn fused_obstacle<T: KernelFloat>(
+        &self,
+        n: usize,
+        k: usize,
+    ) -> Option<(&'static str, &'static str, String)> {
+        if T::SUFFIX == "f32" {
+            return Some(("the dtype", "f16 or bf16", T::SUFFIX.to_string()));
+        }
+        if n > FUSED_TOKEN_LIMIT {
+            return Some(("n", "at most 16 for a fused projection", n.to_string()));
+        }
+        if k == 0 || !k.is_multiple_of(PACK) {
+            return Some((
+                "the row width",
+                "a non-zero multiple of 8 for the fused kernel's 16-byte loads",
+                k.to_string(),
+            ));
+        }
+        let bytes =
+            Prologue::AddRmsNorm { delta: true }.shared_bytes::<T>(FUSED_MAX_PARTIALS_BYTES, n, k);
+        let limit = self.max_shared_per_block();
+        if bytes > limit {
+            return Some((
+                "the block's shared memory",
+                "within the device's per-block limit",
+                format!("{bytes} bytes for {n} rows of {k}, limit {limit}"),
+            ));
+        }
+        None
+    }
+
+    /// Shared memory one block may use after opting in (227 KB on an H100; the 48 KB every
+    /// device grants if the query fails).
+    fn max_shared_per_block(&self) -> usize {
+        self.ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .ok()
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(SKINNY_MAX_SHARED)
+    }
+}
+
+/// Fails with `op`'s alignment error for the first non-null pointer that is not 16-byte
+/// aligned (the fused kernels read and write every operand in 16-byte packs).
+fn check_aligned(
+    op: &'static str,
+    pointers: &[(&'static str, CUdeviceptr)],
+) -> Result<(), CudaError> {
+    for &(name, ptr) in pointers {
+        if ptr % 16 != 0 {
+            return Err(invalid_argument(
+                op,
+                name,
+                "16-byte aligned for the fused kernel",
+                format!("{ptr:#x}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl CudaDevice {
     /// Largest batch `linear` sends to the skinny kernel; larger batches go to cuBLASLt, which
     /// was as fast or faster from 32 rows on for every Qwen3-0.6B decode shape on an H100.
@@ -917,6 +1294,51 @@ mod tests {
         assert_eq!(shape(16, 2048, 1024), (2, 16));
         // 64 tokens need four accumulator tiles: the reduction scratch caps the warps.
         assert_eq!(shape(64, 3072, 1024), (2, 12));
+    }
+
+    #[test]
+    fn fused_kernels_use_compiled_shapes_within_the_partials_bound() {
+        for n in 1..=FUSED_TOKEN_LIMIT {
+            for k in [8, 64, 1024, 3072, 8192, 14_336, 32_768] {
+                for m in [1, 7, 1024, 6144, 151_936] {
+                    let c = SkinnyConfig::choose(n, k, m);
+                    assert!([1, 2].contains(&c.nx), "{c:?}");
+                    assert!(SkinnyConfig::compiled(c.nx, c.row_groups), "{c:?}");
+                    let partials = c.launch_config(m).shared_mem_bytes as usize;
+                    assert!(partials <= FUSED_MAX_PARTIALS_BYTES, "{c:?}");
+                }
+            }
+        }
+        let c = SkinnyConfig::choose(16, 1024, 6144);
+        assert_eq!(
+            Prologue::AddRmsNorm { delta: true }.kernel_name::<half::bf16>(c),
+            "add_rms_norm_gemm_bf16_x2_r2"
+        );
+        assert_eq!(
+            Prologue::AddRmsNorm { delta: false }.kernel_name::<half::f16>(c),
+            "rms_norm_gemm_f16_x2_r2"
+        );
+        assert_eq!(
+            Prologue::SiluMul.kernel_name::<half::bf16>(SkinnyConfig::choose(1, 3072, 1024)),
+            "silu_mul_gemm_bf16_x1_r1"
+        );
+    }
+
+    #[test]
+    fn fused_shared_memory_follows_the_kernel_layout() {
+        // Rows padded to 64 bytes past a multiple of 128: 1000 -> 1056 elements.
+        assert_eq!(stage_stride(1000), 1056);
+        assert_eq!(stage_stride(1024), 1056);
+        assert_eq!(stage_stride(8), 96);
+        let norm = Prologue::AddRmsNorm { delta: true };
+        assert_eq!(
+            norm.shared_bytes::<half::bf16>(8192, 2, 1024),
+            8192 + 64 + 2 * 1056 * 2 + 1024 * 2
+        );
+        assert_eq!(
+            Prologue::SiluMul.shared_bytes::<half::bf16>(8192, 2, 1024),
+            8192 + 64 + 2 * 1056 * 2
+        );
     }
 
     #[test]
