@@ -624,23 +624,19 @@ where
                 .unwrap_or(1),
         };
         let c = &self.config;
-        let params = AttentionParams {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            block_size: 1,
-            max_blocks_per_seq: 1,
-            scale: 1.0,
-            sliding_window: 0,
-        };
         let b = self
             .bufs
             .as_mut()
             .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        // Only the geometry sizes the scratch; scale and window do not.
         let params = AttentionParams {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
             block_size: b.cache.block_size,
             max_blocks_per_seq: shape.width,
-            ..params
+            scale: 1.0,
+            sliding_window: 0,
         };
         let need = CudaDevice::cascade_attention_decode_workspace_len(
             seqs.len(),
