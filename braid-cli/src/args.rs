@@ -66,9 +66,18 @@ pub enum Command {
         gen: GenArgs,
     },
     /// Describe a model: architecture, size, weight types, context, tokenizer, chat template.
+    /// Show a model's format, shape and tokenizer; on a GPU, also load it there and report which
+    /// kernels its small decode steps use.
     Inspect {
         /// Directory, .gguf file, Hugging Face cache id or alias.
         model: String,
+        /// Where to check the GPU path: cuda or cuda:N checks it, cpu skips it (default: the first
+        /// GPU if there is one).
+        #[arg(long)]
+        device: Option<Device>,
+        /// Compute type for the GPU check: bf16 or f16 (default bf16).
+        #[arg(long)]
+        dtype: Option<DType>,
     },
     /// Fetch a built-in model alias into the local cache.
     Pull { alias: String },
@@ -81,6 +90,17 @@ pub enum Command {
         #[command(flatten)]
         bench: BenchArgs,
     },
+}
+
+/// One way of running the shared-prefix workload.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SharedRun {
+    /// The prefix cached once, decoded with cascade attention where the cost rule picks it.
+    Cascade,
+    /// The prefix cached once, decoded with plain paged attention.
+    Plain,
+    /// Prefix caching off: every request holds its own copy of the prefix.
+    Unshared,
 }
 
 #[derive(Args, Clone)]
@@ -112,6 +132,9 @@ pub struct BenchArgs {
     /// Shared-prefix workload: tokens generated per request.
     #[arg(long, default_value_t = 256)]
     pub shared_new_tokens: usize,
+    /// Shared-prefix workload: which of its runs to make (cascade, plain, unshared).
+    #[arg(long, value_delimiter = ',', default_value = "cascade,plain,unshared")]
+    pub shared_runs: Vec<SharedRun>,
     /// Date to record in the JSON (the harness passes it).
     #[arg(long, default_value = "")]
     pub date: String,

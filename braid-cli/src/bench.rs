@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use braid_core::{CascadePolicy, Engine, EngineConfig, GenerationParams, SamplingParams};
 use serde_json::{json, Value};
 
-use crate::args::{BenchArgs, ModelArgs};
+use crate::args::{BenchArgs, ModelArgs, SharedRun};
 
 /// Random-looking but reproducible prompt ids in `1..vocab`.
 fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
@@ -87,19 +87,21 @@ fn run_batch(
 }
 
 /// The shared-prefix workload: `shared_batch` requests whose prompts are one `shared_prefix`-token
-/// system prompt plus a distinct question. Run three ways on fresh engines of the same pool size:
-/// the prefix cached once and decoded with cascade attention, cached but decoded with plain paged
-/// attention, and with prefix caching off (every request holds its own copy). Reports decode
+/// system prompt plus a distinct question. Run up to three ways (`shared_runs`) on fresh engines of
+/// the same pool size: the prefix cached once and decoded with cascade attention, cached but
+/// decoded with plain paged attention, and with prefix caching off (every request holds its own
+/// copy). Reports decode
 /// tok/s and the peak KV memory the block pool had in use for each.
 fn shared_prefix(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
     let (n, len) = (args.shared_batch, args.shared_prefix);
     let kv_tokens = n * (len + args.shared_question + args.shared_new_tokens + 16);
     let mut results = serde_json::Map::new();
-    for (name, cascade, prefix_caching) in [
-        ("cascade", CascadePolicy::Auto, true),
-        ("plain", CascadePolicy::Off, true),
-        ("unshared", CascadePolicy::Off, false),
-    ] {
+    for &run in &args.shared_runs {
+        let (name, cascade, prefix_caching) = match run {
+            SharedRun::Cascade => ("cascade", CascadePolicy::Auto, true),
+            SharedRun::Plain => ("plain", CascadePolicy::Off, true),
+            SharedRun::Unshared => ("unshared", CascadePolicy::Off, false),
+        };
         let config = EngineConfig {
             kv_cache_tokens: Some(kv_tokens),
             max_running: n,

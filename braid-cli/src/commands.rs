@@ -9,7 +9,7 @@ use braid_core::{
     Braid, ChatMessage, Engine, EngineConfig, Generation, GenerationParams, Prompt, SamplingParams,
 };
 use braid_kernels::{DType, Device};
-use braid_models::source;
+use braid_models::{source, Backend};
 
 use crate::args::{Cli, Command, GenArgs, ModelArgs};
 
@@ -64,7 +64,11 @@ pub fn run(cli: Cli, process_start: Instant) -> Result<()> {
             }
             Ok(())
         }
-        Command::Inspect { model } => inspect(&model),
+        Command::Inspect {
+            model,
+            device,
+            dtype,
+        } => inspect(&model, device, dtype),
         Command::Pull { alias } => {
             let path = source::pull(&alias)?;
             println!("{}", path.display());
@@ -245,7 +249,7 @@ pub fn stream_until(
     Ok(out)
 }
 
-fn inspect(spec: &str) -> Result<()> {
+fn inspect(spec: &str, device: Option<Device>, dtype: Option<DType>) -> Result<()> {
     let location = source::resolve(spec).with_context(|| format!("cannot open model '{spec}'"))?;
     let info =
         braid_models::inspect(&location).with_context(|| format!("cannot read model '{spec}'"))?;
@@ -286,5 +290,35 @@ fn inspect(spec: &str) -> Result<()> {
         "chat template:   {}",
         if info.has_chat_template { "yes" } else { "no" }
     );
+    let ordinal = match device {
+        Some(Device::Cpu) => return Ok(()),
+        Some(Device::Cuda(ordinal)) => ordinal,
+        None => match braid_kernels::cuda::CudaDevice::new(0) {
+            Ok(_) => 0,
+            Err(e) => {
+                println!("GPU:             none ({e})");
+                return Ok(());
+            }
+        },
+    };
+    let dtype = match dtype {
+        None => DType::BF16,
+        Some(DType::F32) => bail!("the GPU computes in bf16 or f16; --dtype f32 has no GPU path"),
+        Some(dtype) => dtype,
+    };
+    let loaded = braid_models::load_on(&location, Device::Cuda(ordinal), dtype)
+        .with_context(|| format!("cannot load model '{spec}' on cuda:{ordinal}"))?;
+    let Backend::Cuda(mut model) = loaded.backend else {
+        bail!("model '{spec}' did not load onto the GPU")
+    };
+    println!("GPU:             {} ({dtype})", model.device_name());
+    let fused = model.fused_norm_status();
+    match &fused.reason {
+        None => println!(
+            "fused norm GEMV: on for steps of up to {} tokens (load-time self-check: rel. L2 {:.1e})",
+            fused.max_tokens, fused.max_rel_err
+        ),
+        Some(reason) => println!("fused norm GEMV: off, unfused kernels in use ({reason})"),
+    }
     Ok(())
 }

@@ -51,9 +51,10 @@ macro_rules! with_runner {
 /// self-check found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FusedNormStatus {
-    /// Steps of up to [`FUSED_STEP_MAX_TOKENS`] tokens fold the RMSNorms into the QKV and
-    /// gate/up projections and SiLU·mul into the down projection.
-    pub enabled: bool,
+    /// Steps of up to this many tokens (at most [`FUSED_STEP_MAX_TOKENS`]) fold the RMSNorms
+    /// into the QKV and gate/up projections and SiLU·mul into the down projection; 0 when the
+    /// fused path is off.
+    pub max_tokens: usize,
     /// Largest relative L2 difference between the fused and unfused outputs over every layer
     /// of the self-check; 0 when the check did not run.
     pub max_rel_err: f32,
@@ -124,8 +125,8 @@ impl CudaModel {
     /// was loaded.
     pub fn fused_norm_status(&self) -> FusedNormStatus {
         match &self.inner {
-            Inner::Bf16(r) => r.fused.status.clone(),
-            Inner::F16(r) => r.fused.status.clone(),
+            Inner::Bf16(r) => r.fused.clone(),
+            Inner::F16(r) => r.fused.clone(),
         }
     }
 
@@ -269,15 +270,20 @@ struct Runner<T: KernelFloat> {
     weight_bytes: usize,
     kv: Vec<(CudaSlice<T>, CudaSlice<T>)>,
     bufs: Option<Buffers<T>>,
-    /// Decode graphs by (padded batch size, block-table width, greedy).
-    graphs: HashMap<(usize, usize, bool), CudaGraph>,
-    fused: FusedPath,
+    /// Decode graphs by step shape and token choice.
+    graphs: HashMap<GraphKey, CudaGraph>,
+    fused: FusedNormStatus,
 }
 
-/// The fused path's verdict: the status reported, and the largest step it runs on (0 when off).
-struct FusedPath {
-    status: FusedNormStatus,
-    max_tokens: usize,
+/// What a captured decode graph was recorded for: the padded batch size, the block-table width,
+/// greedy or sampled choice, and for cascade steps the group count and (rounded) bounds.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    seqs: usize,
+    width: usize,
+    greedy: bool,
+    /// `(num_groups, max_group_size, max_prefix_tokens, max_suffix_tokens)`.
+    cascade: Option<(usize, usize, usize, usize)>,
 }
 
 /// Batch sizes decode graphs are captured for; a step runs in the smallest bucket that holds it.
@@ -336,13 +342,10 @@ where
             kv: Vec::new(),
             bufs: None,
             graphs: HashMap::new(),
-            fused: FusedPath {
-                status: FusedNormStatus {
-                    enabled: false,
-                    max_rel_err: 0.0,
-                    reason: Some("not checked yet".into()),
-                },
+            fused: FusedNormStatus {
                 max_tokens: 0,
+                max_rel_err: 0.0,
+                reason: Some("not checked yet".into()),
             },
         };
         runner.fused = runner.choose_fused_path();
@@ -613,17 +616,27 @@ where
             prefix.push(g.shared_tokens as u32);
             shared[g.seqs.clone()].fill(g.shared_tokens);
         }
+        let c = &self.config;
+        let cache = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?
+            .cache;
+        // The bounds size the grids, never the results, so the suffix bound is rounded up to a
+        // power of two: a group decoding token after token then replays one graph for many steps
+        // instead of needing a new grid every step.
+        let capacity = shape.width * cache.block_size;
+        let max_suffix = seqs
+            .iter()
+            .zip(&shared)
+            .map(|(s, &p)| s.start_pos + s.tokens.len() - p)
+            .max()
+            .unwrap_or(1);
         let bounds = CascadeBounds {
             max_group_size: groups.iter().map(|g| g.seqs.len()).max().unwrap_or(1),
             max_prefix_tokens: groups.iter().map(|g| g.shared_tokens).max().unwrap_or(0),
-            max_suffix_tokens: seqs
-                .iter()
-                .zip(&shared)
-                .map(|(s, &p)| s.start_pos + s.tokens.len() - p)
-                .max()
-                .unwrap_or(1),
+            max_suffix_tokens: max_suffix.next_power_of_two().min(capacity).max(max_suffix),
         };
-        let c = &self.config;
         let b = self
             .bufs
             .as_mut()
@@ -639,13 +652,15 @@ where
             sliding_window: 0,
         };
         let need = CudaDevice::cascade_attention_decode_workspace_len(
-            seqs.len(),
+            shape.seqs,
             prefix.len(),
             &params,
             &bounds,
         )
         .max(1);
         if b.cascade_workspace.as_ref().is_none_or(|w| w.len() < need) {
+            // Graphs recorded the old buffer's address.
+            self.graphs.retain(|key, _| key.cascade.is_none());
             b.cascade_workspace = None; // free the old one first
             b.cascade_workspace = Some(self.dev.alloc_zeros::<f32>(need).map_err(cuda)?);
         }
@@ -1025,8 +1040,7 @@ where
         groups: &[SharedPrefixGroup],
         rows: Option<&[SamplingRow]>,
     ) -> Result<Vec<u32>> {
-        // Cascade steps run eagerly: their grids follow the groups, which graphs would freeze.
-        let graphed = groups.is_empty() && seqs.iter().all(|s| s.tokens.len() == 1);
+        let graphed = seqs.iter().all(|s| s.tokens.len() == 1);
         let mut shape = self.step_shape(seqs, graphed)?;
         self.upload_inputs(seqs, shape)?;
         shape.cascade = self.upload_groups(seqs, groups, shape)?;
@@ -1039,7 +1053,20 @@ where
             b.sampling.write(&self.dev, &padded).map_err(cuda)?;
         }
         if graphed {
-            let key = (shape.seqs, shape.width, greedy);
+            let key = GraphKey {
+                seqs: shape.seqs,
+                width: shape.width,
+                greedy,
+                cascade: shape.cascade.map(|c| {
+                    let b = c.bounds;
+                    (
+                        c.num_groups,
+                        b.max_group_size,
+                        b.max_prefix_tokens,
+                        b.max_suffix_tokens,
+                    )
+                }),
+            };
             if !self.graphs.contains_key(&key) {
                 let graph = self.capture(shape, greedy)?;
                 self.graphs.insert(key, graph);
@@ -1104,6 +1131,7 @@ where
             batch = shape.seqs,
             width = shape.width,
             greedy,
+            cascade_groups = shape.cascade.map_or(0, |c| c.num_groups),
             "captured a decode graph"
         );
         Ok(graph)
@@ -1112,14 +1140,11 @@ where
     /// Decides whether small steps use the fused projections: off when the environment asks
     /// for it or the kernels cannot take the model's sizes, else on if every layer's fused
     /// projections agree with the unfused kernels on calibration inputs.
-    fn choose_fused_path(&self) -> FusedPath {
-        let off = |max_rel_err: f32, reason: String| FusedPath {
-            status: FusedNormStatus {
-                enabled: false,
-                max_rel_err,
-                reason: Some(reason),
-            },
+    fn choose_fused_path(&self) -> FusedNormStatus {
+        let off = |max_rel_err: f32, reason: String| FusedNormStatus {
             max_tokens: 0,
+            max_rel_err,
+            reason: Some(reason),
         };
         if std::env::var(DISABLE_FUSED_NORM_ENV).is_ok_and(|v| !v.is_empty() && v != "0") {
             return off(0.0, format!("disabled by {DISABLE_FUSED_NORM_ENV}"));
@@ -1161,13 +1186,10 @@ where
                             max_tokens,
                             "fused norm projections agree with the unfused kernels"
                         );
-                        FusedPath {
-                            status: FusedNormStatus {
-                                enabled: true,
-                                max_rel_err: check.max_rel_err,
-                                reason: None,
-                            },
+                        FusedNormStatus {
                             max_tokens,
+                            max_rel_err: check.max_rel_err,
+                            reason: None,
                         }
                     }
                 }

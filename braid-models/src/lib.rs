@@ -23,7 +23,7 @@ pub mod weights;
 
 pub use arch::Architecture;
 pub use config::ModelConfig;
-pub use cuda_model::{CudaCacheConfig, CudaModel};
+pub use cuda_model::{CudaCacheConfig, CudaModel, FusedNormStatus};
 pub use error::{ModelError, Result};
 pub use loader::{inspect, load, load_on, Backend, LoadedModel, ModelInfo};
 pub use model::{Model, SeqInput, SharedPrefixGroup};

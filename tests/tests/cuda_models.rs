@@ -425,6 +425,30 @@ fn gpu_cascade_logits_match_plain_attention() {
                     "{name} {dtype}, prefix {shared}, member {m}: rel. L2 {err}"
                 );
             }
+            // Decode steps with groups replay a captured graph (the first step captures it, the
+            // next ones, with longer suffixes, replay it with new data): each token chosen there
+            // must be a maximum of the same step's eagerly computed cascade logits.
+            for step in 0..3 {
+                let next: Vec<[u32; 1]> = (0..members)
+                    .map(|m| [token(6000 + 10 * m + step)])
+                    .collect();
+                let inputs: Vec<_> = (0..members)
+                    .map(|m| braid_models::SeqInput {
+                        tokens: &next[m],
+                        start_pos: shared + own_tokens[m].len() + 1 + step,
+                        block_table: &tables[m],
+                    })
+                    .collect();
+                let ids = gpu.forward_sample(&inputs, &groups, None).unwrap();
+                let logits = gpu.forward_logits(&inputs, &groups).unwrap();
+                for (m, (&id, row)) in ids.iter().zip(&logits).enumerate() {
+                    let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    assert_eq!(
+                        row[id as usize], best,
+                        "{name} {dtype}, prefix {shared}, step {step}, member {m}: graph chose {id}"
+                    );
+                }
+            }
         }
     }
 }

@@ -4,8 +4,9 @@
 //! - `fixtures [--smollm2 GGUF]`: regenerate the reference fixtures with transformers (needs python3
 //!   with torch and transformers; see docs/fixtures.md);
 //! - `device-bundle [--out DIR]`: build the release `braid` binary and the test binaries into one
-//!   self-contained folder, with the fixtures, `run.sh` (every test) and `bench.sh` (the benchmark
-//!   against PyTorch), to copy to a GPU machine that has no Rust.
+//!   self-contained folder, with the fixtures, `run.sh` (every test), `bench.sh` (the benchmark
+//!   against PyTorch) and `profile.sh` (one decode step's kernels under Nsight Compute), to copy to
+//!   a GPU machine that has no Rust.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,10 +134,16 @@ fn device_bundle(root: &Path, out: &Path) -> Result<()> {
     copy_dir(&root.join("tests/fixtures"), &out.join("fixtures"))?;
     let scripts = out.join("scripts");
     std::fs::create_dir_all(&scripts)?;
-    for name in ["make_bench_model.py", "bench_torch.py", "bench_report.py"] {
+    for name in [
+        "make_bench_model.py",
+        "bench_torch.py",
+        "bench_report.py",
+        "ncu_step.py",
+    ] {
         std::fs::copy(root.join("scripts").join(name), scripts.join(name))?;
     }
     write_executable(&out.join("bench.sh"), BENCH_SH)?;
+    write_executable(&out.join("profile.sh"), PROFILE_SH)?;
     let script = format!(
         r#"#!/usr/bin/env bash
 # Runs Braid's tests and a generation on this machine. Usage: ./run.sh [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
@@ -199,6 +206,35 @@ if smol.exists():
 (out / "braid.json").write_text(json.dumps(braid, indent=2))
 PY
 python3 scripts/bench_report.py --torch "$out/torch.json" --braid "$out/braid.json" --out "$out/merged.json"
+"#;
+
+/// Whole-step kernel profiles, run on the GPU machine from inside the bundle: Nsight Compute times
+/// every kernel of short benchmark runs (batch 1, batch 64, and the shared-prefix workload with
+/// cascade attention), then `ncu_step.py` prints one decode step of each. Caches are not flushed
+/// between kernels, so L2 reuse across kernels shows as it does without the profiler.
+/// Usage: ./profile.sh [OUT_DIR]
+const PROFILE_SH: &str = r#"#!/usr/bin/env bash
+set -euo pipefail
+cd "$(dirname "$0")"
+out="${1:-profile-out}"
+mkdir -p "$out"
+model=/tmp/braid-bench-qwen3-0.6b
+[ -f "$model/model.safetensors" ] || python3 scripts/make_bench_model.py --out "$model"
+ncu_run() {
+    local name="$1"; shift
+    ncu --csv --page raw --metrics gpu__time_duration.sum --print-units base \
+        --clock-control none --cache-control none --log-file "$out/$name.csv" \
+        ./bin/braid bench --model "$model" --device cuda --ttft 16 "$@" > /dev/null
+}
+ncu_run batch1 --batch 1 --new-tokens 4 --shared-prefix 0
+ncu_run batch64 --batch 64 --new-tokens 4 --shared-prefix 0
+ncu_run cascade --batch 1 --new-tokens 2 --shared-runs cascade --shared-new-tokens 4
+python3 scripts/ncu_step.py "$out/batch1.csv" --containing paged_attention_decode --first \
+    --title "batch 1 decode step" --json "$out/batch1.json"
+python3 scripts/ncu_step.py "$out/batch64.csv" --containing paged_attention_decode --first \
+    --title "batch 64 decode step" --json "$out/batch64.json"
+python3 scripts/ncu_step.py "$out/cascade.csv" --containing cascade --first \
+    --title "64 x 4096 shared-prefix decode step (cascade)" --json "$out/cascade.json"
 "#;
 
 fn write_executable(path: &Path, text: &str) -> Result<()> {
