@@ -42,26 +42,37 @@ fn decode_throughput(
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
-) -> Result<f64> {
+) -> Result<BatchRun> {
     let vocab = engine.info().config.vocab_size;
     let prompts = (0..batch).map(|i| prompt(prompt_len, i as u64 + 1, vocab));
-    Ok(run_batch(engine, prompts, new_tokens)?.0)
+    run_batch(engine, prompts, new_tokens)
 }
 
-/// Submit every prompt, run them to the end, and return the decode tokens per second (see
-/// [`decode_throughput`]) and the most KV blocks in use at any step.
+/// Decode throughput of a batch run, and where its time went.
+struct BatchRun {
+    /// Decode tokens per second.
+    tok_s: f64,
+    /// Most KV blocks in use at any step.
+    peak_blocks: usize,
+    /// Share of the decode window spent outside the model's forward passes: the engine's host
+    /// work, during which the GPU waits.
+    host_share: f64,
+}
+
+/// Submit every prompt and run them to the end. The decode window opens once every sequence has
+/// produced a token, so prefill is excluded.
 fn run_batch(
     engine: &mut Engine,
     prompts: impl Iterator<Item = Vec<u32>>,
     new_tokens: usize,
-) -> Result<(f64, usize)> {
+) -> Result<BatchRun> {
     let mut batch = 0;
     for p in prompts {
         engine.add_request(p, greedy(new_tokens))?;
         batch += 1;
     }
     let mut started = std::collections::HashSet::new();
-    let mut window: Option<(Instant, usize)> = None;
+    let mut window: Option<(Instant, usize, f64)> = None;
     let mut produced = 0usize;
     let mut peak_blocks = 0;
     while engine.has_work() {
@@ -74,16 +85,23 @@ fn run_batch(
             }
         }
         if window.is_none() && started.len() == batch {
-            window = Some((Instant::now(), produced));
+            window = Some((Instant::now(), produced, engine.stats().forward_seconds));
         }
     }
-    let Some((t0, at)) = window else {
+    let Some((t0, at, forward_at)) = window else {
         bail!("no sequence produced a token")
     };
-    Ok((
-        (produced - at) as f64 / t0.elapsed().as_secs_f64(),
+    let wall = t0.elapsed().as_secs_f64();
+    let forward = engine.stats().forward_seconds - forward_at;
+    Ok(BatchRun {
+        tok_s: (produced - at) as f64 / wall,
         peak_blocks,
-    ))
+        host_share: if wall > 0.0 {
+            1.0 - forward / wall
+        } else {
+            0.0
+        },
+    })
 }
 
 /// The shared-prefix workload: `shared_batch` requests whose prompts are one `shared_prefix`-token
@@ -123,21 +141,24 @@ fn shared_prefix(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
             p.extend(prompt(args.shared_question, 100 + i as u64, vocab));
             p
         });
-        let (tps, peak_blocks) = run_batch(&mut engine, prompts, args.shared_new_tokens)?;
+        let run = run_batch(&mut engine, prompts, args.shared_new_tokens)?;
         let (_, kv_bytes, _) = engine.memory_report();
         let block_bytes = kv_bytes / engine.kv_blocks().1;
-        let kv_gib = (peak_blocks * block_bytes) as f64 / (1u64 << 30) as f64;
+        let kv_gib = (run.peak_blocks * block_bytes) as f64 / (1u64 << 30) as f64;
         let stats = engine.stats();
         eprintln!(
-            "shared prefix {len} x {n} ({name:>8}): {tps:>10.1} tok/s, peak KV {kv_gib:.2} GiB, {} cascade steps",
-            stats.cascade_steps
+            "shared prefix {len} x {n} ({name:>8}): {:>10.1} tok/s, peak KV {kv_gib:.2} GiB, {} cascade steps, host {:.0}% of decode",
+            run.tok_s,
+            stats.cascade_steps,
+            100.0 * run.host_share
         );
         results.insert(
             name.into(),
             json!({
-                "decode_tok_s": tps,
+                "decode_tok_s": run.tok_s,
                 "peak_kv_gib": kv_gib,
                 "cascade_steps": stats.cascade_steps,
+                "host_share": run.host_share,
             }),
         );
     }
@@ -190,10 +211,16 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
     let startup_s = process_start.elapsed().as_secs_f64();
 
     let mut decode = BTreeMap::new();
+    let mut host_share = BTreeMap::new();
     for &b in &args.batch {
-        let tps = decode_throughput(&mut engine, b, args.prompt_len, args.new_tokens)?;
-        eprintln!("decode  batch {b:>4}: {tps:>10.1} tok/s");
-        decode.insert(b.to_string(), json!(tps));
+        let run = decode_throughput(&mut engine, b, args.prompt_len, args.new_tokens)?;
+        eprintln!(
+            "decode  batch {b:>4}: {:>10.1} tok/s, host {:.0}% of decode",
+            run.tok_s,
+            100.0 * run.host_share
+        );
+        decode.insert(b.to_string(), json!(run.tok_s));
+        host_share.insert(b.to_string(), json!(run.host_share));
     }
     let mut ttft = BTreeMap::new();
     for &len in &args.ttft {
@@ -216,6 +243,7 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "decode_tok_s": decode,
+        "decode_host_share": host_share,
         "ttft_ms": ttft,
         "startup_s": startup_s,
         "weights_gib": memory.0 as f64 / (1u64 << 30) as f64,

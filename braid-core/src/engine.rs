@@ -67,6 +67,9 @@ pub struct EngineStats {
     pub cascade_steps: u64,
     /// Tokens of KV (per layer) cascade attention did not re-read, summed over steps.
     pub cascade_saved_tokens: u64,
+    /// Wall time spent in the backend's forward passes (input upload, compute and the wait for
+    /// the result); the rest of a step is the engine's own host work, during which the GPU idles.
+    pub forward_seconds: f64,
 }
 
 /// Runs forward passes on one backend.
@@ -505,6 +508,7 @@ impl Engine {
         let all_greedy = scheduled
             .iter()
             .all(|&(i, _)| self.running[i].params.sampling.is_greedy());
+        let forward_start = Instant::now();
         let sampled: Vec<u32> = match &mut self.executor {
             Executor::Cuda(model) if on_device => {
                 let rows: Option<Vec<SamplingRow>> = (!all_greedy).then(|| {
@@ -534,6 +538,7 @@ impl Engine {
             }
         };
         self.stats.steps += 1;
+        self.stats.forward_seconds += forward_start.elapsed().as_secs_f64();
 
         let mut events = Vec::new();
         let decoder = TokenizerDecode(&self.tokenizer);
