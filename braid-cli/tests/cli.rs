@@ -177,6 +177,25 @@ fn inspect_describes_the_model() {
     ] {
         assert!(stdout.contains(needle), "missing '{needle}' in:\n{stdout}");
     }
+    // Without --device the GPU path is checked where a GPU works, and its absence is said.
+    assert!(
+        stdout.contains("GPU:             none (") || stdout.contains("fused norm GEMV: "),
+        "{stdout}"
+    );
+    let out = braid(&["inspect", &model("qwen2"), "--device", "cpu"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !stdout.contains("GPU:"), "{stdout}");
+    fails_with(
+        &[
+            "inspect",
+            &model("qwen2"),
+            "--device",
+            "cuda",
+            "--dtype",
+            "f32",
+        ],
+        "bf16 or f16",
+    );
     let out = braid(&["inspect", &(model("llama-gguf-q8_0") + "/model.gguf")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
