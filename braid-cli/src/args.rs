@@ -135,6 +135,18 @@ pub struct BenchArgs {
     /// Shared-prefix workload: which of its runs to make (cascade, plain, unshared).
     #[arg(long, value_delimiter = ',', default_value = "cascade,plain,unshared")]
     pub shared_runs: Vec<SharedRun>,
+    /// Multi-turn workload: turns of one conversation (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    pub turns: usize,
+    /// Multi-turn workload: tokens of the system prompt the conversation starts with.
+    #[arg(long, default_value_t = 2048)]
+    pub turn_system: usize,
+    /// Multi-turn workload: tokens of each user message.
+    #[arg(long, default_value_t = 64)]
+    pub turn_user: usize,
+    /// Multi-turn workload: tokens of each answer.
+    #[arg(long, default_value_t = 64)]
+    pub turn_answer: usize,
     /// Date to record in the JSON (the harness passes it).
     #[arg(long, default_value = "")]
     pub date: String,

@@ -171,6 +171,85 @@ fn shared_prefix(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
     }))
 }
 
+/// The multi-turn workload: one conversation of `turns` turns over a `turn_system`-token system
+/// prompt, each turn a `turn_user`-token message whose prompt is the whole conversation so far
+/// (every earlier message and answer) and a `turn_answer`-token answer. Run three ways on fresh
+/// engines: answers retained as the next turn's prefix (exact KV of every earlier token, the
+/// partly filled last block included), prefix caching alone (finished requests leave their full
+/// blocks to the prefix tree), and no caching. Reports each turn's time to first token and the
+/// prompt tokens it had to compute.
+fn multi_turn(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
+    let total = args.turn_system + args.turns * (args.turn_user + args.turn_answer);
+    let mut results = serde_json::Map::new();
+    for (name, retain, prefix_caching) in [
+        ("retained", true, true),
+        ("prefix_cache", false, true),
+        ("no_cache", false, false),
+    ] {
+        let config = EngineConfig {
+            kv_cache_tokens: Some(2 * total + 64),
+            max_running: 1,
+            max_batch_tokens: args.max_batch_tokens,
+            prefix_caching,
+            ..EngineConfig::default()
+        };
+        let mut engine = crate::commands::load_engine(model, config)?;
+        let vocab = engine.info().config.vocab_size;
+        let mut conversation = prompt(args.turn_system, 11, vocab);
+        let (mut ttft_ms, mut computed) = (Vec::new(), Vec::new());
+        for turn in 0..args.turns {
+            conversation.extend(prompt(args.turn_user, 200 + turn as u64, vocab));
+            let before = engine.stats().prompt_tokens;
+            let params = GenerationParams {
+                retain,
+                ..greedy(args.turn_answer)
+            };
+            let t0 = Instant::now();
+            let id = engine.add_request(conversation.clone(), params)?;
+            let mut first = None;
+            while engine.has_work() {
+                for ev in engine.step()? {
+                    if ev.request != id {
+                        continue;
+                    }
+                    if let Some(token) = ev.token {
+                        first.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+                        conversation.push(token);
+                    }
+                }
+            }
+            let Some(ms) = first else {
+                bail!("turn {turn} of the multi-turn workload produced no token")
+            };
+            ttft_ms.push(ms);
+            computed.push(engine.stats().prompt_tokens - before);
+        }
+        // The first turn prefills the system prompt in every run; the later ones show the reuse.
+        let later = &ttft_ms[1.min(ttft_ms.len())..];
+        let mean = later.iter().sum::<f64>() / later.len().max(1) as f64;
+        eprintln!(
+            "multi-turn {} turns ({name:>12}): TTFT of turns 2+ {mean:>7.2} ms, prompt tokens computed {}",
+            args.turns,
+            computed.iter().sum::<u64>()
+        );
+        results.insert(
+            name.into(),
+            json!({
+                "ttft_ms": ttft_ms,
+                "computed_prompt_tokens": computed,
+                "mean_later_ttft_ms": mean,
+            }),
+        );
+    }
+    Ok(json!({
+        "turns": args.turns,
+        "system_tokens": args.turn_system,
+        "user_tokens": args.turn_user,
+        "answer_tokens": args.turn_answer,
+        "runs": results,
+    }))
+}
+
 /// Median time to the first token of one request with a `len`-token prompt, over `runs` runs
 /// after one warm-up run.
 fn time_to_first_token(engine: &mut Engine, len: usize, runs: usize) -> Result<f64> {
@@ -236,6 +315,11 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
     } else {
         None
     };
+    let multi_turn = if args.turns > 0 {
+        Some(multi_turn(model, args)?)
+    } else {
+        None
+    };
     let out: Value = json!({
         "model": model.model,
         "device": device,
@@ -250,6 +334,7 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
         "kv_cache_gib": memory.1 as f64 / (1u64 << 30) as f64,
         "peak_memory_gib": memory.2.map(|b| b as f64 / (1u64 << 30) as f64),
         "shared_prefix": shared,
+        "multi_turn": multi_turn,
     });
     eprintln!(
         "start-up {startup_s:.2} s; {}",

@@ -580,3 +580,58 @@ fn reasoning_is_marked_when_piped_and_can_be_hidden() {
         "{stdout}"
     );
 }
+
+/// The benchmark's multi-turn workload: with answers retained, each later turn computes only its
+/// new message plus the answer's last token (whose KV no step computed), prefix caching alone
+/// recomputes the unfinished last block, and no caching recomputes everything.
+#[test]
+fn bench_multi_turn_computes_only_the_new_tokens_when_answers_are_retained() {
+    let out = braid(&[
+        "bench",
+        "--model",
+        &model("llama"),
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "2",
+        "--ttft",
+        "8",
+        "--shared-prefix",
+        "0",
+        "--turns",
+        "3",
+        "--turn-system",
+        "40",
+        "--turn-user",
+        "8",
+        "--turn-answer",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = &report["multi_turn"]["runs"];
+    let computed = |run: &str| -> Vec<u64> {
+        runs[run]["computed_prompt_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    // The conversation before turn t holds 40 + t * (8 + 4) tokens, then 8 new ones.
+    assert_eq!(computed("retained"), [48, 9, 9]);
+    assert_eq!(computed("no_cache"), [48, 60, 72]);
+    let cached = computed("prefix_cache");
+    assert!(
+        cached[0] == 48 && cached[1..].iter().all(|&c| c > 9 && c < 60),
+        "{cached:?}"
+    );
+}
