@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Puts Braid's benchmark results and PyTorch's side by side in one markdown table.
+"""Puts Braid's benchmark results, PyTorch's and llama.cpp's side by side in one markdown table.
 
-    python3 scripts/bench_report.py --torch torch.json --braid braid.json [--out merged.json]
+    python3 scripts/bench_report.py --torch torch.json --braid braid.json [--llama-cpp llama_cpp.json] [--out merged.json]
 
 torch.json is what scripts/bench_torch.py writes; braid.json is what `braid bench` writes:
 {"gpu", "date", "decode_tok_s": {"1": ..}, "ttft_ms": {"512": ..}, "peak_memory_gib", "startup_s",
-"smollm2_decode_tok_s"}. Rows are workloads, columns the three engines and Braid's ratio to each
-PyTorch baseline (Braid's value divided by the other's: above 1 is better for throughput, below 1
-is better for latency, memory and start-up). A value a file lacks prints as "—". Needs only the
+"smollm2_decode_tok_s"}; llama_cpp.json is what scripts/bench_llama_cpp.sh writes, with the same
+workload keys. Rows are workloads, columns the engines and Braid's ratio to each other engine
+(Braid's value divided by the other's: above 1 is better for throughput, below 1 is better for
+latency, memory and start-up). The llama.cpp columns appear when --llama-cpp is given; a file that
+does not exist then only leaves them empty. A value a file lacks prints as "—". Needs only the
 standard library.
 """
 
@@ -19,7 +21,14 @@ import sys
 from pathlib import Path
 
 MISSING = "—"
-ENGINES = ("braid", "transformers_eager", "torch_compiled")
+ENGINES = ("braid", "transformers_eager", "torch_compiled", "llama_cpp")
+# (engine, column title, key of Braid's ratio to it)
+BASELINES = (
+    ("transformers_eager", "eager", "braid_over_eager"),
+    ("torch_compiled", "compiled", "braid_over_compiled"),
+    ("llama_cpp", "llama.cpp", "braid_over_llama_cpp"),
+)
+TITLES = {"braid": "Braid", "transformers_eager": "transformers eager", "torch_compiled": "torch compiled", "llama_cpp": "llama.cpp"}
 
 
 def _rate(v: float) -> str:
@@ -117,13 +126,44 @@ def shared_prefix_table(shared: object) -> list[str]:
     return lines
 
 
-def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
+def llama_cpp_notes(llama: dict) -> list[str]:
+    """What the llama.cpp column measured, beyond the table's keys."""
+    notes = []
+    version = llama.get("llama_cpp")
+    commit = version.get("commit") if isinstance(version, dict) else None
+    detail = []
+    new_tokens = number(llama, ("new_tokens",))
+    if new_tokens is not None:
+        detail.append(f"decode over {new_tokens:.0f} new tokens")
+    tg128 = number(llama, ("batch1_tg128_tok_s",))
+    if tg128 is not None:
+        detail.append(f"llama-bench tg128 at batch 1 {_rate(tg128)} tok/s")
+    prefill = [(n, number(llama, ("prefill_tok_s", n))) for n in ("512", "4096")]
+    prefill_text = ", ".join(f"{n} tokens {_rate(v)} tok/s" for n, v in prefill if v is not None)
+    if prefill_text:
+        detail.append(f"prefill {prefill_text}")
+    title = f"llama.cpp {commit}" if isinstance(commit, str) and commit else "llama.cpp"
+    notes.append(
+        f"{title}: decode from llama-batched-bench (S_TG), TTFT is the median of llama-bench's prompt-processing runs"
+        + (f"; {'; '.join(detail)}" if detail else "")
+    )
+    errors = llama.get("errors")
+    if isinstance(errors, dict) and errors:
+        notes.append(f"llama.cpp measurements that failed: {', '.join(sorted(errors))}")
+    return notes
+
+
+def build(torch_data: dict, braid_data: dict, llama_data: dict | None = None, with_llama: bool = False) -> tuple[list[str], dict]:
+    """The report's lines and the merged results; with_llama adds the llama.cpp columns, empty where llama_data is None."""
     frameworks = torch_data.get("frameworks") if isinstance(torch_data.get("frameworks"), dict) else {}
     engines = {
         "braid": braid_data,
         "transformers_eager": frameworks.get("transformers_eager"),
         "torch_compiled": frameworks.get("torch_compiled"),
+        "llama_cpp": llama_data,
     }
+    shown = [name for name in ENGINES if with_llama or name != "llama_cpp"]
+    baselines = [b for b in BASELINES if b[0] in shown]
 
     gpu = torch_data.get("gpu") or braid_data.get("gpu") or "unknown GPU"
     bandwidth = number(torch_data, ("copy_bandwidth_gbs",))
@@ -132,7 +172,12 @@ def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
     parts = [f"GPU: {gpu}"]
     if braid_data.get("gpu") and torch_data.get("gpu") and braid_data["gpu"] != torch_data["gpu"]:
         parts.append(f"Braid measured on {braid_data['gpu']}")
-    parts.append(f"date: {torch_data.get('date', MISSING)} (PyTorch), {braid_data.get('date', MISSING)} (Braid)")
+    if llama_data is not None and llama_data.get("gpu") and llama_data.get("gpu") != gpu:
+        parts.append(f"llama.cpp measured on {llama_data['gpu']}")
+    dates = f"date: {torch_data.get('date', MISSING)} (PyTorch), {braid_data.get('date', MISSING)} (Braid)"
+    if with_llama:
+        dates += f", {(llama_data or {}).get('date', MISSING)} (llama.cpp)"
+    parts.append(dates)
     parts.append(f"copy bandwidth: {f'{bandwidth:,.0f} GB/s' if bandwidth is not None else MISSING}")
     limit_text = f"{limit:,.0f} tok/s" if limit is not None else MISSING
     if limit is not None and weights is not None:
@@ -140,19 +185,16 @@ def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
     parts.append(f"batch-1 physical limit: {limit_text}")
     lines = [" · ".join(parts), ""]
 
-    header = ["workload", "Braid", "transformers eager", "torch compiled", "Braid / eager", "Braid / compiled"]
+    header = ["workload"] + [TITLES[name] for name in shown] + [f"Braid / {title}" for _, title, _ in baselines]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|---|" + "---:|" * (len(header) - 1))
     rows = []
     for label, path, fmt, braid_only in ROWS:
-        values = {name: number(engines[name], path) for name in ENGINES}
+        values = {name: number(engines[name], path) for name in shown}
         if braid_only and values["braid"] is None:
             continue
-        ratios = {
-            "braid_over_eager": ratio(values["braid"], values["transformers_eager"]),
-            "braid_over_compiled": ratio(values["braid"], values["torch_compiled"]),
-        }
-        cells = [fmt(values[name]) if values[name] is not None else MISSING for name in ENGINES]
+        ratios = {key: ratio(values["braid"], values[name]) for name, _, key in baselines}
+        cells = [fmt(values[name]) if values[name] is not None else MISSING for name in shown]
         cells += [f"{r:.2f}×" if r is not None else MISSING for r in ratios.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         rows.append({"workload": label, "key": "/".join(path), **values, **ratios})
@@ -181,6 +223,8 @@ def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
         notes.append(f"PyTorch measurements that failed: {', '.join(sorted(errors))}")
     if notes:
         lines += ["", "; ".join(notes) + "."]
+    if llama_data is not None:
+        lines += ["", "; ".join(llama_cpp_notes(llama_data)) + "."]
     lines += shared_prefix_table(braid_data.get("shared_prefix"))
 
     merged = {
@@ -196,6 +240,9 @@ def build(torch_data: dict, braid_data: dict) -> tuple[list[str], dict]:
         "frameworks": {name: engines[name] for name in ENGINES if engines[name] is not None},
         "rows": rows,
     }
+    if llama_data is not None:
+        merged["llama_cpp_gpu"] = llama_data.get("gpu")
+        merged["llama_cpp_date"] = llama_data.get("date")
     return lines, merged
 
 
@@ -203,10 +250,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torch", required=True, type=Path, help="JSON from scripts/bench_torch.py")
     parser.add_argument("--braid", required=True, type=Path, help="JSON from `braid bench`")
+    parser.add_argument("--llama-cpp", type=Path, help="JSON from scripts/bench_llama_cpp.sh; adds the llama.cpp columns")
     parser.add_argument("--out", type=Path, help="write the merged results here")
     args = parser.parse_args()
     try:
-        lines, merged = build(load(args.torch, "PyTorch"), load(args.braid, "Braid"))
+        llama = None
+        if args.llama_cpp is not None:
+            if args.llama_cpp.exists():
+                llama = load(args.llama_cpp, "llama.cpp")
+            else:
+                print(f"note: the llama.cpp results file {args.llama_cpp} does not exist; its columns stay empty.", file=sys.stderr)
+        lines, merged = build(load(args.torch, "PyTorch"), load(args.braid, "Braid"), llama, with_llama=args.llama_cpp is not None)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -139,6 +139,8 @@ fn device_bundle(root: &Path, out: &Path) -> Result<()> {
         "bench_torch.py",
         "bench_report.py",
         "ncu_step.py",
+        "bench_llama_cpp.sh",
+        "llama_cpp_gguf.py",
     ] {
         std::fs::copy(root.join("scripts").join(name), scripts.join(name))?;
     }
@@ -181,9 +183,13 @@ exit $failed
 }
 
 /// The benchmark, run on the GPU machine from inside the bundle: Braid and PyTorch on the same
-/// random-weight Qwen3-0.6B-shaped model, then one table. Usage: ./bench.sh [OUT_DIR] [SMOLLM2_GGUF]
+/// random-weight Qwen3-0.6B-shaped model, then one table; with a llama.cpp source tarball (made by
+/// `scripts/bench_llama_cpp.sh --pack`), llama.cpp too.
+/// Usage: ./bench.sh [OUT_DIR] [SMOLLM2_GGUF] [LLAMA_CPP_TARBALL]
 const BENCH_SH: &str = r#"#!/usr/bin/env bash
 set -euo pipefail
+# The tarball may be named relative to the caller's folder; everything else runs from the bundle's.
+llama="${3:+$(realpath "$3")}"
 cd "$(dirname "$0")"
 out="${1:-bench-out}"
 smol="${2:-}"
@@ -205,7 +211,13 @@ if smol.exists():
     braid["smollm2_decode_tok_s"] = json.loads(smol.read_text())["decode_tok_s"]["1"]
 (out / "braid.json").write_text(json.dumps(braid, indent=2))
 PY
-python3 scripts/bench_report.py --torch "$out/torch.json" --braid "$out/braid.json" --out "$out/merged.json"
+report=(--torch "$out/torch.json" --braid "$out/braid.json" --out "$out/merged.json")
+if [ -n "$llama" ]; then
+    # llama.cpp is built here from source (about 4 minutes); a failure leaves its columns empty.
+    bash scripts/bench_llama_cpp.sh "$model" "$out" "$llama" || echo "the llama.cpp run failed; see $out/llama_cpp.log"
+    report+=(--llama-cpp "$out/llama_cpp.json")
+fi
+python3 scripts/bench_report.py "${report[@]}"
 "#;
 
 /// Whole-step kernel profiles, run on the GPU machine from inside the bundle: Nsight Compute times
