@@ -1,21 +1,26 @@
-// Paged attention for decode steps (one new query token per sequence), flash-decoding style:
-// paged_attention_decode_d<D>_g<GC>_<dtype> computes one partition of a sequence's context for
-// one KV head and every query head of its GQA group; paged_attention_decode_merge_<dtype>
-// combines the partitions by log-sum-exp. Storage f16/bf16, f32 accumulation.
+// Paged attention for decode steps (one new query token per sequence), flash-decoding style, in
+// one kernel: paged_attention_decode_d<D>_g<GC>_<dtype> computes one partition of a sequence's
+// context for one KV head and every query head of its GQA group; when the context spans several
+// partitions, each writes its partial result to the workspace and the block that finishes last
+// combines them by log-sum-exp. Storage f16/bf16, f32 accumulation.
 //
 // Everything that changes between decode steps (context lengths, block tables) is read from
 // device memory and the grid depends only on (num_seqs, num_kv_heads, partitions), so a launch
-// can be captured into a CUDA graph and replayed.
+// can be captured into a CUDA graph and replayed. The arrival counters that elect the merging
+// block live in the workspace and are left at zero for the next launch.
+//
+// Launched with programmatic dependent launch: the next kernel may be scheduled as soon as every
+// block has started, and no block reads or writes global memory before the previous kernel has
+// finished.
 #include "common.cuh"
 
 namespace braid {
 namespace attn_decode {
 
-// These three must match the constants of the same names in src/cuda/attention.rs.
+// These two must match the constants of the same names in src/cuda/attention.rs.
 constexpr int THREADS = 256;
-constexpr int WARPS = THREADS / BRAID_WARP_SIZE;
 constexpr int MAX_PARTITION = 512;
-constexpr int MERGE_THREADS = 128;
+constexpr int WARPS = THREADS / BRAID_WARP_SIZE;
 // Independent 16-byte loads a thread issues before using the first one: enough bytes in flight to
 // cover DRAM latency even when a small batch leaves most SMs idle.
 constexpr int UNROLL = 4;
@@ -56,8 +61,9 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// The visible key range of a sequence and which partitions intersect it. Shared by both kernels
-// so they always agree on which partitions wrote the workspace.
+// The visible key range of a sequence and which partitions intersect it. Every block of a
+// (sequence, KV head) derives it from the same context length, so they agree on how many
+// partials the merge waits for.
 struct Span {
     int len;          // keys in the cache (clamped to the block table's capacity); 0: no query
     int win_start;    // first visible key
@@ -75,6 +81,42 @@ __device__ __forceinline__ Span sequence_span(const uint32_t* context_lens, int 
     return s;
 }
 
+// The merge of a (sequence, KV head)'s partials, run by the block that arrived last: for each
+// query head of the group, out = sum_p o_p * l_p * 2^(m_p - M) / sum_p l_p * 2^(m_p - M), with
+// M the largest m_p. One thread per output element folds the partitions in one pass with a
+// running maximum, so every load is independent of the others and the merge costs one L2 round
+// trip. The partials were written by other blocks of this launch, so they are read through L2
+// (ld.global.cg), never through the non-coherent path.
+template <typename T, int D>
+__device__ __forceinline__ void merge_partials(const float* ws_o, const float* ws_ml, T* __restrict__ out,
+                                               const Span& span, int seq, int kv_head, int group, int num_heads,
+                                               int num_partitions) {
+    const size_t first_row = static_cast<size_t>(seq) * num_heads + static_cast<size_t>(kv_head) * group;
+    for (int i = threadIdx.x; i < group * D; i += THREADS) {
+        const size_t row = first_row + i / D;
+        const int d = i % D;
+        const float* ml = ws_ml + 2 * row * num_partitions;
+        const float* parts = ws_o + row * num_partitions * D + d;
+        float m = -INFINITY;
+        float l = 0.0f;
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int p = span.first_part; p <= span.last_part; ++p) {
+            const float m_p = __ldcg(ml + 2 * p);
+            const float l_p = __ldcg(ml + 2 * p + 1);
+            const float o_p = __ldcg(parts + static_cast<size_t>(p) * D);
+            const float m_new = fmaxf(m, m_p);
+            // 2^-inf = 0 drops the empty start; every partition here holds a key, so m_p is finite.
+            const float keep = fast_exp2(m - m_new);
+            const float w_p = l_p * fast_exp2(m_p - m_new);
+            l = fmaf(l, keep, w_p);
+            acc = fmaf(acc, keep, o_p * w_p);
+            m = m_new;
+        }
+        out[row * D + d] = from_float<T>(acc / l);
+    }
+}
+
 // Grid: (partitions, num_kv_heads, num_seqs); block: THREADS.
 //
 // A key row of D elements is read by TPK = D/8 consecutive threads, one 16-byte pack each, so a
@@ -86,16 +128,19 @@ __device__ __forceinline__ Span sequence_span(const uint32_t* context_lens, int 
 // GC query vectors and accumulators; groups larger than GC loop and re-read the partition's K/V,
 // mostly from L2.
 //
-// With a single partition (`ws_o == nullptr`) the block writes the normalised output directly
-// and no merge is needed; otherwise it writes the partition's normalised output and its
-// (max, sum) in the log2 domain to the workspace.
+// When a sequence's visible keys fall in one partition (always so when `ws_o == nullptr`), that
+// block writes the normalised output directly. Otherwise every block holding keys writes its
+// normalised partial output and its (max, sum) in the log2 domain to the workspace, then counts
+// itself in at the (sequence, KV head)'s counter; the last to arrive merges (merge_partials) and
+// zeroes the counter. Blocks without visible keys neither write nor arrive: every block computes
+// the same count of partitions that do.
 template <typename T, int D, int GC>
 __device__ __forceinline__ void decode_partition(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const uint32_t* __restrict__ block_tables, const uint32_t* __restrict__ context_lens,
-    T* __restrict__ out, float* __restrict__ ws_o, float* __restrict__ ws_ml, int num_heads,
-    int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int partition_tokens,
-    float scale, int sliding_window) {
+    T* __restrict__ out, float* __restrict__ ws_o, float* __restrict__ ws_ml,
+    unsigned int* __restrict__ counters, int num_heads, int num_kv_heads, int block_size_log2,
+    int max_blocks_per_seq, int partition_tokens, float scale, int sliding_window) {
     constexpr int TPK = D / 8;
     constexpr int KPI = THREADS / TPK;
 
@@ -104,6 +149,7 @@ __device__ __forceinline__ void decode_partition(
     __shared__ float row_max[GC];
     __shared__ float row_sum[GC];
     __shared__ uint32_t part_blocks[MAX_PARTITION];
+    __shared__ bool merges;
 
     const int part = blockIdx.x;
     const int kv_head = blockIdx.y;
@@ -112,6 +158,13 @@ __device__ __forceinline__ void decode_partition(
     const int group = num_heads / num_kv_heads;
     const int block_size = 1 << block_size_log2;
     const int capacity = max_blocks_per_seq << block_size_log2;
+    allow_next_launch();
+    // While the previous kernel finishes, pull this block's context length and first table
+    // entries into L2. A prefetch returns no data, so it is safe whoever writes these lines.
+    if (threadIdx.x == 0) prefetch_l2(context_lens + seq);
+    if (threadIdx.x == 1) prefetch_l2(block_tables + static_cast<size_t>(seq) * max_blocks_per_seq);
+    // Everything below reads or writes what earlier kernels may still be producing or reading.
+    wait_for_previous();
     const Span span = sequence_span(context_lens, seq, capacity, partition_tokens, sliding_window);
     const int tid = threadIdx.x;
     const int warp = tid / BRAID_WARP_SIZE;
@@ -119,7 +172,7 @@ __device__ __forceinline__ void decode_partition(
 
     if (span.len == 0) {
         // A padding slot of a graph bucket: give it a defined (zero) output.
-        if (ws_o == nullptr) {
+        if (part == 0) {
             for (int i = tid; i < group * D; i += THREADS) {
                 out[(static_cast<size_t>(seq) * num_heads + kv_head * group) * D + i] = from_float<T>(0.0f);
             }
@@ -127,6 +180,8 @@ __device__ __forceinline__ void decode_partition(
         return;
     }
     if (part < span.first_part || part > span.last_part) return;
+    const int arrivals = span.last_part - span.first_part + 1;
+    const bool direct = ws_o == nullptr || arrivals == 1;
 
     const int begin = max(part * partition_tokens, span.win_start);
     const int end = min((part + 1) * partition_tokens, span.len);
@@ -289,13 +344,13 @@ __device__ __forceinline__ void decode_partition(
 #pragma unroll
                 for (int w = 0; w < WARPS; ++w) o += partial[w][d];
                 o /= row_sum[c];
-                if (ws_o == nullptr) {
+                if (direct) {
                     out[(static_cast<size_t>(seq) * num_heads + head) * D + d] = from_float<T>(o);
                 } else {
                     ws_o[((static_cast<size_t>(seq) * num_heads + head) * num_partitions + part) * D + d] = o;
                 }
             }
-            if (ws_o != nullptr && tid == 0) {
+            if (!direct && tid == 0) {
                 const size_t idx = (static_cast<size_t>(seq) * num_heads + head) * num_partitions + part;
                 ws_ml[2 * idx] = row_max[c];
                 ws_ml[2 * idx + 1] = row_sum[c];
@@ -303,55 +358,27 @@ __device__ __forceinline__ void decode_partition(
             __syncthreads();
         }
     }
-}
+    if (direct) return;
 
-// Grid: (num_heads, num_seqs); block: MERGE_THREADS. Combines the partitions of one query head:
-// out = sum_p o_p * l_p * 2^(m_p - M) / sum_p l_p * 2^(m_p - M), with M the largest m_p.
-template <typename T>
-__device__ __forceinline__ void decode_merge(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
-                                             const uint32_t* __restrict__ context_lens, T* __restrict__ out,
-                                             int head_dim, int num_partitions, int capacity,
-                                             int partition_tokens, int sliding_window) {
-    __shared__ float shared_max;
-    __shared__ float shared_inv_sum;
-    const int head = blockIdx.x;
-    const int seq = blockIdx.y;
-    const int num_heads = gridDim.x;
-    const Span span = sequence_span(context_lens, seq, capacity, partition_tokens, sliding_window);
-    T* o = out + (static_cast<size_t>(seq) * num_heads + head) * head_dim;
-    if (span.len == 0) {
-        for (int d = threadIdx.x; d < head_dim; d += MERGE_THREADS) o[d] = from_float<T>(0.0f);
-        return;
-    }
-    const size_t row = static_cast<size_t>(seq) * num_heads + head;
-    const float* ml = ws_ml + 2 * row * num_partitions;
-    const float* parts = ws_o + row * num_partitions * head_dim;
-
-    if (threadIdx.x < BRAID_WARP_SIZE) {
-        float m = -INFINITY;
-        for (int p = span.first_part + threadIdx.x; p <= span.last_part; p += BRAID_WARP_SIZE) m = fmaxf(m, ml[2 * p]);
-#pragma unroll
-        for (int off = BRAID_WARP_SIZE / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-        float l = 0.0f;
-        for (int p = span.first_part + threadIdx.x; p <= span.last_part; p += BRAID_WARP_SIZE) {
-            l += ml[2 * p + 1] * fast_exp2(ml[2 * p] - m);
-        }
-        l = warp_reduce_sum(l);
-        if (threadIdx.x == 0) {
-            shared_max = m;
-            shared_inv_sum = 1.0f / l;
+    // Publish this block's partials before counting it in: the barrier orders every thread's
+    // stores before thread 0's fence, which is cumulative, then its atomic (the pattern of a
+    // cooperative grid barrier). The last block to arrive merges.
+    __syncthreads();
+    unsigned int* counter = counters + static_cast<size_t>(seq) * num_kv_heads + kv_head;
+    if (tid == 0) {
+        __threadfence();
+        const unsigned int before = atomicAdd(counter, 1u);
+        merges = before == static_cast<unsigned int>(arrivals - 1);
+        if (merges) {
+            // Every block of this (sequence, KV head) has arrived: zero the counter for the next
+            // launch, and order the partials' reads below after the arrivals.
+            atomicExch(counter, 0u);
+            __threadfence();
         }
     }
     __syncthreads();
-    const float m = shared_max;
-    const float inv_sum = shared_inv_sum;
-    for (int d = threadIdx.x; d < head_dim; d += MERGE_THREADS) {
-        float acc = 0.0f;
-        for (int p = span.first_part; p <= span.last_part; ++p) {
-            acc += parts[static_cast<size_t>(p) * head_dim + d] * ml[2 * p + 1] * fast_exp2(ml[2 * p] - m);
-        }
-        o[d] = from_float<T>(acc * inv_sum);
-    }
+    if (!merges) return;
+    merge_partials<T, D>(ws_o, ws_ml, out, span, seq, kv_head, group, num_heads, num_partitions);
 }
 
 }  // namespace attn_decode
@@ -360,17 +387,18 @@ __device__ __forceinline__ void decode_merge(const float* __restrict__ ws_o, con
 #define BRAID_DECODE_ARGS(T)                                                                            \
     const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache,             \
         const uint32_t *__restrict__ block_tables, const uint32_t *__restrict__ context_lens,          \
-        T *__restrict__ out, float *__restrict__ ws_o, float *__restrict__ ws_ml, int num_heads,        \
-        int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int partition_tokens,            \
-        float scale, int sliding_window
+        T *__restrict__ out, float *__restrict__ ws_o, float *__restrict__ ws_ml,                        \
+        unsigned int *__restrict__ counters, int num_heads, int num_kv_heads, int block_size_log2,       \
+        int max_blocks_per_seq, int partition_tokens, float scale, int sliding_window
 
 #define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                                   \
     extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS)                          \
         paged_attention_decode_d##D##_g##GC##_##SUFFIX(BRAID_DECODE_ARGS(T)) {                          \
         braid::attn_decode::decode_partition<T, D, GC>(q, k_cache, v_cache, block_tables, context_lens, \
-                                                       out, ws_o, ws_ml, num_heads, num_kv_heads,       \
-                                                       block_size_log2, max_blocks_per_seq,             \
-                                                       partition_tokens, scale, sliding_window);        \
+                                                       out, ws_o, ws_ml, counters, num_heads,           \
+                                                       num_kv_heads, block_size_log2,                   \
+                                                       max_blocks_per_seq, partition_tokens, scale,     \
+                                                       sliding_window);                                 \
     }
 
 #define BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, D)  \
@@ -384,16 +412,7 @@ __device__ __forceinline__ void decode_merge(const float* __restrict__ ws_o, con
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 32)                                                          \
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 64)                                                          \
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 128)                                                         \
-    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 256)                                                         \
-    extern "C" __global__ void __launch_bounds__(braid::attn_decode::MERGE_THREADS)                    \
-        paged_attention_decode_merge_##SUFFIX(const float* __restrict__ ws_o,                          \
-                                              const float* __restrict__ ws_ml,                         \
-                                              const uint32_t* __restrict__ context_lens,               \
-                                              T* __restrict__ out, int head_dim, int num_partitions,   \
-                                              int capacity, int partition_tokens, int sliding_window) { \
-        braid::attn_decode::decode_merge<T>(ws_o, ws_ml, context_lens, out, head_dim, num_partitions,  \
-                                            capacity, partition_tokens, sliding_window);               \
-    }
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 256)
 
 BRAID_DEFINE_DECODE_DTYPE(__half, f16)
 BRAID_DEFINE_DECODE_DTYPE(__nv_bfloat16, bf16)

@@ -1,6 +1,6 @@
 // Shared by every Braid kernel: launch constants (also read by build.rs, which turns each
 // `#define BRAID_<NAME> <integer>` below into a Rust constant), dtype conversions, 16-byte
-// vector packs and block reductions.
+// vector packs, block reductions and the programmatic-dependent-launch controls.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -69,6 +69,31 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
     }
     __syncthreads();
     return warp_sums[0];
+}
+
+// Pulls the 128-byte line holding `p` into L2 without returning data: safe before
+// `wait_for_previous` whoever writes the line, since L2 is where the GPU's writes meet.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Programmatic dependent launch (sm_90+; no-ops when the kernel was launched without the
+// attribute, and compiled out of pre-Hopper PTX, which the launcher then launches plainly).
+// `allow_next_launch` lets the next kernel on the stream be scheduled now: its own
+// `wait_for_previous` still waits for this whole grid to finish and its writes to be visible.
+// A kernel launched with the attribute must call `wait_for_previous` in every block before it
+// reads anything an earlier kernel writes or writes anything an earlier kernel reads; one that
+// never waits would let its successor overtake its own predecessor.
+__device__ __forceinline__ void allow_next_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 }  // namespace braid

@@ -48,21 +48,6 @@ __device__ __forceinline__ uint4 load_input(const void* p) {
     return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
-// Programmatic dependent launch (sm_90+; no-ops when the kernel was launched without the
-// attribute). `allow_next_launch` lets the next kernel on the stream be scheduled now: its own
-// `wait_for_previous` still waits for this whole grid to finish and its writes to be visible.
-__device__ __forceinline__ void allow_next_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_previous() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 template <typename T> struct Mma;
 
 template <> struct Mma<__nv_bfloat16> {

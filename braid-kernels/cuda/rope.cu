@@ -1,6 +1,8 @@
 // Everything between the fused QKV projection and attention, in one launch per layer:
 // rope_qk_norm_kv_write_* applies the optional per-head RMSNorm (q_norm / k_norm) and rotate-half
-// RoPE to q and k, writes q to its own buffer and k, v into the paged KV caches.
+// RoPE to q and k, writes q to its own buffer and k, v into the paged KV caches. Launched with
+// programmatic dependent launch: scheduled during the previous kernel's tail, it touches no
+// memory before that kernel has finished.
 #include "common.cuh"
 
 // Largest head_dim the kernel handles: each lane keeps up to this many rotation pairs / 32 in
@@ -156,6 +158,9 @@ __device__ __forceinline__ void rope_qk_norm_kv_write(
     const float* __restrict__ inv_freq, const T* __restrict__ q_norm, const T* __restrict__ k_norm,
     float eps, T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache, int n,
     int num_heads, int num_kv_heads, int head_dim, unsigned long long num_slots) {
+    allow_next_launch();
+    // qkv comes from the kernel before; the caches may still be read by an earlier one.
+    wait_for_previous();
     const int heads_per_token = num_heads + 2 * num_kv_heads;
     const long long item =
         static_cast<long long>(blockIdx.x) * ROPE_WARPS_PER_BLOCK + threadIdx.x / BRAID_WARP_SIZE;

@@ -20,9 +20,10 @@
 //! shape it is given, and enqueues the kernel on the device's stream without waiting for it.
 //! Errors raised by a running kernel surface at the next synchronising call.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdeviceptr, CUresult};
+use cudarc::driver::sys::{self as driver_sys, CUdeviceptr, CUfunction_attribute, CUresult};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
@@ -709,6 +710,69 @@ fn check_limit(
         });
     }
     Ok(())
+}
+
+impl CudaDevice {
+    /// Launches `function` with programmatic dependent launch (the programmatic-stream-
+    /// serialization attribute, which cudarc's launch builder cannot set): the kernel may be
+    /// scheduled while the previous kernel on the stream is still running, and must itself
+    /// execute `wait_for_previous()` (common.cuh) in every block before it touches memory an
+    /// earlier kernel writes or reads. A kernel image built from pre-Hopper PTX has those waits
+    /// compiled out, so it is launched plainly.
+    ///
+    /// # Safety
+    /// `params` must hold one pointer per kernel parameter, each to a live value of that
+    /// parameter's type, and the kernel's accesses must stay inside their buffers.
+    pub(crate) unsafe fn launch_with_dependency_overlap(
+        &self,
+        op: &'static str,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        let waits = function
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+            .map_err(driver_error(op))?
+            >= 90;
+        // SAFETY: a zeroed attribute value is valid plain data; the one field read is set.
+        let mut value: driver_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = driver_sys::CUlaunchAttribute {
+            id: driver_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = driver_sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: u32::from(waits),
+        };
+        self.ctx.bind_to_thread().map_err(driver_error(op))?;
+        // SAFETY: `config` and `attribute` outlive the call; the caller vouches for `params`.
+        unsafe {
+            driver_sys::cuLaunchKernelEx(
+                &config,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(driver_error(op))
+    }
+}
+
+/// One entry of the `params` array of [`CudaDevice::launch_with_dependency_overlap`]: a pointer
+/// to the live value of a kernel parameter.
+pub(crate) fn kernel_arg<T>(value: &T) -> *mut c_void {
+    (value as *const T).cast_mut().cast()
 }
 
 /// Wraps a failed driver call of `op`, for `map_err`.

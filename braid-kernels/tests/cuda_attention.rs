@@ -7,8 +7,11 @@
 use std::io::Write as _;
 
 use braid_kernels::cpu::{self, AttentionShape};
-use braid_kernels::cuda::{AttentionParams, CudaDevice, CudaError, CudaSlice};
-use cudarc::driver::sys::CUevent_flags;
+use braid_kernels::cuda::{
+    AttentionParams, CudaDevice, CudaError, CudaSlice, RopeParams, SKIP_SLOT,
+};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
+use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
 
 mod common;
@@ -108,9 +111,95 @@ fn check_decode<T: TestFloat>(
     lens: &[usize],
     slack_blocks: usize,
 ) {
-    let num_seqs = lens.len();
     let longest = lens.iter().copied().max().unwrap_or(0);
     p.max_blocks_per_seq = longest.div_ceil(p.block_size) + slack_blocks;
+    let mut ws = decode_workspace(dev, lens.len(), &p);
+    check_decode_with::<T>(dev, rng, &p, lens, &mut ws);
+}
+
+/// A decode workspace and how many elements at its end may hold arrival counters: the
+/// documented `num_seqs * num_heads` of the bucket it was sized for.
+struct Workspace {
+    buf: CudaSlice<f32>,
+    tail: usize,
+}
+
+/// A zeroed workspace sized for `num_seqs` sequences and `p`'s table width.
+fn decode_workspace(dev: &CudaDevice, num_seqs: usize, p: &AttentionParams) -> Workspace {
+    let len = CudaDevice::paged_attention_decode_workspace_len(
+        num_seqs,
+        p.num_heads,
+        p.head_dim,
+        p.max_blocks_per_seq,
+        p.block_size,
+    );
+    let tail = if len == 0 { 0 } else { num_seqs * p.num_heads };
+    Workspace {
+        buf: dev.alloc_zeros(len).unwrap(),
+        tail,
+    }
+}
+
+impl Workspace {
+    /// Fills the scratch part (everything before the counters) with NaN, so a merge can only
+    /// read partials its own call wrote.
+    fn poison_scratch(&mut self, dev: &CudaDevice) {
+        let scratch = self.buf.len() - self.tail;
+        if scratch > 0 {
+            dev.stream()
+                .memcpy_htod(&vec![f32::NAN; scratch], &mut self.buf.slice_mut(..scratch))
+                .unwrap();
+        }
+    }
+
+    /// Asserts that the op left every arrival counter at zero.
+    fn assert_counters_zeroed(&self, dev: &CudaDevice, what: &str) {
+        let tail = dev
+            .download(&self.buf.slice(self.buf.len() - self.tail..))
+            .unwrap();
+        assert!(
+            tail.iter().all(|v| v.to_bits() == 0),
+            "{what}: the workspace counters were not left at zero: {tail:?}"
+        );
+    }
+}
+
+/// The CPU reference of a decode batch: one query at position `len - 1` per sequence.
+fn decode_reference<T: TestFloat>(
+    p: &AttentionParams,
+    lens: &[usize],
+    cache: &PagedCache<T>,
+    q: &[T],
+) -> Vec<f32> {
+    let row = p.num_heads * p.head_dim;
+    let (k, v, qf) = (to_f32(&cache.k), to_f32(&cache.v), to_f32(q));
+    let mut want = Vec::with_capacity(q.len());
+    for (s, &len) in lens.iter().enumerate() {
+        let positions: Vec<usize> = if len > 0 { vec![len - 1] } else { Vec::new() };
+        let table = &cache.block_tables[s * p.max_blocks_per_seq..(s + 1) * p.max_blocks_per_seq];
+        want.extend(reference_rows(
+            p,
+            &qf[s * row..(s + 1) * row],
+            &positions,
+            table,
+            &k,
+            &v,
+        ));
+    }
+    want
+}
+
+/// One decode call of `lens.len()` sequences with `p`'s table width through `ws` (sized for at
+/// least as many sequences and as wide a table), whose scratch is poisoned first, against the
+/// CPU reference; the counters, zero before as every call leaves them, must be zero after.
+fn check_decode_with<T: TestFloat>(
+    dev: &CudaDevice,
+    rng: &mut Rng,
+    p: &AttentionParams,
+    lens: &[usize],
+    ws: &mut Workspace,
+) {
+    let num_seqs = lens.len();
     let what = format!(
         "decode_{} lens {lens:?} heads {}/{} d{} block {} window {} table width {}",
         T::SUFFIX,
@@ -121,17 +210,11 @@ fn check_decode<T: TestFloat>(
         p.sliding_window,
         p.max_blocks_per_seq
     );
-    let cache = paged_cache::<T>(rng, &p, lens);
+    let cache = paged_cache::<T>(rng, p, lens);
     let row = p.num_heads * p.head_dim;
     let q: Vec<T> = rng.vec(num_seqs * row, -2.0, 2.0);
     let lens_u32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-    let ws_len = CudaDevice::paged_attention_decode_workspace_len(
-        num_seqs,
-        p.num_heads,
-        p.head_dim,
-        p.max_blocks_per_seq,
-        p.block_size,
-    );
+    ws.poison_scratch(dev);
 
     let q_d = dev.upload(&q).unwrap();
     let k_d = dev.upload(&cache.k).unwrap();
@@ -139,26 +222,11 @@ fn check_decode<T: TestFloat>(
     let bt_d = dev.upload(&cache.block_tables).unwrap();
     let cl_d = dev.upload(&lens_u32).unwrap();
     let mut out_d = poisoned::<T>(dev, num_seqs * row);
-    let mut ws_d = dev.upload(&vec![f32::NAN; ws_len]).unwrap();
-    dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws_d, &p)
+    dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws.buf, p)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let got = dev.download(&out_d).unwrap();
-
-    let (k, v, qf) = (to_f32(&cache.k), to_f32(&cache.v), to_f32(&q));
-    let mut want = Vec::with_capacity(q.len());
-    for (s, &len) in lens.iter().enumerate() {
-        let positions: Vec<usize> = if len > 0 { vec![len - 1] } else { Vec::new() };
-        let table = &cache.block_tables[s * p.max_blocks_per_seq..(s + 1) * p.max_blocks_per_seq];
-        want.extend(reference_rows(
-            &p,
-            &qf[s * row..(s + 1) * row],
-            &positions,
-            table,
-            &k,
-            &v,
-        ));
-    }
-    assert_rel_l2(&what, &got, &want);
+    assert_rel_l2(&what, &got, &decode_reference(p, lens, &cache, &q));
+    ws.assert_counters_zeroed(dev, &what);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -345,6 +413,94 @@ fn prefill_matches_reference() {
     prefill_suite::<f16>(&dev, &mut rng);
 }
 
+/// The device buffers of one graph bucket (`num_seqs` sequences, tables
+/// `p.max_blocks_per_seq` wide), whose decode call is captured once and replayed with new
+/// queries, caches, tables and context lengths written into the same buffers.
+struct DecodeBucket {
+    p: AttentionParams,
+    num_seqs: usize,
+    cache_len: usize,
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    tables: CudaSlice<u32>,
+    lens: CudaSlice<u32>,
+    out: CudaSlice<bf16>,
+}
+
+/// What one replay of a [`DecodeBucket`] was given, for its reference.
+struct DecodeStep {
+    lens: Vec<usize>,
+    cache: PagedCache<bf16>,
+    q: Vec<bf16>,
+}
+
+impl DecodeBucket {
+    fn new(dev: &CudaDevice, p: AttentionParams, num_seqs: usize) -> DecodeBucket {
+        let row = p.num_heads * p.head_dim;
+        let cache_len =
+            (p.max_blocks_per_seq * num_seqs + 4) * p.block_size * p.num_kv_heads * p.head_dim;
+        DecodeBucket {
+            p,
+            num_seqs,
+            cache_len,
+            q: dev.alloc_zeros(num_seqs * row).unwrap(),
+            k: dev.alloc_zeros(cache_len).unwrap(),
+            v: dev.alloc_zeros(cache_len).unwrap(),
+            tables: dev.alloc_zeros(num_seqs * p.max_blocks_per_seq).unwrap(),
+            lens: dev.alloc_zeros(num_seqs).unwrap(),
+            out: dev.alloc_zeros(num_seqs * row).unwrap(),
+        }
+    }
+
+    fn call(&mut self, dev: &CudaDevice, ws: &mut CudaSlice<f32>) {
+        dev.paged_attention_decode(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.tables,
+            &self.lens,
+            &mut self.out,
+            ws,
+            &self.p,
+        )
+        .unwrap();
+    }
+
+    /// Writes a new step's data into the bucket's buffers and poisons its output.
+    fn load(&mut self, dev: &CudaDevice, rng: &mut Rng, lens: &[usize]) -> DecodeStep {
+        assert_eq!(lens.len(), self.num_seqs);
+        let mut cache = paged_cache::<bf16>(rng, &self.p, lens);
+        cache.k.resize(self.cache_len, bf16::ZERO);
+        cache.v.resize(self.cache_len, bf16::ZERO);
+        let row = self.p.num_heads * self.p.head_dim;
+        let q: Vec<bf16> = rng.vec(self.num_seqs * row, -2.0, 2.0);
+        let lens_u32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let stream = dev.stream();
+        stream.memcpy_htod(&q, &mut self.q).unwrap();
+        stream.memcpy_htod(&cache.k, &mut self.k).unwrap();
+        stream.memcpy_htod(&cache.v, &mut self.v).unwrap();
+        stream
+            .memcpy_htod(&cache.block_tables, &mut self.tables)
+            .unwrap();
+        stream.memcpy_htod(&lens_u32, &mut self.lens).unwrap();
+        stream
+            .memcpy_htod(&vec![bf16::NAN; self.num_seqs * row], &mut self.out)
+            .unwrap();
+        DecodeStep {
+            lens: lens.to_vec(),
+            cache,
+            q,
+        }
+    }
+
+    fn check(&self, dev: &CudaDevice, what: &str, step: &DecodeStep) {
+        let got = dev.download(&self.out).unwrap();
+        let want = decode_reference(&self.p, &step.lens, &step.cache, &step.q);
+        assert_rel_l2(&format!("{what}, lens {:?}", step.lens), &got, &want);
+    }
+}
+
 /// Captures one decode step into a CUDA graph, then replays it with new queries, caches and
 /// longer contexts written into the same buffers: the kernels must read everything that changes
 /// from device memory.
@@ -357,63 +513,336 @@ fn decode_replays_in_a_cuda_graph_with_new_data() {
     let mut rng = Rng(13);
     let mut p = params(2, 2, 128, 16, 0);
     p.max_blocks_per_seq = 64;
-    let num_seqs = 3;
-    let row = p.num_heads * p.head_dim;
-    let steps: [[usize; 3]; 3] = [[5, 60, 0], [64, 65, 700], [1, 1024, 513]];
-    let first = paged_cache::<bf16>(&mut rng, &p, &steps[0]);
-    let cache_len = (64 * num_seqs + 4) * p.block_size * p.num_kv_heads * p.head_dim;
-    let stream = dev.stream().clone();
-    let mut q_d = dev.alloc_zeros::<bf16>(num_seqs * row).unwrap();
-    let mut k_d = dev.alloc_zeros::<bf16>(cache_len).unwrap();
-    let mut v_d = dev.alloc_zeros::<bf16>(cache_len).unwrap();
-    let mut bt_d = dev.upload(&first.block_tables).unwrap();
-    let mut cl_d = dev.upload(&[0u32; 3]).unwrap();
-    let mut out_d = dev.alloc_zeros::<bf16>(num_seqs * row).unwrap();
-    let ws_len =
-        CudaDevice::paged_attention_decode_workspace_len(num_seqs, p.num_heads, p.head_dim, 64, 16);
-    let mut ws_d = dev.alloc_zeros::<f32>(ws_len).unwrap();
+    let mut bucket = DecodeBucket::new(&dev, p, 3);
+    let mut ws = decode_workspace(&dev, 3, &p);
     // Load the kernels before capturing.
-    dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws_d, &p)
-        .unwrap();
+    bucket.call(&dev, &mut ws.buf);
     dev.synchronize().unwrap();
-
-    let graph = capture(&dev, || {
-        dev.paged_attention_decode(&q_d, &k_d, &v_d, &bt_d, &cl_d, &mut out_d, &mut ws_d, &p)
-            .unwrap()
-    });
-
-    for lens in steps {
-        let mut cache = paged_cache::<bf16>(&mut rng, &p, &lens);
-        cache.k.resize(cache_len, bf16::ZERO);
-        cache.v.resize(cache_len, bf16::ZERO);
-        let q: Vec<bf16> = rng.vec(num_seqs * row, -2.0, 2.0);
-        let lens_u32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-        stream.memcpy_htod(&q, &mut q_d).unwrap();
-        stream.memcpy_htod(&cache.k, &mut k_d).unwrap();
-        stream.memcpy_htod(&cache.v, &mut v_d).unwrap();
-        stream.memcpy_htod(&cache.block_tables, &mut bt_d).unwrap();
-        stream.memcpy_htod(&lens_u32, &mut cl_d).unwrap();
-        stream
-            .memcpy_htod(&vec![bf16::NAN; num_seqs * row], &mut out_d)
-            .unwrap();
+    let graph = capture(&dev, || bucket.call(&dev, &mut ws.buf));
+    for lens in [[5, 60, 0], [64, 65, 700], [1, 1024, 513]] {
+        let step = bucket.load(&dev, &mut rng, &lens);
         graph.launch().unwrap();
-        let got = dev.download(&out_d).unwrap();
+        bucket.check(&dev, "graph replay", &step);
+        ws.assert_counters_zeroed(&dev, "graph replay");
+    }
+}
 
-        let (k, v, qf) = (to_f32(&cache.k), to_f32(&cache.v), to_f32(&q));
-        let mut want = Vec::new();
-        for (s, &len) in lens.iter().enumerate() {
-            let positions: Vec<usize> = if len > 0 { vec![len - 1] } else { Vec::new() };
-            let table = &cache.block_tables[s * 64..(s + 1) * 64];
-            want.extend(reference_rows(
-                &p,
-                &qf[s * row..(s + 1) * row],
-                &positions,
-                table,
-                &k,
-                &v,
-            ));
+/// One workspace, sized for the largest bucket, serves direct calls of every smaller batch and
+/// table width and two captured buckets replayed in turn, with context lengths that change the
+/// number of partitions holding keys from call to call: every call must find the arrival
+/// counters at zero and leave them so.
+#[test]
+fn decode_reuses_one_workspace_across_calls_buckets_and_replays() {
+    let Some(dev) = device("decode_reuses_one_workspace_across_calls_buckets_and_replays") else {
+        return;
+    };
+    single_stream_mode(&dev);
+    let mut rng = Rng(16);
+    let wide = AttentionParams {
+        max_blocks_per_seq: 100,
+        ..params(2, 2, 128, 16, 0)
+    };
+    let narrow = AttentionParams {
+        max_blocks_per_seq: 20,
+        sliding_window: 100,
+        ..wide
+    };
+    let mut ws = decode_workspace(&dev, 7, &wide);
+    let mut small = DecodeBucket::new(&dev, wide, 3);
+    let mut large = DecodeBucket::new(&dev, narrow, 7);
+    small.call(&dev, &mut ws.buf);
+    large.call(&dev, &mut ws.buf);
+    dev.synchronize().unwrap();
+    let small_graph = capture(&dev, || small.call(&dev, &mut ws.buf));
+    let large_graph = capture(&dev, || large.call(&dev, &mut ws.buf));
+
+    let direct: [(&[usize], usize, usize); 6] = [
+        (&[1500, 17, 300], 100, 0),
+        (&[5, 70, 129, 64, 1, 0, 300], 20, 0),
+        (&[1024], 64, 0),
+        (&[300, 299, 1], 20, 37),
+        (&[1500, 17, 300, 1600, 64, 65, 128], 100, 0),
+        (&[1500, 17, 300], 100, 0),
+    ];
+    for (round, (lens, width, window)) in direct.into_iter().enumerate() {
+        let p = AttentionParams {
+            max_blocks_per_seq: width,
+            sliding_window: window,
+            ..wide
+        };
+        check_decode_with::<bf16>(&dev, &mut rng, &p, lens, &mut ws);
+
+        let step = small.load(
+            &dev,
+            &mut rng,
+            &[[1, 1500, 64], [700, 0, 65], [1600, 129, 3]][round % 3],
+        );
+        small_graph.launch().unwrap();
+        small.check(&dev, "small bucket replay", &step);
+        ws.assert_counters_zeroed(&dev, "small bucket replay");
+
+        let lens = [[320, 1, 0, 64, 65, 200, 319], [5, 6, 7, 300, 1, 128, 129]][round % 2];
+        let step = large.load(&dev, &mut rng, &lens);
+        large_graph.launch().unwrap();
+        large.check(&dev, "large bucket replay", &step);
+        ws.assert_counters_zeroed(&dev, "large bucket replay");
+    }
+}
+
+/// The attention half of a decode layer, every kernel launched with programmatic dependent
+/// launch: QKV projection, RoPE + q/k-norm + KV write, decode attention (several partitions and
+/// the in-kernel merge) and the output projection. Each round poisons every intermediate and the
+/// cache slots the step writes with NaN, so a kernel that ran ahead of its predecessor would read
+/// poison; 20 rounds on the stream, then 20 replays of a graph of the chain.
+#[test]
+fn overlapped_decode_chain_waits_for_each_previous_kernel() {
+    let Some(dev) = device("overlapped_decode_chain_waits_for_each_previous_kernel") else {
+        return;
+    };
+    single_stream_mode(&dev);
+    let mut rng = Rng(17);
+    let (hidden, bs, eps) = (1024usize, 16usize, 1e-6f32);
+    let p = AttentionParams {
+        max_blocks_per_seq: 32,
+        ..params(8, 2, 128, bs, 0)
+    };
+    let (heads, kv_heads, d) = (p.num_heads, p.num_kv_heads, p.head_dim);
+    let (q_dim, kv_dim) = (heads * d, kv_heads * d);
+    let qkv_dim = q_dim + 2 * kv_dim;
+    // Context lengths including the new token; 0 is a padding slot.
+    let lens = [77usize, 300, 0, 1];
+    let n = lens.len();
+    let cache = paged_cache::<bf16>(&mut rng, &p, &lens);
+    let slots: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            if len == 0 {
+                SKIP_SLOT
+            } else {
+                let block = cache.block_tables[s * p.max_blocks_per_seq + (len - 1) / bs];
+                block * bs as u32 + ((len - 1) % bs) as u32
+            }
+        })
+        .collect();
+    let positions: Vec<u32> = lens.iter().map(|&l| l.saturating_sub(1) as u32).collect();
+    let x: Vec<bf16> = rng.vec(n * hidden, -1.0, 1.0);
+    let w_qkv: Vec<bf16> = rng.vec(qkv_dim * hidden, -0.05, 0.05);
+    let w_o: Vec<bf16> = rng.vec(hidden * q_dim, -0.03, 0.03);
+    let q_norm: Vec<bf16> = rng.vec(d, 0.5, 1.5);
+    let k_norm: Vec<bf16> = rng.vec(d, 0.5, 1.5);
+    let inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+
+    // The CPU reference, rounded to bf16 wherever the GPU stores an intermediate.
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect() };
+    let mut qkv_ref = vec![0.0f32; n * qkv_dim];
+    cpu::linear(
+        &to_f32(&x),
+        n,
+        hidden,
+        &to_f32(&w_qkv),
+        qkv_dim,
+        None,
+        &mut qkv_ref,
+    );
+    let qkv_ref = round(&qkv_ref);
+    let (mut q_ref, mut k_new, mut v_new) = (Vec::new(), Vec::new(), Vec::new());
+    for t in qkv_ref.chunks(qkv_dim) {
+        q_ref.extend_from_slice(&t[..q_dim]);
+        k_new.extend_from_slice(&t[q_dim..q_dim + kv_dim]);
+        v_new.extend_from_slice(&t[q_dim + kv_dim..]);
+    }
+    let (q_in, k_in) = (q_ref.clone(), k_new.clone());
+    cpu::rms_norm(&q_in, &to_f32(&q_norm), eps, &mut q_ref);
+    cpu::rms_norm(&k_in, &to_f32(&k_norm), eps, &mut k_new);
+    let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+    cpu::apply_rope(&mut q_ref, heads, d, &pos, &inv_freq, 1.0);
+    cpu::apply_rope(&mut k_new, kv_heads, d, &pos, &inv_freq, 1.0);
+    let (q_ref, k_new) = (round(&q_ref), round(&k_new));
+    let (mut k_ref, mut v_ref) = (to_f32(&cache.k), to_f32(&cache.v));
+    for (t, &slot) in slots.iter().enumerate() {
+        if slot != SKIP_SLOT {
+            let at = slot as usize * kv_dim;
+            k_ref[at..at + kv_dim].copy_from_slice(&k_new[t * kv_dim..(t + 1) * kv_dim]);
+            v_ref[at..at + kv_dim].copy_from_slice(&v_new[t * kv_dim..(t + 1) * kv_dim]);
         }
-        assert_rel_l2(&format!("graph replay, lens {lens:?}"), &got, &want);
+    }
+    let mut attn_ref = Vec::with_capacity(n * q_dim);
+    for (s, &len) in lens.iter().enumerate() {
+        let positions: Vec<usize> = if len > 0 { vec![len - 1] } else { Vec::new() };
+        let table = &cache.block_tables[s * p.max_blocks_per_seq..(s + 1) * p.max_blocks_per_seq];
+        let rows = &q_ref[s * q_dim..(s + 1) * q_dim];
+        attn_ref.extend(reference_rows(&p, rows, &positions, table, &k_ref, &v_ref));
+    }
+    let mut want = vec![0.0f32; n * hidden];
+    cpu::linear(
+        &round(&attn_ref),
+        n,
+        q_dim,
+        &to_f32(&w_o),
+        hidden,
+        None,
+        &mut want,
+    );
+
+    let x_d = dev.upload(&x).unwrap();
+    let w_qkv_d = dev.upload(&w_qkv).unwrap();
+    let w_o_d = dev.upload(&w_o).unwrap();
+    let q_norm_d = dev.upload(&q_norm).unwrap();
+    let k_norm_d = dev.upload(&k_norm).unwrap();
+    let inv_freq_d = dev.upload(&inv_freq).unwrap();
+    let positions_d = dev.upload(&positions).unwrap();
+    let slots_d = dev.upload(&slots).unwrap();
+    let tables_d = dev.upload(&cache.block_tables).unwrap();
+    let lens_d = dev.upload(&lens.map(|l| l as u32)).unwrap();
+    let mut k_d = dev.upload(&cache.k).unwrap();
+    let mut v_d = dev.upload(&cache.v).unwrap();
+    let mut qkv_d = poisoned::<bf16>(&dev, n * qkv_dim);
+    let mut q_d = poisoned::<bf16>(&dev, n * q_dim);
+    let mut attn_d = poisoned::<bf16>(&dev, n * q_dim);
+    let mut y_d = poisoned::<bf16>(&dev, n * hidden);
+    let mut ws = decode_workspace(&dev, n, &p);
+    let rope_p = RopeParams {
+        n,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: d,
+    };
+    let (qn, kn) = (q_norm_d.as_view(), k_norm_d.as_view());
+    let stream = dev.stream().clone();
+    let mut chain = |qkv: &mut CudaSlice<bf16>,
+                     q: &mut CudaSlice<bf16>,
+                     k: &mut CudaSlice<bf16>,
+                     v: &mut CudaSlice<bf16>,
+                     attn: &mut CudaSlice<bf16>,
+                     y: &mut CudaSlice<bf16>| {
+        dev.linear_overlapped(&x_d, n, hidden, &w_qkv_d, qkv_dim, None, None, qkv)
+            .unwrap();
+        dev.rope_qk_norm_kv_write(
+            &*qkv,
+            &positions_d,
+            &slots_d,
+            &inv_freq_d,
+            Some(&qn),
+            Some(&kn),
+            eps,
+            q,
+            k,
+            v,
+            &rope_p,
+        )
+        .unwrap();
+        dev.paged_attention_decode(&*q, &*k, &*v, &tables_d, &lens_d, attn, &mut ws.buf, &p)
+            .unwrap();
+        dev.linear_overlapped(&*attn, n, q_dim, &w_o_d, hidden, None, None, y)
+            .unwrap();
+    };
+    let nan_row = vec![bf16::NAN; kv_dim];
+    let poison = |qkv: &mut CudaSlice<bf16>,
+                  q: &mut CudaSlice<bf16>,
+                  k: &mut CudaSlice<bf16>,
+                  v: &mut CudaSlice<bf16>,
+                  attn: &mut CudaSlice<bf16>,
+                  y: &mut CudaSlice<bf16>| {
+        stream
+            .memcpy_htod(&vec![bf16::NAN; n * qkv_dim], qkv)
+            .unwrap();
+        stream.memcpy_htod(&vec![bf16::NAN; n * q_dim], q).unwrap();
+        stream
+            .memcpy_htod(&vec![bf16::NAN; n * q_dim], attn)
+            .unwrap();
+        stream.memcpy_htod(&vec![bf16::NAN; n * hidden], y).unwrap();
+        for &slot in slots.iter().filter(|&&s| s != SKIP_SLOT) {
+            let at = slot as usize * kv_dim;
+            stream
+                .memcpy_htod(&nan_row, &mut k.slice_mut(at..at + kv_dim))
+                .unwrap();
+            stream
+                .memcpy_htod(&nan_row, &mut v.slice_mut(at..at + kv_dim))
+                .unwrap();
+        }
+    };
+    for round in 0..20 {
+        poison(
+            &mut qkv_d,
+            &mut q_d,
+            &mut k_d,
+            &mut v_d,
+            &mut attn_d,
+            &mut y_d,
+        );
+        chain(
+            &mut qkv_d,
+            &mut q_d,
+            &mut k_d,
+            &mut v_d,
+            &mut attn_d,
+            &mut y_d,
+        );
+        let what = format!("overlapped decode chain, stream round {round}");
+        assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+    }
+    let graph = capture(&dev, || {
+        chain(
+            &mut qkv_d,
+            &mut q_d,
+            &mut k_d,
+            &mut v_d,
+            &mut attn_d,
+            &mut y_d,
+        )
+    });
+    for round in 0..20 {
+        poison(
+            &mut qkv_d,
+            &mut q_d,
+            &mut k_d,
+            &mut v_d,
+            &mut attn_d,
+            &mut y_d,
+        );
+        graph.launch().unwrap();
+        let what = format!("overlapped decode chain, graph round {round}");
+        assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+    }
+    ws.assert_counters_zeroed(&dev, "overlapped decode chain");
+}
+
+/// On a Hopper GPU the kernels launched with programmatic dependent launch must run from their
+/// sm_90a image, which carries the `griddepcontrol` waits; the launcher falls back to plain
+/// launches for an image built from older PTX, and would silently lose the overlap.
+#[test]
+fn overlapped_kernels_carry_their_waits_on_hopper() {
+    let Some(dev) = device("overlapped_kernels_carry_their_waits_on_hopper") else {
+        return;
+    };
+    let ctx = dev.context();
+    let major = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .unwrap();
+    for (module, kernel) in [
+        ("attention_decode", "paged_attention_decode_d128_g2_bf16"),
+        ("rope", "rope_qk_norm_kv_write_bf16"),
+        ("gemv", "skinny_gemm_bf16_x1_r1"),
+    ] {
+        let image = braid_kernels::cuda::module_ptx_or_fatbin(module).unwrap();
+        let function = ctx
+            .load_module(Ptx::from_binary(image.to_vec()))
+            .unwrap()
+            .load_function(kernel)
+            .unwrap();
+        let ptx = function
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+            .unwrap();
+        eprintln!("{kernel}: compute capability {major}.x, PTX version {ptx}");
+        if major == 9 {
+            assert!(
+                ptx >= 90,
+                "{kernel} runs from PTX version {ptx} on an sm_90 device"
+            );
+        }
     }
 }
 
@@ -710,6 +1139,180 @@ fn timing_report() {
         lines.push(format!(
             "prefill {tokens:>4} tokens:        {us:>8.1} us  {:>7.1} TFLOP/s",
             flops / us / 1e6
+        ));
+    }
+    let report = lines.join("\n") + "\n";
+    let _ = std::io::stderr().write_all(report.as_bytes());
+}
+
+/// Graph replays of `calls` back-to-back calls: the median of 7 replays after 2 warm-ups, in
+/// microseconds per call.
+fn graph_us(dev: &CudaDevice, calls: usize, mut call: impl FnMut(usize)) -> f64 {
+    call(0);
+    dev.synchronize().unwrap();
+    let graph = capture(dev, || {
+        for i in 0..calls {
+            call(i);
+        }
+    });
+    time_us(dev, 1, 7, |_| graph.launch().unwrap()) / calls as f64
+}
+
+/// The decode step's attention half on a Qwen3-0.6B shape as the engine runs it (context 130,
+/// block tables 16 blocks wide, bf16): the QKV projection, RoPE + q/k-norm + KV write, decode
+/// attention and the output projection, each layer with its own weights and KV cache so nothing
+/// runs from L2. Prints µs per layer for the chain and for each kernel alone, all in graphs.
+#[test]
+fn decode_step_timing() {
+    let Some(dev) = device("decode_step_timing") else {
+        return;
+    };
+    single_stream_mode(&dev);
+    let mut rng = Rng(15);
+    let (hidden, heads, kv_heads, d, bs) = (1024usize, 16usize, 8usize, 128usize, 16usize);
+    let (q_dim, kv_dim) = (heads * d, kv_heads * d);
+    let qkv_dim = q_dim + 2 * kv_dim;
+    let (ctx, width, layers) = (130usize, 16usize, 8usize);
+    let mut lines = vec![format!(
+        "decode step timing on {} (bf16, 16/8 heads x 128, hidden 1024, ctx {ctx}, table width {width}, {layers} layers per graph)",
+        dev.name().unwrap_or_default()
+    )];
+    let w_qkv: Vec<CudaSlice<bf16>> = (0..layers)
+        .map(|_| {
+            dev.upload(&rng.vec::<bf16>(qkv_dim * hidden, -0.03, 0.03))
+                .unwrap()
+        })
+        .collect();
+    let w_o: Vec<CudaSlice<bf16>> = (0..layers)
+        .map(|_| {
+            dev.upload(&rng.vec::<bf16>(hidden * q_dim, -0.03, 0.03))
+                .unwrap()
+        })
+        .collect();
+    let q_norm = dev.upload(&rng.vec::<bf16>(d, 0.5, 1.5)).unwrap();
+    let k_norm = dev.upload(&rng.vec::<bf16>(d, 0.5, 1.5)).unwrap();
+    let inv_freq = dev
+        .upload(
+            &(0..d / 2)
+                .map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / d as f32))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    for batch in [1usize, 64] {
+        let num_blocks = batch * width;
+        let cache_len = num_blocks * bs * kv_dim;
+        let fill = rng.vec::<bf16>(cache_len, -1.0, 1.0);
+        let mut caches: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)> = (0..layers)
+            .map(|_| (dev.upload(&fill).unwrap(), dev.upload(&fill).unwrap()))
+            .collect();
+        let tables = dev
+            .upload(&(0..num_blocks as u32).collect::<Vec<_>>())
+            .unwrap();
+        let lens = dev.upload(&vec![ctx as u32; batch]).unwrap();
+        let positions = dev.upload(&vec![ctx as u32 - 1; batch]).unwrap();
+        let slots = dev
+            .upload(
+                &(0..batch)
+                    .map(|s| (s * width * bs + ctx - 1) as u32)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let mut x = [
+            dev.upload(&rng.vec::<bf16>(batch * hidden, -1.0, 1.0))
+                .unwrap(),
+            dev.alloc_zeros::<bf16>(batch * hidden).unwrap(),
+        ];
+        let mut qkv = dev
+            .upload(&rng.vec::<bf16>(batch * qkv_dim, -1.0, 1.0))
+            .unwrap();
+        let mut q = dev
+            .upload(&rng.vec::<bf16>(batch * q_dim, -1.0, 1.0))
+            .unwrap();
+        let mut attn = dev.alloc_zeros::<bf16>(batch * q_dim).unwrap();
+        let p = AttentionParams {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+            block_size: bs,
+            max_blocks_per_seq: width,
+            scale: 1.0 / (d as f32).sqrt(),
+            sliding_window: 0,
+        };
+        let rope_p = RopeParams {
+            n: batch,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        };
+        let mut ws = dev
+            .alloc_zeros::<f32>(CudaDevice::paged_attention_decode_workspace_len(
+                batch, heads, d, width, bs,
+            ))
+            .unwrap();
+        let (qn, kn) = (q_norm.as_view(), k_norm.as_view());
+
+        let attention = graph_us(&dev, layers, |l| {
+            let (k, v) = &caches[l];
+            dev.paged_attention_decode(&q, k, v, &tables, &lens, &mut attn, &mut ws, &p)
+                .unwrap()
+        });
+        let rope = graph_us(&dev, layers, |l| {
+            let (k, v) = &mut caches[l];
+            dev.rope_qk_norm_kv_write(
+                &qkv,
+                &positions,
+                &slots,
+                &inv_freq,
+                Some(&qn),
+                Some(&kn),
+                1e-6,
+                &mut q,
+                k,
+                v,
+                &rope_p,
+            )
+            .unwrap()
+        });
+        let qkv_proj = graph_us(&dev, layers, |l| {
+            let [x0, _] = &x;
+            dev.linear_overlapped(x0, batch, hidden, &w_qkv[l], qkv_dim, None, None, &mut qkv)
+                .unwrap()
+        });
+        let o_proj = graph_us(&dev, layers, |l| {
+            let [_, x1] = &mut x;
+            dev.linear_overlapped(&attn, batch, q_dim, &w_o[l], hidden, None, None, x1)
+                .unwrap()
+        });
+        let chain = graph_us(&dev, layers, |l| {
+            let (k, v) = &mut caches[l];
+            let [a, b] = &mut x;
+            let (input, output) = if l % 2 == 0 { (&*a, b) } else { (&*b, a) };
+            dev.linear_overlapped(
+                input, batch, hidden, &w_qkv[l], qkv_dim, None, None, &mut qkv,
+            )
+            .unwrap();
+            dev.rope_qk_norm_kv_write(
+                &qkv,
+                &positions,
+                &slots,
+                &inv_freq,
+                Some(&qn),
+                Some(&kn),
+                1e-6,
+                &mut q,
+                k,
+                v,
+                &rope_p,
+            )
+            .unwrap();
+            dev.paged_attention_decode(&q, &*k, &*v, &tables, &lens, &mut attn, &mut ws, &p)
+                .unwrap();
+            dev.linear_overlapped(&attn, batch, q_dim, &w_o[l], hidden, None, None, output)
+                .unwrap();
+        });
+        lines.push(format!(
+            "batch {batch:>2}: qkv {qkv_proj:>6.2} + rope {rope:>5.2} + attention {attention:>6.2} + o {o_proj:>5.2} = {:>6.2} us alone; chained {chain:>6.2} us per layer",
+            qkv_proj + rope + attention + o_proj
         ));
     }
     let report = lines.join("\n") + "\n";

@@ -9,12 +9,14 @@
 //! same for V, in f16 or bf16. Every block-table entry a sequence uses must be below `num_blocks`:
 //! the kernels follow the tables without checking them.
 
-use cudarc::driver::sys::CUfunction_attribute;
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{
-    check_limit, check_nonzero, driver_error, invalid_argument, to_i32, CudaDevice, CudaError,
-    KernelFloat,
+    check_limit, check_nonzero, driver_error, invalid_argument, kernel_arg, to_i32, CudaDevice,
+    CudaError, KernelFloat,
 };
 
 /// Geometry and options of one attention call, shared by decode and prefill.
@@ -41,8 +43,6 @@ pub struct AttentionParams {
 const DECODE_THREADS: u32 = 256;
 /// attention_decode.cu `MAX_PARTITION`: the scores of one partition live in shared memory.
 const DECODE_MAX_PARTITION: usize = 512;
-/// attention_decode.cu `MERGE_THREADS`.
-const DECODE_MERGE_THREADS: u32 = 128;
 /// attention_prefill.cu `THREADS`.
 const PREFILL_THREADS: u32 = 128;
 /// attention_prefill.cu `BM`: query rows per block.
@@ -52,7 +52,7 @@ const PREFILL_BLOCK_M: usize = 64;
 /// latency-bound, and more, shorter partitions put more SMs to work on one context.
 const DECODE_MIN_PARTITION: usize = 64;
 /// Smallest decode partition of larger batches: below it each block's fixed work (staging,
-/// reductions, the merge) outweighs the extra parallelism.
+/// reductions, its share of the merge) outweighs the extra parallelism.
 const DECODE_MIN_BATCH_PARTITION: usize = 128;
 const DECODE_TINY_BATCH: usize = 4;
 /// Partitions are halved (down to the minimum) until a batch has at least this many
@@ -229,8 +229,14 @@ impl CudaDevice {
     /// f32 elements of a scratch buffer that serves [`CudaDevice::paged_attention_decode`] for
     /// every batch of at most `num_seqs` sequences with tables at most `max_blocks_per_seq` wide
     /// (same heads, head_dim and block size): partial outputs and their softmax statistics for
-    /// every (sequence, head, partition). One buffer sized for the largest bucket therefore
-    /// serves all smaller ones. Zero when every such batch fits one partition.
+    /// every (sequence, head, partition), then `num_seqs * num_heads` arrival counters at the
+    /// end of the buffer. One buffer sized for the largest bucket therefore serves all smaller
+    /// ones. Zero when every such batch fits one partition.
+    ///
+    /// The buffer must be all zero before its first use ([`CudaDevice::alloc_zeros`]): the
+    /// counters start from zero, and every call leaves them at zero again, so the same buffer
+    /// serves every later call and CUDA-graph replay. The partials are scratch that each call
+    /// writes before it reads.
     pub fn paged_attention_decode_workspace_len(
         num_seqs: usize,
         num_heads: usize,
@@ -239,9 +245,14 @@ impl CudaDevice {
         block_size: usize,
     ) -> usize {
         let capacity = max_blocks_per_seq.saturating_mul(block_size);
-        decode_units_bound(num_seqs, capacity)
+        let units = decode_units_bound(num_seqs, capacity);
+        if units == 0 {
+            return 0;
+        }
+        units
             .saturating_mul(num_heads)
             .saturating_mul(head_dim.saturating_add(2))
+            .saturating_add(num_seqs.saturating_mul(num_heads))
     }
 
     /// Attention of one new query token per sequence over its paged KV cache.
@@ -250,10 +261,16 @@ impl CudaDevice {
     /// `[num_seqs, max_blocks_per_seq]`; `context_lens[s]` counts the tokens in sequence `s`'s
     /// cache including the new one, whose position is `context_lens[s] - 1` (a length of 0 marks
     /// a padding slot and gives a zero output). `num_seqs` is `context_lens.len()`. `workspace`
-    /// holds at least [`CudaDevice::paged_attention_decode_workspace_len`] elements.
+    /// holds at least [`CudaDevice::paged_attention_decode_workspace_len`] elements, was zero
+    /// before its first use, and is the same buffer on every call that shares it: its arrival
+    /// counters sit in its last `num_seqs * num_kv_heads` elements, where no call's partials
+    /// reach. Calls that share a workspace must run one after another (one stream).
     ///
-    /// The context is split into fixed partitions computed in parallel and merged by
-    /// log-sum-exp; `q`, both caches and `out` must start 16-byte aligned.
+    /// The context is split into fixed partitions computed in parallel; the block of a
+    /// (sequence, KV head) that finishes last merges them by log-sum-exp, in the same launch.
+    /// `q`, both caches and `out` must start 16-byte aligned. The kernel is launched with
+    /// programmatic dependent launch: it is scheduled during the previous kernel's tail but
+    /// touches no memory before that kernel has finished.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_decode<T: KernelFloat>(
         &self,
@@ -274,9 +291,16 @@ impl CudaDevice {
         self.check_buffer(OP, "q", q, num_seqs * p.q_row())?;
         self.check_buffer(OP, "out", out, num_seqs * p.q_row())?;
         self.check_paged_cache(OP, block_tables, num_seqs, k_cache, v_cache, p)?;
-        let needed = decode_units(num_seqs, geo.capacity)
+        let units = decode_units(num_seqs, geo.capacity);
+        let partials = units
             .saturating_mul(p.num_heads)
             .saturating_mul(p.head_dim + 2);
+        let counters = if units == 0 {
+            0
+        } else {
+            num_seqs * p.num_kv_heads
+        };
+        let needed = partials.saturating_add(counters);
         self.check_context(OP, "workspace", workspace)?;
         if workspace.len() < needed {
             return Err(invalid_argument(
@@ -306,80 +330,58 @@ impl CudaDevice {
         let (bt_ptr, _bt_sync) = block_tables.device_ptr(&self.stream);
         let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let workspace_len = workspace.len();
         let (ws_ptr, _ws_sync) = workspace.device_ptr_mut(&self.stream);
         check_aligned(OP, [q_ptr, k_ptr, v_ptr, out_ptr])?;
 
-        // One partition: the partition kernel writes `out` itself (signalled by a null workspace).
-        let (ws_o, ws_ml) = if partitions > 1 {
-            let o_bytes =
-                num_seqs * p.num_heads * partitions * p.head_dim * std::mem::size_of::<f32>();
-            (ws_ptr, ws_ptr + o_bytes as u64)
+        // One partition: the kernel writes `out` itself (signalled by a null workspace).
+        let f32_bytes = std::mem::size_of::<f32>() as u64;
+        let (ws_o, ws_ml, ws_counters): (CUdeviceptr, CUdeviceptr, CUdeviceptr) = if units > 0 {
+            let o_elems = (num_seqs * p.num_heads * partitions * p.head_dim) as u64;
+            let counters_at = (workspace_len - counters) as u64;
+            (
+                ws_ptr,
+                ws_ptr + o_elems * f32_bytes,
+                ws_ptr + counters_at * f32_bytes,
+            )
         } else {
-            (0u64, 0u64)
+            (0, 0, 0)
         };
         let num_heads = to_i32(p.num_heads);
         let num_kv_heads = to_i32(p.num_kv_heads);
         let max_blocks = to_i32(p.max_blocks_per_seq);
-        let partition_tokens_i = to_i32(partition_tokens);
+        let partition_tokens = to_i32(partition_tokens);
         let window = to_i32(p.sliding_window);
         let cfg = LaunchConfig {
             grid_dim: (partitions as u32, p.num_kv_heads as u32, num_seqs as u32),
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = self.stream.launch_builder(&kernel);
-        launch
-            .arg(&q_ptr)
-            .arg(&k_ptr)
-            .arg(&v_ptr)
-            .arg(&bt_ptr)
-            .arg(&cl_ptr)
-            .arg(&out_ptr)
-            .arg(&ws_o)
-            .arg(&ws_ml)
-            .arg(&num_heads)
-            .arg(&num_kv_heads)
-            .arg(&geo.block_size_log2)
-            .arg(&max_blocks)
-            .arg(&partition_tokens_i)
-            .arg(&p.scale)
-            .arg(&window);
-        // SAFETY: the arguments match `paged_attention_decode_d*_g*_*` in attention_decode.cu;
-        // the buffer lengths checked above cover every index the grid derives from the shapes,
-        // the kernel clamps context lengths to the block tables' capacity, and the workspace
-        // holds the partial results of every (sequence, head, partition).
-        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
-
-        if partitions > 1 {
-            let merge = self.kernel(
-                "attention_decode",
-                &format!("paged_attention_decode_merge_{}", T::SUFFIX),
-            )?;
-            let head_dim = to_i32(p.head_dim);
-            let partitions_i = to_i32(partitions);
-            let capacity = to_i32(geo.capacity);
-            let cfg = LaunchConfig {
-                grid_dim: (p.num_heads as u32, num_seqs as u32, 1),
-                block_dim: (DECODE_MERGE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut launch = self.stream.launch_builder(&merge);
-            launch
-                .arg(&ws_o)
-                .arg(&ws_ml)
-                .arg(&cl_ptr)
-                .arg(&out_ptr)
-                .arg(&head_dim)
-                .arg(&partitions_i)
-                .arg(&capacity)
-                .arg(&partition_tokens_i)
-                .arg(&window);
-            // SAFETY: the arguments match `paged_attention_decode_merge_*` in
-            // attention_decode.cu; it reads only the partitions the first kernel wrote (both
-            // derive them from the same context length) and writes `out`, checked above.
-            unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
-        }
-        Ok(())
+        let mut params: [*mut c_void; 16] = [
+            kernel_arg(&q_ptr),
+            kernel_arg(&k_ptr),
+            kernel_arg(&v_ptr),
+            kernel_arg(&bt_ptr),
+            kernel_arg(&cl_ptr),
+            kernel_arg(&out_ptr),
+            kernel_arg(&ws_o),
+            kernel_arg(&ws_ml),
+            kernel_arg(&ws_counters),
+            kernel_arg(&num_heads),
+            kernel_arg(&num_kv_heads),
+            kernel_arg(&geo.block_size_log2),
+            kernel_arg(&max_blocks),
+            kernel_arg(&partition_tokens),
+            kernel_arg(&p.scale),
+            kernel_arg(&window),
+        ];
+        // SAFETY: `params` matches `paged_attention_decode_d*_g*_*` in attention_decode.cu, each
+        // entry pointing at a live local of the parameter's type; the buffer lengths checked
+        // above cover every index the grid derives from the shapes, the kernel clamps context
+        // lengths to the block tables' capacity, the workspace holds the partial results of
+        // every (sequence, head, partition) below the counters of every (sequence, KV head), and
+        // every block waits for the previous kernel before touching memory.
+        unsafe { self.launch_with_dependency_overlap(OP, &kernel, cfg, &mut params) }
     }
 
     /// Causal attention of a variable-length batch of new tokens over the paged KV cache, whose
@@ -551,7 +553,7 @@ mod tests {
         assert_eq!(decode_units(1, 640), 10);
         assert_eq!(
             CudaDevice::paged_attention_decode_workspace_len(1, 16, 128, 40, 16),
-            16 * 10 * 130
+            16 * 10 * 130 + 16
         );
         // A capacity within one partition writes the output directly.
         assert_eq!(decode_units(256, 512), 0);
@@ -592,6 +594,32 @@ mod tests {
                     "{num_seqs} seqs, capacity {capacity}"
                 );
                 previous_bound = bound;
+            }
+        }
+    }
+
+    /// The layout every call of a shared workspace relies on: partials from the front, counters
+    /// in the last `num_seqs * num_kv_heads` elements, and no call's partials reaching the
+    /// counters of any call, whatever its batch and table width within the bucket.
+    #[test]
+    fn decode_partials_never_reach_any_calls_counters() {
+        let (heads, head_dim) = (16, 128);
+        for (max_seqs, max_width) in [(1, 16), (3, 64), (7, 100), (64, 16), (256, 2048)] {
+            let len = CudaDevice::paged_attention_decode_workspace_len(
+                max_seqs, heads, head_dim, max_width, 16,
+            );
+            for num_seqs in 1..=max_seqs {
+                for width in [1, 2, 4, 5, 8, 16, 33, 64, 100, 2048] {
+                    if width > max_width {
+                        continue;
+                    }
+                    let units = decode_units(num_seqs, width * 16);
+                    let partials = units * heads * (head_dim + 2);
+                    assert!(
+                        partials + max_seqs * heads <= len,
+                        "{num_seqs} of {max_seqs} seqs, width {width} of {max_width}"
+                    );
+                }
             }
         }
     }

@@ -16,12 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys as lt_sys;
-use cudarc::driver::sys::{
-    self as driver_sys, CUdevice_attribute, CUdeviceptr, CUfunction_attribute,
-};
+use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::{
@@ -667,7 +664,9 @@ impl CudaDevice {
             ];
             // SAFETY: as below; `params` points at live values of exactly the kernel's
             // parameter types, in order, for the duration of the call.
-            return unsafe { self.launch_with_dependency_overlap(&function, cfg, &mut params) };
+            return unsafe {
+                self.launch_with_dependency_overlap("linear", &function, cfg, &mut params)
+            };
         }
         let mut launch = self.stream.launch_builder(&function);
         launch
@@ -684,52 +683,6 @@ impl CudaDevice {
         // `skinny_obstacle` enforced the kernel's alignment and k requirements.
         unsafe { launch.launch(cfg) }.map_err(driver_error("linear"))?;
         Ok(())
-    }
-
-    /// Launches with the programmatic-stream-serialization attribute, which cudarc's launch
-    /// builder cannot set.
-    ///
-    /// # Safety
-    /// `params` must hold one pointer per kernel parameter, each to a live value of that
-    /// parameter's type, and the kernel's accesses must stay inside their buffers.
-    unsafe fn launch_with_dependency_overlap(
-        &self,
-        function: &CudaFunction,
-        cfg: LaunchConfig,
-        params: &mut [*mut c_void],
-    ) -> Result<(), CudaError> {
-        // SAFETY: a zeroed attribute value is valid plain data; the one field read is set.
-        let mut value: driver_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut attribute = driver_sys::CUlaunchAttribute {
-            id: driver_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value,
-        };
-        let config = driver_sys::CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attribute,
-            numAttrs: 1,
-        };
-        self.ctx.bind_to_thread().map_err(driver_error("linear"))?;
-        // SAFETY: `config` and `attribute` outlive the call; the caller vouches for `params`.
-        unsafe {
-            driver_sys::cuLaunchKernelEx(
-                &config,
-                function.cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .map_err(driver_error("linear"))
     }
 
     fn launch_cublaslt<T: KernelFloat>(&self, ops: &Operands) -> Result<(), CudaError> {
@@ -1167,7 +1120,7 @@ impl CudaDevice {
             cfg.grid_dim.0 = cfg.grid_dim.0.min(resident as u32);
         }
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch_with_dependency_overlap(&function, cfg, params) }
+        unsafe { self.launch_with_dependency_overlap(op, &function, cfg, params) }
     }
 
     /// Why the fused kernels cannot take `n` rows of width `k` in `T` on this device, if they

@@ -1,10 +1,12 @@
 //! The fused step between the QKV projection and attention (`cuda/rope.cu`): per-head q/k RMSNorm,
 //! rotate-half RoPE, and the write of k and v into the paged KV caches, in one launch per layer.
 
-use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{
-    check_eps, check_limit, check_nonzero, driver_error, invalid_argument, CudaDevice, CudaError,
+    check_eps, check_limit, check_nonzero, invalid_argument, kernel_arg, CudaDevice, CudaError,
     KernelFloat,
 };
 
@@ -43,7 +45,9 @@ impl CudaDevice {
     /// the angle `position as f32 * inv_freq[i]` and precise sin/cos, rounded once to `T`.
     /// A slot equal to [`SKIP_SLOT`] (or past the end of the caches) skips that token's KV write;
     /// its q row is still written. Positions and slots are read on the device, so the launch can
-    /// be captured in a CUDA graph and replayed with new values.
+    /// be captured in a CUDA graph and replayed with new values. The kernel is launched with
+    /// programmatic dependent launch: it is scheduled during the previous kernel's tail but
+    /// touches no memory before that kernel has finished.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_qk_norm_kv_write<T: KernelFloat>(
         &self,
@@ -114,30 +118,30 @@ impl CudaDevice {
         let (q_ptr, _q_sync) = q_out.device_ptr_mut(&self.stream);
         let (k_ptr, _k_sync) = k_cache.device_ptr_mut(&self.stream);
         let (v_ptr, _v_sync) = v_cache.device_ptr_mut(&self.stream);
-        let mut launch = self.stream.launch_builder(&function);
-        launch
-            .arg(&qkv_ptr)
-            .arg(&pos_ptr)
-            .arg(&slot_ptr)
-            .arg(&freq_ptr)
-            .arg(&q_norm_ptr)
-            .arg(&k_norm_ptr)
-            .arg(&eps)
-            .arg(&q_ptr)
-            .arg(&k_ptr)
-            .arg(&v_ptr)
-            .arg(&n)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&head_dim)
-            .arg(&num_slots);
-        // SAFETY: the arguments match `rope_qk_norm_kv_write_*(const T*, const uint32_t*, const
+        let mut params: [*mut c_void; 15] = [
+            kernel_arg(&qkv_ptr),
+            kernel_arg(&pos_ptr),
+            kernel_arg(&slot_ptr),
+            kernel_arg(&freq_ptr),
+            kernel_arg(&q_norm_ptr),
+            kernel_arg(&k_norm_ptr),
+            kernel_arg(&eps),
+            kernel_arg(&q_ptr),
+            kernel_arg(&k_ptr),
+            kernel_arg(&v_ptr),
+            kernel_arg(&n),
+            kernel_arg(&heads),
+            kernel_arg(&kv_heads),
+            kernel_arg(&head_dim),
+            kernel_arg(&num_slots),
+        ];
+        // SAFETY: `params` matches `rope_qk_norm_kv_write_*(const T*, const uint32_t*, const
         // uint32_t*, const float*, const T*, const T*, float, T*, T*, T*, int, int, int, int,
-        // unsigned long long)` in rope.cu. Input and output lengths are checked above, cache
-        // writes are bounded by `num_slots` on the device, and Rust's borrows keep the
-        // `__restrict__` outputs from aliasing each other or the inputs.
-        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
-        Ok(())
+        // unsigned long long)` in rope.cu, each entry pointing at a live local of that type.
+        // Input and output lengths are checked above, cache writes are bounded by `num_slots`
+        // on the device, Rust's borrows keep the `__restrict__` outputs from aliasing each other
+        // or the inputs, and every block waits for the previous kernel before touching memory.
+        unsafe { self.launch_with_dependency_overlap(OP, &function, cfg, &mut params) }
     }
 }
 
