@@ -15,19 +15,27 @@ constexpr int THREADS = WARPS * BRAID_WARP_SIZE;
 // Each warp owns 16 query rows (the m of one mma tile).
 constexpr int BM = WARPS * 16;
 
-// Grid: (query tiles of BM rows over max_q_len, num_heads, num_seqs); block: THREADS; dynamic
-// shared memory: (BM + 4 * BN) * STRIDE elements (Q, then K and V in two stages each).
+// Grid: (query tiles of BM rows over max_q_len × splits, num_heads, num_seqs); block: THREADS;
+// dynamic shared memory: (BM + 4 * BN) * STRIDE elements (Q, then K and V in two stages each).
 //
 // Query i of a sequence (0-based among its q_len new tokens) sits at absolute position
 // ctx - q_len + i and sees keys j with max(0, pos - w + 1) <= j <= pos (w = 0: no window).
-// Tiles are walked in reverse so the causal tiles with the most work start first.
+// Query tiles are walked in reverse so the causal tiles with the most work start first.
+//
+// Split KV: a few new tokens over a long cached context (the next turn of a conversation) make
+// only a few query tiles, too few blocks for the GPU. With splits > 1 the key tiles of each query
+// tile are cut into `splits` contiguous ranges, one block each; a block stores its rows'
+// unnormalised output and softmax state (max in the log2 domain, sum) as f32 partials
+// [split][total_q][num_heads] and prefill_merge combines them. splits == 1 writes `out` directly.
 template <typename T, int D>
 __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __restrict__ k_cache,
                                         const T* __restrict__ v_cache, const uint32_t* __restrict__ block_tables,
                                         const uint32_t* __restrict__ q_starts,
                                         const uint32_t* __restrict__ context_lens, T* __restrict__ out,
-                                        int total_q, int num_heads, int num_kv_heads, int block_size_log2,
-                                        int max_blocks_per_seq, float scale, int sliding_window) {
+                                        float* __restrict__ partial_o, float* __restrict__ partial_ml,
+                                        int splits, int total_q, int num_heads, int num_kv_heads,
+                                        int block_size_log2, int max_blocks_per_seq, float scale,
+                                        int sliding_window) {
     using Cfg = Tile<D>;
     constexpr int BN = Cfg::BN;
     constexpr int STRIDE = Cfg::STRIDE;
@@ -39,7 +47,8 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
     T* const sk = sq + BM * STRIDE;
     T* const sv = sk + 2 * BN * STRIDE;
 
-    const int q_tile = gridDim.x - 1 - blockIdx.x;
+    const int split = blockIdx.x % splits;
+    const int q_tile = gridDim.x / splits - 1 - blockIdx.x / splits;
     const int head = blockIdx.y;
     const int seq = blockIdx.z;
     const uint32_t q_first = q_starts[seq];
@@ -64,7 +73,11 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
     const long long pos_last_tile = pos_first + BM - 1;
     const long long kv_lo = window > 0 ? max(0LL, pos_first - window + 1) : 0LL;
     const long long kv_hi = min(pos_last_valid + 1, capacity);
-    const int num_tiles = kv_hi > kv_lo ? static_cast<int>((kv_hi - kv_lo + BN - 1) / BN) : 0;
+    const int all_tiles = kv_hi > kv_lo ? static_cast<int>((kv_hi - kv_lo + BN - 1) / BN) : 0;
+    // This block's key tiles: [first_tile, num_tiles).
+    const int per_split = (all_tiles + splits - 1) / splits;
+    const int first_tile = min(all_tiles, split * per_split);
+    const int num_tiles = min(all_tiles, first_tile + per_split);
 
     const size_t q_row_stride = static_cast<size_t>(num_heads) * D;
     const uint32_t* table = block_tables + static_cast<size_t>(seq) * max_blocks_per_seq;
@@ -98,7 +111,7 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
     const int tig = lane % 4;
     const float scale_log2 = scale * LOG2E;
 
-    if (num_tiles > 0) {
+    if (num_tiles > first_tile) {
 #pragma unroll
         for (int it = 0; it < BM * CHUNKS / THREADS; ++it) {
             const int idx = tid + it * THREADS;
@@ -108,22 +121,22 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
             const size_t offset = valid ? (q_first + i0 + r) * q_row_stride + head * D + c * 8 : 0;
             cp_async16(sq + r * STRIDE + c * 8, q + offset, valid);
         }
-        load_kv(0, 0);
+        load_kv(first_tile, 0);
         cp_async_commit();
     }
 
     const T* sq_warp = sq + warp * 16 * STRIDE;
     uint32_t qf[Cfg::Q_FRAGS][4];
 
-    for (int t = 0; t < num_tiles; ++t) {
-        const int stage = t & 1;
+    for (int t = first_tile; t < num_tiles; ++t) {
+        const int stage = (t - first_tile) & 1;
         if (t + 1 < num_tiles) load_kv(t + 1, stage ^ 1);
         // Always commit (possibly an empty group) so wait_group<1> means "tile t has landed".
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
 
-        if (t == 0) load_q_fragments<T, D>(qf, sq_warp, lane);
+        if (t == first_tile) load_q_fragments<T, D>(qf, sq_warp, lane);
 
         // ---- mask: only tiles that cross the diagonal, the window edge or the end ----
         const long long kv0 = kv_lo + static_cast<long long>(t) * BN;
@@ -148,6 +161,24 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
         __syncthreads();
     }
 
+    if (splits > 1) {
+        // ---- partials of rows g and g + 8: output unnormalised, then (max, sum) ----
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+            const float sum = st.total_sum(ri);
+            const int r = warp * 16 + g + ri * 8;
+            if (r >= rows) continue;
+            const size_t unit = (static_cast<size_t>(split) * total_q + q_first + i0 + r) * num_heads + head;
+            float* dst = partial_o + unit * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                *reinterpret_cast<float2*>(dst + dt * 8 + tig * 2) = make_float2(st.o[dt][ri * 2], st.o[dt][ri * 2 + 1]);
+            }
+            if (tig == 0) *reinterpret_cast<float2*>(partial_ml + unit * 2) = make_float2(st.row_max[ri], sum);
+        }
+        return;
+    }
+
     // ---- normalise and store rows g and g + 8 ----
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri) {
@@ -165,6 +196,28 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
     }
 }
 
+// Combines the split partials of every (query row, head): out = Σ o_s 2^(m_s - m) / Σ l_s 2^(m_s - m)
+// with m the largest m_s; rows no split saw anything of come out as zeros, as without splits.
+// Grid: total_q * num_heads blocks of D threads, one output element each.
+template <typename T, int D>
+__device__ __forceinline__ void prefill_merge(const float* __restrict__ partial_o,
+                                              const float* __restrict__ partial_ml, T* __restrict__ out,
+                                              int splits, int total_q, int num_heads) {
+    const size_t unit = blockIdx.x;
+    const size_t units = static_cast<size_t>(total_q) * num_heads;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, partial_ml[(s * units + unit) * 2]);
+    const float ref = m == -INFINITY ? 0.0f : m;
+    float sum = 0.0f, acc = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const size_t u = s * units + unit;
+        const float w = exp2f(partial_ml[u * 2] - ref);
+        sum += partial_ml[u * 2 + 1] * w;
+        acc += partial_o[u * D + threadIdx.x] * w;
+    }
+    out[unit * D + threadIdx.x] = from_float<T>(sum > 0.0f ? acc / sum : 0.0f);
+}
+
 }  // namespace attn_prefill
 }  // namespace braid
 
@@ -173,12 +226,18 @@ __device__ __forceinline__ void prefill(const T* __restrict__ q, const T* __rest
         paged_attention_prefill_d##D##_##SUFFIX(                                                         \
             const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,       \
             const uint32_t* __restrict__ block_tables, const uint32_t* __restrict__ q_starts,            \
-            const uint32_t* __restrict__ context_lens, T* __restrict__ out, int total_q, int num_heads,  \
-            int num_kv_heads, int block_size_log2, int max_blocks_per_seq, float scale,                  \
-            int sliding_window) {                                                                        \
+            const uint32_t* __restrict__ context_lens, T* __restrict__ out, float* __restrict__ partial_o, \
+            float* __restrict__ partial_ml, int splits, int total_q, int num_heads, int num_kv_heads,    \
+            int block_size_log2, int max_blocks_per_seq, float scale, int sliding_window) {              \
         braid::attn_prefill::prefill<T, D>(q, k_cache, v_cache, block_tables, q_starts, context_lens,    \
-                                           out, total_q, num_heads, num_kv_heads, block_size_log2,       \
-                                           max_blocks_per_seq, scale, sliding_window);                   \
+                                           out, partial_o, partial_ml, splits, total_q, num_heads,       \
+                                           num_kv_heads, block_size_log2, max_blocks_per_seq, scale,     \
+                                           sliding_window);                                              \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(D) paged_attention_prefill_merge_d##D##_##SUFFIX(       \
+        const float* __restrict__ partial_o, const float* __restrict__ partial_ml, T* __restrict__ out,  \
+        int splits, int total_q, int num_heads) {                                                        \
+        braid::attn_prefill::prefill_merge<T, D>(partial_o, partial_ml, out, splits, total_q, num_heads); \
     }
 
 #define BRAID_DEFINE_PREFILL_DTYPE(T, SUFFIX)      \

@@ -268,12 +268,19 @@ fn check_prefill<T: TestFloat>(
     let bt_d = dev.upload(&cache.block_tables).unwrap();
     let qs_d = dev.upload(&q_starts).unwrap();
     let cl_d = dev.upload(&ctx_u32).unwrap();
-    let mut out_d = poisoned::<T>(dev, total_q * row);
-    dev.paged_attention_prefill(
-        &q_d, &k_d, &v_d, &bt_d, &qs_d, &cl_d, &mut out_d, num_seqs, max_q_len, &p,
-    )
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let got = dev.download(&out_d).unwrap();
+    // With the full workspace the launch splits the keys where the shape calls for it; with a
+    // one-element workspace it never does. Both must give the reference result.
+    let full = CudaDevice::paged_attention_prefill_workspace_len(p.head_dim);
+    let mut outputs = Vec::new();
+    for ws_len in [full, 1] {
+        let mut ws = poisoned::<f32>(dev, ws_len);
+        let mut out_d = poisoned::<T>(dev, total_q * row);
+        dev.paged_attention_prefill(
+            &q_d, &k_d, &v_d, &bt_d, &qs_d, &cl_d, &mut out_d, &mut ws, num_seqs, max_q_len, &p,
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        outputs.push((ws_len, dev.download(&out_d).unwrap()));
+    }
 
     let (k, v, qf) = (to_f32(&cache.k), to_f32(&cache.v), to_f32(&q));
     let mut want = Vec::with_capacity(q.len());
@@ -290,7 +297,9 @@ fn check_prefill<T: TestFloat>(
             &v,
         ));
     }
-    assert_rel_l2(&what, &got, &want);
+    for (ws_len, got) in outputs {
+        assert_rel_l2(&format!("{what} workspace {ws_len}"), &got, &want);
+    }
 }
 
 /// Context lengths of a batch: the brief's 1, 17, 300 and 1500 rotated so every size lands in
@@ -391,6 +400,28 @@ fn prefill_suite<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     );
     check_prefill::<T>(dev, rng, params(1, 16, 128, 16, 0), &[130, 1], &[0, 9], 0);
     check_prefill::<T>(dev, rng, params(2, 3, 64, 16, 1), &[65, 13], &[3, 0], 0);
+    // A short message after a long conversation: few query tiles, so the keys are split (the
+    // split ranges fall on and off the causal diagonal, the window edge and the context's end).
+    check_prefill::<T>(dev, rng, params(8, 2, 128, 16, 0), &[70], &[2000], 0);
+    check_prefill::<T>(
+        dev,
+        rng,
+        params(2, 2, 128, 16, 0),
+        &[1, 65, 13],
+        &[1500, 900, 3001],
+        1,
+    );
+    check_prefill::<T>(
+        dev,
+        rng,
+        params(2, 2, 128, 4, 700),
+        &[65, 130],
+        &[1800, 1000],
+        0,
+    );
+    check_prefill::<T>(dev, rng, params(1, 4, 64, 16, 0), &[200], &[1100], 0);
+    check_prefill::<T>(dev, rng, params(1, 2, 256, 16, 0), &[33], &[1200], 0);
+    check_prefill::<T>(dev, rng, params(1, 1, 16, 16, 0), &[5], &[700], 0);
 }
 
 #[test]
@@ -958,7 +989,19 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
     let mut out_short = dev.alloc_zeros::<bf16>(2 * row - 8).unwrap();
     let q_short = dev.alloc_zeros::<bf16>(2 * row - 8).unwrap();
     let err = dev
-        .paged_attention_prefill(&q_short, &k, &v, &bt, &qs, &cl, &mut out_short, 2, 1, &p)
+        .paged_attention_prefill(
+            &q_short,
+            &k,
+            &v,
+            &bt,
+            &qs,
+            &cl,
+            &mut out_short,
+            &mut ws,
+            2,
+            1,
+            &p,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -972,7 +1015,7 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
     );
 
     // Nothing to do is not an error and launches nothing.
-    dev.paged_attention_prefill(&q, &k, &v, &bt, &qs, &cl, &mut out, 2, 0, &p)
+    dev.paged_attention_prefill(&q, &k, &v, &bt, &qs, &cl, &mut out, &mut ws, 2, 0, &p)
         .unwrap();
     dev.synchronize().unwrap();
 }
@@ -1103,8 +1146,17 @@ fn timing_report() {
         ));
     }
 
-    for tokens in [512usize, 4096] {
-        let blocks = tokens / bs;
+    // (new tokens, cached tokens before them): fresh prompts, and a short message after a long
+    // conversation, timed with the split-KV workspace and without it.
+    let full_ws = CudaDevice::paged_attention_prefill_workspace_len(d);
+    for (tokens, cached, ws_len) in [
+        (512usize, 0usize, full_ws),
+        (4096, 0, full_ws),
+        (80, 2048, full_ws),
+        (80, 2048, 1),
+    ] {
+        let ctx = tokens + cached;
+        let blocks = ctx.div_ceil(bs);
         let k = dev
             .upload(&rng.vec::<bf16>(blocks * block, -1.0, 1.0))
             .unwrap();
@@ -1116,8 +1168,9 @@ fn timing_report() {
             .upload(&rng.vec::<bf16>(tokens * heads * d, -1.0, 1.0))
             .unwrap();
         let q_starts = dev.upload(&[0u32, tokens as u32]).unwrap();
-        let lens = dev.upload(&[tokens as u32]).unwrap();
+        let lens = dev.upload(&[ctx as u32]).unwrap();
         let mut out = dev.alloc_zeros::<bf16>(tokens * heads * d).unwrap();
+        let mut ws = dev.alloc_zeros::<f32>(ws_len).unwrap();
         let p = AttentionParams {
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -1130,14 +1183,17 @@ fn timing_report() {
         let iters = if tokens > 1024 { 20 } else { 100 };
         let us = time_us(&dev, iters, 5, |_| {
             dev.paged_attention_prefill(
-                &q, &k, &v, &table, &q_starts, &lens, &mut out, 1, tokens, &p,
+                &q, &k, &v, &table, &q_starts, &lens, &mut out, &mut ws, 1, tokens, &p,
             )
             .unwrap()
         });
-        // Causal: query i attends to i + 1 keys; QK^T and PV each cost 2 * head_dim per pair.
-        let flops = 4.0 * (heads * d) as f64 * (tokens * (tokens + 1) / 2) as f64;
+        // Causal: query i attends to cached + i + 1 keys; QK^T and PV each cost 2 * head_dim
+        // per pair.
+        let pairs = tokens * cached + tokens * (tokens + 1) / 2;
+        let flops = 4.0 * (heads * d) as f64 * pairs as f64;
+        let split = if ws_len > 1 { "" } else { " (no split)" };
         lines.push(format!(
-            "prefill {tokens:>4} tokens:        {us:>8.1} us  {:>7.1} TFLOP/s",
+            "prefill {tokens:>4} tokens after {cached:>4}{split}: {us:>8.1} us  {:>7.1} TFLOP/s",
             flops / us / 1e6
         ));
     }

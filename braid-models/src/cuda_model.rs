@@ -239,6 +239,9 @@ struct Buffers<T> {
     out_ids: CudaSlice<u32>,
     sampling: SamplingBuffers,
     attn_workspace: CudaSlice<f32>,
+    /// Partials of prefill attention split over the keys (a short message after a long
+    /// conversation).
+    prefill_workspace: CudaSlice<f32>,
 }
 
 /// What a step looks like to the kernels.
@@ -526,6 +529,11 @@ where
             out_ids: alloc_u(s)?,
             sampling: SamplingBuffers::new(d, s).map_err(cuda)?,
             attn_workspace: d.alloc_zeros::<f32>(workspace.max(1)).map_err(cuda)?,
+            prefill_workspace: d
+                .alloc_zeros::<f32>(CudaDevice::paged_attention_prefill_workspace_len(
+                    self.config.head_dim,
+                ))
+                .map_err(cuda)?,
         });
         Ok(())
     }
@@ -866,6 +874,7 @@ where
                     &b.q_starts.slice(..shape.seqs + 1),
                     &lens,
                     &mut b.attn.slice_mut(..n * q_dim),
+                    &mut b.prefill_workspace,
                     shape.seqs,
                     shape.max_q_len,
                     &p,

@@ -48,6 +48,15 @@ const PREFILL_THREADS: u32 = 128;
 /// attention_prefill.cu `BM`: query rows per block.
 const PREFILL_BLOCK_M: usize = 64;
 
+/// A prefill launch with fewer (query tile, head, sequence) blocks than this splits the keys of
+/// each query tile over more blocks (split KV); and the blocks it aims for when it does.
+const PREFILL_SPLIT_BELOW_BLOCKS: usize = 128;
+const PREFILL_SPLIT_TARGET_BLOCKS: usize = 256;
+/// Most key ranges per query tile, and the fewest key tiles a range gets: shorter ones would
+/// spend more on staging Q and on their share of the merge than they save.
+const PREFILL_MAX_SPLITS: usize = 16;
+const PREFILL_MIN_TILES_PER_SPLIT: usize = 4;
+
 /// Smallest decode partition, used only by batches below `DECODE_TINY_BATCH` sequences: they are
 /// latency-bound, and more, shorter partitions put more SMs to work on one context.
 const DECODE_MIN_PARTITION: usize = 64;
@@ -196,6 +205,21 @@ fn prefill_block_n(head_dim: usize) -> usize {
     } else {
         32
     }
+}
+
+/// Key ranges per query tile of a prefill launch of `blocks` (query tile, head, sequence)
+/// blocks over at most `key_tiles` key tiles, whose partials take `unit_elems` floats per split,
+/// with `workspace` floats to hold them: 1 (no split) unless the launch leaves most SMs idle and
+/// the contexts are long enough for each range to get several key tiles.
+fn prefill_splits(blocks: usize, key_tiles: usize, unit_elems: usize, workspace: usize) -> usize {
+    if blocks == 0 || blocks >= PREFILL_SPLIT_BELOW_BLOCKS {
+        return 1;
+    }
+    (PREFILL_SPLIT_TARGET_BLOCKS / blocks)
+        .min(key_tiles / PREFILL_MIN_TILES_PER_SPLIT)
+        .min(PREFILL_MAX_SPLITS)
+        .min(workspace / unit_elems.max(1))
+        .max(1)
 }
 
 /// Dynamic shared memory of a prefill block: Q, then two stages of K and V, rows padded by 8.
@@ -384,6 +408,14 @@ impl CudaDevice {
         unsafe { self.launch_with_dependency_overlap(OP, &kernel, cfg, &mut params) }
     }
 
+    /// f32 elements of a scratch buffer with which [`CudaDevice::paged_attention_prefill`] can
+    /// split the keys of any call with heads of `head_dim` elements over as many blocks as it
+    /// chooses. A smaller buffer (even an empty one) is accepted: the call then splits less or not
+    /// at all.
+    pub fn paged_attention_prefill_workspace_len(head_dim: usize) -> usize {
+        PREFILL_SPLIT_TARGET_BLOCKS * PREFILL_BLOCK_M * (head_dim + 2)
+    }
+
     /// Causal attention of a variable-length batch of new tokens over the paged KV cache, whose
     /// K/V must already hold the new tokens.
     ///
@@ -393,6 +425,13 @@ impl CudaDevice {
     /// `i` of a sequence sits at position `context_lens[s] - q_len + i`. `max_q_len` bounds
     /// every sequence's `q_len` (it sizes the grid). `q`, both caches and `out` must start
     /// 16-byte aligned.
+    ///
+    /// When the batch makes few blocks of 64 query rows per head (a short message after a long
+    /// cached conversation), the keys of each query tile are split over several blocks whose
+    /// partial results a second kernel merges by log-sum-exp; `workspace` holds those partials
+    /// ([`CudaDevice::paged_attention_prefill_workspace_len`] elements allow any split). The
+    /// split count is chosen from the shapes and the block tables' width, not from the context
+    /// lengths on the device.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_prefill<T: KernelFloat>(
         &self,
@@ -403,6 +442,7 @@ impl CudaDevice {
         q_starts: &impl DevicePtr<u32>,
         context_lens: &impl DevicePtr<u32>,
         out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
         num_seqs: usize,
         max_q_len: usize,
         p: &AttentionParams,
@@ -435,9 +475,16 @@ impl CudaDevice {
                 limit: i32::MAX as usize,
             });
         }
+        self.check_context(OP, "workspace", workspace)?;
         if num_seqs == 0 || q_tiles == 0 {
             return Ok(());
         }
+        let splits = prefill_splits(
+            q_tiles * p.num_heads * num_seqs,
+            geo.capacity.div_ceil(prefill_block_n(p.head_dim)),
+            total_q * p.num_heads * (p.head_dim + 2),
+            workspace.len(),
+        );
 
         let name = format!("paged_attention_prefill_d{}_{}", p.head_dim, T::SUFFIX);
         let kernel = self.kernel("attention_prefill", &name)?;
@@ -451,15 +498,29 @@ impl CudaDevice {
         let (qs_ptr, _qs_sync) = q_starts.device_ptr(&self.stream);
         let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let (ws_ptr, _ws_sync) = workspace.device_ptr_mut(&self.stream);
         check_aligned(OP, [q_ptr, k_ptr, v_ptr, out_ptr])?;
+        // Partial outputs of every (split, row, head), then their (max, sum) pairs.
+        let (partial_o, partial_ml): (CUdeviceptr, CUdeviceptr) = if splits > 1 {
+            let o_elems = (splits * total_q * p.num_heads * p.head_dim) as u64;
+            (ws_ptr, ws_ptr + o_elems * std::mem::size_of::<f32>() as u64)
+        } else {
+            (0, 0)
+        };
 
+        let rows = to_i32(total_q);
         let total_q = to_i32(total_q);
         let num_heads = to_i32(p.num_heads);
         let num_kv_heads = to_i32(p.num_kv_heads);
         let max_blocks = to_i32(p.max_blocks_per_seq);
         let window = to_i32(p.sliding_window);
+        let splits_i = to_i32(splits);
         let cfg = LaunchConfig {
-            grid_dim: (q_tiles as u32, p.num_heads as u32, num_seqs as u32),
+            grid_dim: (
+                (q_tiles * splits) as u32,
+                p.num_heads as u32,
+                num_seqs as u32,
+            ),
             block_dim: (PREFILL_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -472,6 +533,9 @@ impl CudaDevice {
             .arg(&qs_ptr)
             .arg(&cl_ptr)
             .arg(&out_ptr)
+            .arg(&partial_o)
+            .arg(&partial_ml)
+            .arg(&splits_i)
             .arg(&total_q)
             .arg(&num_heads)
             .arg(&num_kv_heads)
@@ -481,7 +545,34 @@ impl CudaDevice {
             .arg(&window);
         // SAFETY: the arguments match `paged_attention_prefill_d*_*` in attention_prefill.cu;
         // the kernel clamps query ranges to `total_q` rows and key positions to the block tables'
-        // capacity, so with the lengths checked above every access stays inside the buffers.
+        // capacity, so with the lengths checked above every access stays inside the buffers; with
+        // splits the workspace holds `splits * total_q * num_heads * (head_dim + 2)` floats
+        // (`prefill_splits` never picks more).
+        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
+        if splits == 1 {
+            return Ok(());
+        }
+        let name = format!(
+            "paged_attention_prefill_merge_d{}_{}",
+            p.head_dim,
+            T::SUFFIX
+        );
+        let merge = self.kernel("attention_prefill", &name)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((total_q as usize * p.num_heads) as u32, 1, 1),
+            block_dim: (p.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&merge);
+        launch
+            .arg(&partial_o)
+            .arg(&partial_ml)
+            .arg(&out_ptr)
+            .arg(&splits_i)
+            .arg(&rows)
+            .arg(&num_heads);
+        // SAFETY: the arguments match `paged_attention_prefill_merge_d*_*`; one block per
+        // (row, head) of `out` and one thread per element, reading the partials written above.
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
@@ -545,6 +636,31 @@ mod tests {
         // Never below the minimum, however small the batch or short the context.
         assert_eq!(decode_partition_tokens(1, 16), DECODE_MIN_PARTITION);
         assert_eq!(decode_partition_tokens(7, 16), DECODE_MIN_BATCH_PARTITION);
+    }
+
+    #[test]
+    fn prefill_splits_only_launches_that_leave_the_gpu_idle() {
+        let full = CudaDevice::paged_attention_prefill_workspace_len(128);
+        // 80 new tokens (2 query tiles) × 16 heads after a 2,048-token conversation.
+        let unit = 80 * 16 * 130;
+        assert_eq!(prefill_splits(32, 2048 / 64, unit, full), 8);
+        // A 512-token prompt already makes 128 blocks: no split.
+        assert_eq!(prefill_splits(128, 512 / 64, 512 * 16 * 130, full), 1);
+        // A short context: each range keeps at least four key tiles.
+        assert_eq!(prefill_splits(16, 8, 16 * 16 * 130, full), 2);
+        assert_eq!(prefill_splits(16, 7, 16 * 16 * 130, full), 1);
+        // The workspace bounds the split; an empty one turns it off.
+        assert_eq!(prefill_splits(32, 2048 / 64, unit, 3 * unit), 3);
+        assert_eq!(prefill_splits(32, 2048 / 64, unit, 0), 1);
+        // The largest split any call can pick fits the full-size workspace.
+        for blocks in 1..PREFILL_SPLIT_BELOW_BLOCKS {
+            let splits = prefill_splits(blocks, 1 << 20, 0, usize::MAX);
+            // Each block covers at most 64 query rows of one head.
+            assert!(
+                splits * blocks * PREFILL_BLOCK_M * 130 <= full,
+                "{blocks} blocks"
+            );
+        }
     }
 
     #[test]
