@@ -42,6 +42,7 @@ pub use sampling::{SamplingBuffers, SamplingRow, SAMPLE_MAX_VOCAB};
 
 mod attention;
 pub mod cascade;
+mod kv_copy;
 mod linear;
 mod rope;
 mod sampling;

@@ -330,3 +330,53 @@ fn kernels_are_embedded_when_nvcc_was_required() {
     }
     assert!(cuda::module_ptx_or_fatbin("no_such_module").is_none());
 }
+
+/// Copy-on-write of a KV block: one launch copies block `src` over block `dst` in every cache,
+/// touching nothing else, in both directions; bad block numbers and sizes are refused.
+#[test]
+fn copy_cache_block_copies_one_block_in_every_cache() {
+    let Some(dev) = device("copy_cache_block_copies_one_block_in_every_cache") else {
+        return;
+    };
+    let mut rng = Rng(31);
+    let (blocks, block_elems) = (5usize, 16 * 3 * 40);
+    let before: Vec<Vec<bf16>> = (0..7)
+        .map(|_| rng.vec(blocks * block_elems, -1.0, 1.0))
+        .collect();
+    let mut caches: Vec<_> = before.iter().map(|c| dev.upload(c).unwrap()).collect();
+    for (src, dst) in [(3usize, 1usize), (0, 4)] {
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        dev.copy_cache_block(&mut refs, block_elems, src, dst)
+            .unwrap();
+        for (i, (cache, old)) in caches.iter().zip(&before).enumerate() {
+            let got = dev.download(cache).unwrap();
+            for b in 0..blocks {
+                let want_from = if b == dst { src } else { b };
+                // Blocks copied over in an earlier round keep that copy.
+                let want_from = if (src, dst) == (0, 4) && b == 1 {
+                    3
+                } else {
+                    want_from
+                };
+                let want = &old[want_from * block_elems..(want_from + 1) * block_elems];
+                let got = &got[b * block_elems..(b + 1) * block_elems];
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "cache {i}, block {b} after copying {src} -> {dst}"
+                );
+            }
+        }
+    }
+    let mut refs: Vec<_> = caches.iter_mut().collect();
+    for (block_elems, src, dst) in [(block_elems, 2, 2), (block_elems, 1, blocks), (7, 0, 1)] {
+        let err = dev
+            .copy_cache_block(&mut refs, block_elems, src, dst)
+            .unwrap_err();
+        assert!(
+            matches!(err, CudaError::InvalidArgument { .. }),
+            "{block_elems} elements, {src} -> {dst}: {err}"
+        );
+    }
+}

@@ -448,32 +448,11 @@ where
                 bufs.cache.num_blocks
             )));
         }
-        let st = self.dev.stream();
-        for (k, v) in &mut self.kv {
-            for cache in [k, v] {
-                // Split the buffer between the two blocks to borrow one for reading and the
-                // other for writing.
-                let result = if src < dst {
-                    let (a, mut b) = cache.split_at_mut(dst * elems);
-                    st.memcpy_dtod(
-                        &a.slice(src * elems..(src + 1) * elems),
-                        &mut b.slice_mut(..elems),
-                    )
-                } else {
-                    let (mut a, b) = cache.split_at_mut(src * elems);
-                    st.memcpy_dtod(
-                        &b.slice(..elems),
-                        &mut a.slice_mut(dst * elems..(dst + 1) * elems),
-                    )
-                };
-                result.map_err(|e| {
-                    cuda(CudaError::Driver {
-                        op: "KV block copy",
-                        source: e,
-                    })
-                })?;
-            }
-        }
+        let mut caches: Vec<&mut CudaSlice<T>> =
+            self.kv.iter_mut().flat_map(|(k, v)| [k, v]).collect();
+        self.dev
+            .copy_cache_block(&mut caches, elems, src, dst)
+            .map_err(cuda)?;
         Ok(())
     }
 
