@@ -275,15 +275,22 @@ fn time_to_first_token(engine: &mut Engine, len: usize, runs: usize) -> Result<f
     let runs = runs.max(1);
     let vocab = engine.info().config.vocab_size;
     let mut times = Vec::new();
+    let hits = engine.stats().prefix_hit_tokens;
     for r in 0..runs + 1 {
         let t0 = Instant::now();
-        engine.add_request(prompt(len, 1000 + r as u64, vocab), greedy(1))?;
+        // A seed per (length, run): prompts of different lengths from one seed share their
+        // leading tokens, and the longer one would find the shorter one's KV in the prefix cache.
+        let seed = ((len as u64) << 16) + 1000 + r as u64;
+        engine.add_request(prompt(len, seed, vocab), greedy(1))?;
         while engine.has_work() {
             engine.step()?;
         }
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
+    }
+    if engine.stats().prefix_hit_tokens != hits {
+        bail!("a {len}-token TTFT prompt found cached KV, so its time would not cover the whole prompt");
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2] * 1e3)

@@ -514,7 +514,81 @@ where
                 ))
                 .map_err(cuda)?,
         });
-        Ok(())
+        self.warm_up_projections().map_err(cuda)
+    }
+
+    /// Runs every projection of a step once per cuBLASLt plan bucket of row counts the buffers
+    /// hold (layer 0's weights, the step buffers, the forward pass's bias and alignment), so
+    /// the first use of each bucket, a few milliseconds of cuBLASLt host time (and about 0.6 s
+    /// for the first of all), happens at load instead of inside a request's prefill or a
+    /// graph capture. The outputs are scratch.
+    fn warm_up_projections(&mut self) -> std::result::Result<(), CudaError> {
+        let c = &self.config;
+        let (h, q_dim) = (c.hidden_size, c.num_heads * c.head_dim);
+        let qkv_dim = q_dim + 2 * c.num_kv_heads * c.head_dim;
+        let (inter, vocab) = (c.intermediate_size, c.vocab_size);
+        let d = &*self.dev;
+        let b = self.bufs.as_mut().expect("allocated above");
+        let layer = &self.layers[0];
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let qkv_bias = layer.qkv_bias.as_ref().map(|x| x.slice(..));
+        let max_rows = b.cache.max_batch_tokens.max(b.cache.max_seqs);
+        for n in CudaDevice::linear_warm_up_rows(max_rows) {
+            d.linear_overlapped(
+                &b.normed.slice(..n * h),
+                n,
+                h,
+                &layer.qkv,
+                qkv_dim,
+                qkv_bias.as_ref(),
+                None,
+                &mut b.qkv.slice_mut(..n * qkv_dim),
+            )?;
+            d.linear_overlapped(
+                &b.attn.slice(..n * q_dim),
+                n,
+                q_dim,
+                &layer.o_proj,
+                h,
+                None,
+                None,
+                &mut b.proj.slice_mut(..n * h),
+            )?;
+            d.linear_overlapped(
+                &b.normed.slice(..n * h),
+                n,
+                h,
+                &layer.gate_up,
+                2 * inter,
+                None,
+                None,
+                &mut b.gate_up.slice_mut(..n * 2 * inter),
+            )?;
+            d.linear_overlapped(
+                &b.act.slice(..n * inter),
+                n,
+                inter,
+                &layer.down,
+                h,
+                None,
+                None,
+                &mut b.proj.slice_mut(..n * h),
+            )?;
+        }
+        // The LM head runs over one row per sequence.
+        for s in CudaDevice::linear_warm_up_rows(b.cache.max_seqs) {
+            d.linear_overlapped(
+                &b.last.slice(..s * h),
+                s,
+                h,
+                head,
+                vocab,
+                None,
+                None,
+                &mut b.logits.slice_mut(..s * vocab),
+            )?;
+        }
+        d.synchronize()
     }
 
     /// Copy the step's host-side inputs into the fixed device buffers; padding rows (up to

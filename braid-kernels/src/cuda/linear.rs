@@ -222,17 +222,46 @@ fn cublas_error(call: &'static str, err: CublasError) -> CudaError {
 
 /// Everything a cuBLASLt matmul of one shape needs besides the pointers, built once and reused:
 /// building descriptors and asking for a heuristic costs tens of microseconds of host time.
+///
+/// A plan is built for a bucket of row counts ([`plan_rows`]) and serves every count in it: the
+/// x and out layouts are set to the call's row count before each matmul. The first matmul of
+/// every new problem size costs cuBLASLt 2–4 ms of host time (measured on an H100; it happens
+/// inside `cublasLtMatmul`, not in the heuristic), which a plan per exact row count paid for
+/// every new prompt length; within a bucket the problem is the bucket's, already prepared.
 struct Plan {
     desc: MatmulDesc,
     a: Layout,
     b: Layout,
     c: Layout,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+    /// Row counts below the bucket's for which cuBLASLt confirmed the algorithm
+    /// (`cublasLtMatmulAlgoCheck`), or found it unusable.
+    checked: HashMap<usize, bool>,
+}
+
+/// The row count a cuBLASLt plan is built for, covering `n`: multiples of 16 up to 256 (the
+/// decode batch buckets), then steps of ×1.5 and ×4/3 (384, 512, 768, 1024, …), so a plan's
+/// algorithm is never chosen for more than about 1.5 times the rows it runs.
+fn plan_rows(n: usize) -> usize {
+    if n <= 256 {
+        return n.div_ceil(16).max(1) * 16;
+    }
+    let mut rows = 256;
+    while rows < n {
+        rows = if rows.is_power_of_two() {
+            rows / 2 * 3
+        } else {
+            rows / 3 * 4
+        };
+    }
+    rows
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PlanKey {
     dtype: usize,
+    /// The rows the plan was built for: the bucket of the calls' row counts, or one exact count
+    /// when the bucket's algorithm cannot run it.
     n: usize,
     k: usize,
     m: usize,
@@ -343,19 +372,39 @@ fn data_type<T: KernelFloat>() -> lt_sys::cudaDataType {
 }
 
 impl LtState {
+    /// The plan for `key` (whose `n` is the call's row count) with its x and out layouts set to
+    /// that count: the bucket's plan when its algorithm runs the count, else one of its own.
     fn plan<T: KernelFloat>(&mut self, key: PlanKey) -> Result<&Plan, CudaError> {
+        let bucket = PlanKey {
+            n: plan_rows(key.n),
+            ..key
+        };
+        self.prepare::<T>(bucket)?;
+        let plan = self.plans.get_mut(&bucket).ok_or_else(missing_plan)?;
+        plan.set_rows(key.n)?;
+        // The heuristic chose the algorithm for the bucket's own row count; fewer rows are
+        // checked once.
+        let fits = match plan.checked.get(&key.n) {
+            _ if key.n == bucket.n => true,
+            Some(&fits) => fits,
+            None => {
+                let fits = plan.runs(self.handle, self.workspace_size);
+                plan.checked.insert(key.n, fits);
+                fits
+            }
+        };
+        let key = if fits { bucket } else { key };
+        self.prepare::<T>(key)?;
+        self.plans.get(&key).ok_or_else(missing_plan)
+    }
+
+    /// Builds the plan of `key` unless it exists.
+    fn prepare<T: KernelFloat>(&mut self, key: PlanKey) -> Result<(), CudaError> {
         if !self.plans.contains_key(&key) {
             let plan = self.build_plan::<T>(key)?;
             self.plans.insert(key, plan);
         }
-        self.plans.get(&key).ok_or_else(|| {
-            invalid_argument(
-                "linear",
-                "the cuBLASLt plan cache",
-                "to hold the plan just inserted",
-                "no entry",
-            )
-        })
+        Ok(())
     }
 
     /// Column-major view of the row-major problem: D[m, n] = op(A)[m, k] · B[k, n] with
@@ -429,7 +478,60 @@ impl LtState {
             b,
             c,
             algo: heuristic.algo,
+            checked: HashMap::new(),
         })
+    }
+}
+
+fn missing_plan() -> CudaError {
+    invalid_argument(
+        "linear",
+        "the cuBLASLt plan cache",
+        "to hold the plan just inserted",
+        "no entry",
+    )
+}
+
+impl Plan {
+    /// Sets the x (B) and out (C, D) layouts to `rows` rows (columns in cuBLASLt's view).
+    fn set_rows(&self, rows: usize) -> Result<(), CudaError> {
+        let cols = rows as u64;
+        for layout in [&self.b, &self.c] {
+            // SAFETY: the layout is alive (owned by the plan), and COLS takes a u64.
+            unsafe {
+                set_attribute(
+                    lt::set_matrix_layout_attribute,
+                    "cublasLtMatrixLayoutSetAttribute",
+                    layout.0,
+                    lt_sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_COLS,
+                    &cols,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether cuBLASLt accepts this plan's algorithm for the problem its layouts now describe,
+    /// within `workspace_size` bytes of workspace.
+    fn runs(&self, handle: lt_sys::cublasLtHandle_t, workspace_size: usize) -> bool {
+        // SAFETY: a zeroed heuristic result is valid plain data that the call overwrites.
+        let mut result: lt_sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the handle, descriptor and layouts are alive; the call only reads them and
+        // writes `result`.
+        let status = unsafe {
+            lt_sys::cublasLtMatmulAlgoCheck(
+                handle,
+                self.desc.0,
+                self.a.0,
+                self.b.0,
+                self.c.0,
+                self.c.0,
+                &self.algo,
+                &mut result,
+            )
+        };
+        status == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && result.workspaceSize <= workspace_size
     }
 }
 
@@ -565,6 +667,25 @@ impl CudaDevice {
             overlapped,
         };
         self.linear_on(route, x, n, k, w, m, None, None, out)
+    }
+
+    /// Row counts that, passed once each to [`CudaDevice::linear`] for a weight shape, prepare
+    /// every cuBLASLt-bound call of that shape with up to `max_rows` rows (above
+    /// [`CudaDevice::LINEAR_SKINNY_MAX_TOKENS`]): one per plan bucket, the bucket's own count or
+    /// `max_rows` for the last.
+    ///
+    /// The first cuBLASLt matmul of each bucket costs 2–4 ms of host time (on an H100), and the
+    /// very first one in a process about 0.6 s; a model that runs these calls at load keeps
+    /// both out of its requests' time to first token.
+    pub fn linear_warm_up_rows(max_rows: usize) -> Vec<usize> {
+        let mut rows = Vec::new();
+        let mut n = Self::LINEAR_SKINNY_MAX_TOKENS + 1;
+        while n <= max_rows {
+            let bucket = plan_rows(n);
+            rows.push(bucket.min(max_rows));
+            n = bucket + 1;
+        }
+        rows
     }
 
     /// Creates this device's cuBLASLt handle and workspace now rather than on the first
@@ -1197,6 +1318,29 @@ const _: () = assert!(CudaDevice::LINEAR_SKINNY_MAX_TOKENS <= SKINNY_TOKEN_LIMIT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plan_buckets_cover_each_row_count_with_at_most_half_again_as_many() {
+        assert_eq!(plan_rows(1), 16);
+        assert_eq!(plan_rows(17), 32);
+        assert_eq!(plan_rows(256), 256);
+        assert_eq!(plan_rows(257), 384);
+        assert_eq!(plan_rows(600), 768);
+        assert_eq!(plan_rows(4096), 4096);
+        assert_eq!(plan_rows(4097), 6144);
+        assert_eq!(
+            CudaDevice::linear_warm_up_rows(600),
+            [32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240, 256, 384, 512, 600]
+        );
+        assert!(CudaDevice::linear_warm_up_rows(16).is_empty());
+        for n in 1..20_000 {
+            let rows = plan_rows(n);
+            assert!(rows >= n, "{n}");
+            assert!(n <= 16 || 2 * rows <= 3 * n + 32, "{n} -> {rows}");
+            // Buckets nest: every count of a bucket maps to the bucket itself.
+            assert_eq!(plan_rows(rows), rows, "{n}");
+        }
+    }
 
     #[test]
     fn token_groups_are_the_compiled_powers_of_two() {
