@@ -244,6 +244,101 @@ struct Buffers<T> {
     prefill_workspace: CudaSlice<f32>,
 }
 
+/// Row widths of a step's activations, from the model config.
+#[derive(Clone, Copy)]
+struct Widths {
+    hidden: usize,
+    q: usize,
+    qkv: usize,
+    inter: usize,
+    vocab: usize,
+}
+
+type CudaResult = std::result::Result<(), CudaError>;
+
+impl Widths {
+    fn of(c: &ModelConfig) -> Widths {
+        let q = c.num_heads * c.head_dim;
+        Widths {
+            hidden: c.hidden_size,
+            q,
+            qkv: q + 2 * c.num_kv_heads * c.head_dim,
+            inter: c.intermediate_size,
+            vocab: c.vocab_size,
+        }
+    }
+}
+
+/// The projections a step runs unfused, each from one step buffer into another.
+#[derive(Clone, Copy)]
+enum Projection {
+    /// `qkv = normed · W_qkvᵀ (+ bias)`
+    Qkv,
+    /// `proj = attn · W_oᵀ`
+    O,
+    /// `gate_up = normed · W_gate|upᵀ`
+    GateUp,
+    /// `proj = act · W_downᵀ`
+    Down,
+}
+
+/// Projections over the first `n` rows of the step buffers. Each reads model weights no kernel
+/// writes, so each may start streaming them while the previous kernel finishes (programmatic
+/// dependent launch).
+impl<T: KernelFloat> Buffers<T> {
+    fn project(
+        &mut self,
+        d: &CudaDevice,
+        layer: &Layer<T>,
+        projection: Projection,
+        n: usize,
+        w: Widths,
+    ) -> CudaResult {
+        let (x, k, weight, m, out) = match projection {
+            Projection::Qkv => (&self.normed, w.hidden, &layer.qkv, w.qkv, &mut self.qkv),
+            Projection::O => (&self.attn, w.q, &layer.o_proj, w.hidden, &mut self.proj),
+            Projection::GateUp => (
+                &self.normed,
+                w.hidden,
+                &layer.gate_up,
+                2 * w.inter,
+                &mut self.gate_up,
+            ),
+            Projection::Down => (&self.act, w.inter, &layer.down, w.hidden, &mut self.proj),
+        };
+        let bias = match projection {
+            Projection::Qkv => layer.qkv_bias.as_ref().map(|b| b.slice(..)),
+            _ => None,
+        };
+        let out = &mut out.slice_mut(..n * m);
+        d.linear_overlapped(&x.slice(..n * k), n, k, weight, m, bias.as_ref(), None, out)
+    }
+
+    /// `logits = x · W_headᵀ` over `rows` rows of `x`: `normed` in a decode step (every row is a
+    /// sequence's last), `last` (the gathered last rows) otherwise.
+    fn project_logits(
+        &mut self,
+        d: &CudaDevice,
+        head: &CudaSlice<T>,
+        rows: usize,
+        gathered: bool,
+        w: Widths,
+    ) -> CudaResult {
+        let x = if gathered { &self.last } else { &self.normed };
+        let out = &mut self.logits.slice_mut(..rows * w.vocab);
+        d.linear_overlapped(
+            &x.slice(..rows * w.hidden),
+            rows,
+            w.hidden,
+            head,
+            w.vocab,
+            None,
+            None,
+            out,
+        )
+    }
+}
+
 /// What a step looks like to the kernels.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct StepShape {
@@ -522,71 +617,26 @@ where
     /// the first use of each bucket, a few milliseconds of cuBLASLt host time (and about 0.6 s
     /// for the first of all), happens at load instead of inside a request's prefill or a
     /// graph capture. The outputs are scratch.
-    fn warm_up_projections(&mut self) -> std::result::Result<(), CudaError> {
-        let c = &self.config;
-        let (h, q_dim) = (c.hidden_size, c.num_heads * c.head_dim);
-        let qkv_dim = q_dim + 2 * c.num_kv_heads * c.head_dim;
-        let (inter, vocab) = (c.intermediate_size, c.vocab_size);
+    fn warm_up_projections(&mut self) -> CudaResult {
+        let w = Widths::of(&self.config);
         let d = &*self.dev;
         let b = self.bufs.as_mut().expect("allocated above");
         let layer = &self.layers[0];
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let qkv_bias = layer.qkv_bias.as_ref().map(|x| x.slice(..));
         let max_rows = b.cache.max_batch_tokens.max(b.cache.max_seqs);
         for n in CudaDevice::linear_warm_up_rows(max_rows) {
-            d.linear_overlapped(
-                &b.normed.slice(..n * h),
-                n,
-                h,
-                &layer.qkv,
-                qkv_dim,
-                qkv_bias.as_ref(),
-                None,
-                &mut b.qkv.slice_mut(..n * qkv_dim),
-            )?;
-            d.linear_overlapped(
-                &b.attn.slice(..n * q_dim),
-                n,
-                q_dim,
-                &layer.o_proj,
-                h,
-                None,
-                None,
-                &mut b.proj.slice_mut(..n * h),
-            )?;
-            d.linear_overlapped(
-                &b.normed.slice(..n * h),
-                n,
-                h,
-                &layer.gate_up,
-                2 * inter,
-                None,
-                None,
-                &mut b.gate_up.slice_mut(..n * 2 * inter),
-            )?;
-            d.linear_overlapped(
-                &b.act.slice(..n * inter),
-                n,
-                inter,
-                &layer.down,
-                h,
-                None,
-                None,
-                &mut b.proj.slice_mut(..n * h),
-            )?;
+            for projection in [
+                Projection::Qkv,
+                Projection::O,
+                Projection::GateUp,
+                Projection::Down,
+            ] {
+                b.project(d, layer, projection, n, w)?;
+            }
         }
         // The LM head runs over one row per sequence.
         for s in CudaDevice::linear_warm_up_rows(b.cache.max_seqs) {
-            d.linear_overlapped(
-                &b.last.slice(..s * h),
-                s,
-                h,
-                head,
-                vocab,
-                None,
-                None,
-                &mut b.logits.slice_mut(..s * vocab),
-            )?;
+            b.project_logits(d, head, s, true, w)?;
         }
         d.synchronize()
     }
@@ -797,6 +847,7 @@ where
         let inter = c.intermediate_size;
         let eps = c.rms_norm_eps;
         let n = shape.tokens;
+        let widths = Widths::of(c);
         let d = &*self.dev;
         let b = self.bufs.as_mut().expect("allocated before any step");
         let decode = shape.max_q_len == 1;
@@ -851,16 +902,7 @@ where
                     cur ^= 1;
                 }
             } else {
-                d.linear_overlapped(
-                    &b.normed.slice(..n * h),
-                    n,
-                    h,
-                    &layer.qkv,
-                    qkv_dim,
-                    qkv_bias.as_ref(),
-                    None,
-                    &mut b.qkv.slice_mut(..n * qkv_dim),
-                )?;
+                b.project(d, layer, Projection::Qkv, n, widths)?;
             }
             let (k_cache, v_cache) = &mut self.kv[li];
             d.rope_qk_norm_kv_write(
@@ -933,16 +975,7 @@ where
                     &p,
                 )?;
             }
-            d.linear_overlapped(
-                &b.attn.slice(..n * q_dim),
-                n,
-                q_dim,
-                &layer.o_proj,
-                h,
-                None,
-                None,
-                &mut b.proj.slice_mut(..n * h),
-            )?;
+            b.project(d, layer, Projection::O, n, widths)?;
             if fused {
                 let (src, dst) = if cur == 0 {
                     (&b.residual, &mut b.residual_alt)
@@ -983,32 +1016,14 @@ where
                 h,
                 eps,
             )?;
-            d.linear_overlapped(
-                &b.normed.slice(..n * h),
-                n,
-                h,
-                &layer.gate_up,
-                2 * inter,
-                None,
-                None,
-                &mut b.gate_up.slice_mut(..n * 2 * inter),
-            )?;
+            b.project(d, layer, Projection::GateUp, n, widths)?;
             d.silu_mul(
                 &b.gate_up.slice(..n * 2 * inter),
                 &mut b.act.slice_mut(..n * inter),
                 n,
                 inter,
             )?;
-            d.linear_overlapped(
-                &b.act.slice(..n * inter),
-                n,
-                inter,
-                &layer.down,
-                h,
-                None,
-                None,
-                &mut b.proj.slice_mut(..n * h),
-            )?;
+            b.project(d, layer, Projection::Down, n, widths)?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
             d.fused_add_rms_norm(
                 &b.proj.slice(..n * h),
@@ -1042,37 +1057,15 @@ where
         // rows; otherwise they are gathered first (the embedding kernel is a row gather).
         let s = shape.seqs;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = &mut b.logits.slice_mut(..s * c.vocab_size);
-        if decode {
-            d.linear_overlapped(
-                &b.normed.slice(..s * h),
-                s,
-                h,
-                head,
-                c.vocab_size,
-                None,
-                None,
-                logits,
-            )?;
-        } else {
+        if !decode {
             d.embedding(
                 &b.normed.slice(..n * h),
                 &b.last_rows.slice(..s),
                 &mut b.last.slice_mut(..s * h),
                 h,
             )?;
-            d.linear_overlapped(
-                &b.last.slice(..s * h),
-                s,
-                h,
-                head,
-                c.vocab_size,
-                None,
-                None,
-                logits,
-            )?;
         }
-        Ok(())
+        b.project_logits(d, head, s, !decode, widths)
     }
 
     fn forward_logits(
