@@ -23,6 +23,7 @@ use crate::sampling::Sampler;
 use crate::sequence::Sequence;
 use crate::stop::StopChecker;
 use braid_kernels::cuda::SamplingRow;
+use rayon::prelude::*;
 
 /// Engine sizing.
 #[derive(Debug, Clone)]
@@ -117,6 +118,20 @@ pub struct RetainedInfo {
 }
 
 struct TokenizerDecode<'a>(&'a Tokenizer);
+
+/// What one scheduled sequence produced in a step.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// A prefill-only request's prompt is computed (index into `running`).
+    Prefilled(usize),
+    /// A new token, and whether it is an end-of-sequence token that ends the output.
+    Token { i: usize, token: u32, is_eos: bool },
+}
+
+/// Steps with at least this many new tokens detokenize them in parallel. Below it the
+/// sequential loop is cheap (≈35 µs at 64 sequences) and waking the thread pool costs about as
+/// much as it saves.
+const PARALLEL_DETOKENIZE_MIN: usize = 128;
 
 impl Decode for TokenizerDecode<'_> {
     fn decode(&self, ids: &[u32]) -> String {
@@ -540,9 +555,9 @@ impl Engine {
         self.stats.steps += 1;
         self.stats.forward_seconds += forward_start.elapsed().as_secs_f64();
 
-        let mut events = Vec::new();
-        let decoder = TokenizerDecode(&self.tokenizer);
+        // Bookkeeping first, in step order: what each scheduled sequence produced.
         let eos = self.tokenizer.eos_ids();
+        let mut outcomes = Vec::with_capacity(scheduled.len());
         for (&(i, n), token) in scheduled.iter().zip(sampled) {
             let seq = &mut self.running[i];
             if seq.num_computed < seq.prompt_len {
@@ -561,15 +576,7 @@ impl Engine {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
             if seq.params.max_tokens == 0 {
-                // Prefill only: the prompt's KV is computed and cached; nothing is generated.
-                seq.finished = Some(FinishReason::Length);
-                events.push(StepEvent {
-                    request: seq.id,
-                    token: None,
-                    text: String::new(),
-                    finished: seq.finished,
-                    metrics: Some(seq.metrics()),
-                });
+                outcomes.push(Outcome::Prefilled(i));
                 continue;
             }
             seq.tokens.push(token);
@@ -577,11 +584,64 @@ impl Engine {
             seq.first_token.get_or_insert(now);
             seq.last_token = Some(now);
             self.stats.generated_tokens += 1;
-
             let is_eos = !seq.params.ignore_eos && eos.contains(&token);
+            outcomes.push(Outcome::Token { i, token, is_eos });
+        }
+
+        // The new tokens' text: each sequence's detokenizer is its own, so a large batch
+        // decodes them in parallel (two tokenizer decodes per token add up to ≈0.1 ms a step
+        // at 256 sequences).
+        let mut new_token: Vec<Option<u32>> = vec![None; self.running.len()];
+        for outcome in &outcomes {
+            if let Outcome::Token {
+                i,
+                token,
+                is_eos: false,
+            } = *outcome
+            {
+                new_token[i] = Some(token);
+            }
+        }
+        let decoder = TokenizerDecode(&self.tokenizer);
+        let detokenize = |(seq, token): (&mut Sequence, &Option<u32>)| {
+            token.map(|t| seq.detok.push(&decoder, t))
+        };
+        let mut pieces: Vec<Option<String>> = if outcomes.len() >= PARALLEL_DETOKENIZE_MIN {
+            self.running
+                .par_iter_mut()
+                .zip(&new_token)
+                .map(detokenize)
+                .collect()
+        } else {
+            self.running
+                .iter_mut()
+                .zip(&new_token)
+                .map(detokenize)
+                .collect()
+        };
+
+        // Stop strings, ends and events, in step order.
+        let mut events = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            let (i, token, is_eos) = match outcome {
+                Outcome::Prefilled(i) => {
+                    // Prefill only: the prompt's KV is computed and cached; nothing is generated.
+                    let seq = &mut self.running[i];
+                    seq.finished = Some(FinishReason::Length);
+                    events.push(StepEvent {
+                        request: seq.id,
+                        token: None,
+                        text: String::new(),
+                        finished: seq.finished,
+                        metrics: Some(seq.metrics()),
+                    });
+                    continue;
+                }
+                Outcome::Token { i, token, is_eos } => (i, token, is_eos),
+            };
+            let seq = &mut self.running[i];
             let mut text = String::new();
-            if !is_eos {
-                let piece = seq.detok.push(&decoder, token);
+            if let Some(piece) = pieces[i].take() {
                 let decision = seq.stop.push(&piece);
                 if decision.is_stop() {
                     seq.finished = Some(FinishReason::Stop);

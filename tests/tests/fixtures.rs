@@ -130,6 +130,58 @@ fn batched_chunked_and_preempted_generation_is_unchanged() {
     }
 }
 
+/// A step with many new tokens detokenizes them in parallel: each of 150 requests decoding side
+/// by side streams the same tokens and the same text, piece for piece joined, as it does alone.
+#[test]
+fn a_large_batch_streams_the_text_each_request_streams_alone() {
+    let (_, location, expected) = fixture_models()
+        .into_iter()
+        .find(|(n, ..)| n == "llama")
+        .expect("the llama fixture");
+    let base = as_ids(&expected["prompts"][0]["input_ids"]);
+    let config = || EngineConfig {
+        max_running: 160,
+        ..EngineConfig::default()
+    };
+    let mut batch = Engine::new(braid_models::load(&location).unwrap(), config()).unwrap();
+    let vocab = batch.info().config.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = (0..150u32)
+        .map(|i| {
+            let mut p = base.clone();
+            p.push(1 + (i * 7919) % (vocab - 1));
+            p
+        })
+        .collect();
+    let run = |engine: &mut Engine, ids: &[u32]| {
+        let id = engine.add_request(ids.to_vec(), greedy(8)).unwrap();
+        (id, Vec::new(), String::new())
+    };
+
+    let mut outputs: Vec<_> = prompts.iter().map(|p| run(&mut batch, p)).collect();
+    while batch.has_work() {
+        for ev in batch.step().unwrap() {
+            let out = outputs.iter_mut().find(|o| o.0 == ev.request).unwrap();
+            out.1.extend(ev.token);
+            out.2.push_str(&ev.text);
+        }
+    }
+
+    let mut alone = Engine::new(braid_models::load(&location).unwrap(), config()).unwrap();
+    for (prompt, (_, tokens, text)) in prompts.iter().zip(&outputs).step_by(7) {
+        let (id, mut solo_tokens, mut solo_text) = run(&mut alone, prompt);
+        while alone.has_work() {
+            for ev in alone.step().unwrap() {
+                assert_eq!(ev.request, id);
+                solo_tokens.extend(ev.token);
+                solo_text.push_str(&ev.text);
+            }
+        }
+        assert_eq!(tokens, &solo_tokens, "prompt ending in {:?}", prompt.last());
+        assert_eq!(text, &solo_text, "prompt ending in {:?}", prompt.last());
+        assert!(!text.is_empty());
+    }
+}
+
 /// Exact prefix reuse: the same prompt again, and a prompt that extends an earlier one, take their
 /// shared blocks from the prefix cache and still produce transformers' greedy tokens.
 #[test]
