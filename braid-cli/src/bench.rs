@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use braid_core::{CascadePolicy, Engine, EngineConfig, GenerationParams, SamplingParams};
+use braid_core::{CascadePolicy, Engine, EngineConfig, GenerationParams};
 use serde_json::{json, Value};
 
 use crate::args::{BenchArgs, ModelArgs, SharedRun};
@@ -22,16 +22,6 @@ fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
             1 + (s % (vocab as u64 - 1)) as u32
         })
         .collect()
-}
-
-fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        ignore_eos: true,
-        retain: false,
-    }
 }
 
 /// Decode tokens per second with `batch` sequences running together: tokens produced after every
@@ -68,7 +58,7 @@ fn run_batch(
 ) -> Result<BatchRun> {
     let mut batch = 0;
     for p in prompts {
-        engine.add_request(p, greedy(new_tokens))?;
+        engine.add_request(p, GenerationParams::greedy_exact(new_tokens))?;
         batch += 1;
     }
     let mut started = std::collections::HashSet::new();
@@ -132,7 +122,7 @@ fn shared_prefix(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
         let vocab = engine.info().config.vocab_size;
         let system = prompt(len, 7, vocab);
         // The system prompt is computed once, as a client would register it, before the burst.
-        engine.add_request(system.clone(), greedy(0))?;
+        engine.add_request(system.clone(), GenerationParams::greedy_exact(0))?;
         while engine.has_work() {
             engine.step()?;
         }
@@ -244,7 +234,7 @@ fn conversation(
         let before = engine.stats().prompt_tokens;
         let params = GenerationParams {
             retain,
-            ..greedy(args.turn_answer)
+            ..GenerationParams::greedy_exact(args.turn_answer)
         };
         let t0 = Instant::now();
         let id = engine.add_request(conversation.clone(), params)?;
@@ -281,7 +271,7 @@ fn time_to_first_token(engine: &mut Engine, len: usize, runs: usize) -> Result<f
         // A seed per (length, run): prompts of different lengths from one seed share their
         // leading tokens, and the longer one would find the shorter one's KV in the prefix cache.
         let seed = ((len as u64) << 16) + 1000 + r as u64;
-        engine.add_request(prompt(len, seed, vocab), greedy(1))?;
+        engine.add_request(prompt(len, seed, vocab), GenerationParams::greedy_exact(1))?;
         while engine.has_work() {
             engine.step()?;
         }
@@ -309,7 +299,7 @@ pub fn run(model: &ModelArgs, args: &BenchArgs, process_start: Instant) -> Resul
     let mut engine = crate::commands::load_engine(model, config)?;
     // Start-up: process start to the first generated token.
     let vocab = engine.info().config.vocab_size;
-    engine.add_request(prompt(16, 0, vocab), greedy(1))?;
+    engine.add_request(prompt(16, 0, vocab), GenerationParams::greedy_exact(1))?;
     while engine.has_work() {
         engine.step()?;
     }

@@ -43,7 +43,6 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::reasoning::{split_reasoning, OutputPiece, ReasoningParser, ThinkTags};
 use crate::request::{FinishReason, GenerationParams, RequestId, RequestMetrics};
-use crate::sampling::SamplingParams;
 
 /// Version of the saved-conversation file format.
 const SAVE_FORMAT_VERSION: u32 = 1;
@@ -460,12 +459,10 @@ impl Conversation {
         }
         let pinned =
             current.is_some_and(|id| engine.retained().iter().any(|r| r.id == id && r.pinned));
+        // Prefill only: the conversation's KV, kept for the next turn.
         let params = GenerationParams {
-            max_tokens: 0,
-            sampling: SamplingParams::greedy(),
-            stop: Vec::new(),
-            ignore_eos: true,
             retain: true,
+            ..GenerationParams::greedy_exact(0)
         };
         let id = match engine.add_request(wanted, params) {
             Ok(id) => id,

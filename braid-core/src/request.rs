@@ -35,6 +35,17 @@ impl Default for GenerationParams {
 }
 
 impl GenerationParams {
+    /// Greedy decoding of exactly `max_tokens` tokens, end-of-sequence tokens ignored: the
+    /// requests of benchmarks and of comparisons against reference outputs.
+    pub fn greedy_exact(max_tokens: usize) -> Self {
+        GenerationParams {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: true,
+            ..GenerationParams::default()
+        }
+    }
+
     /// Check every field, returning one sentence about the first bad one. `max_tokens` 0 is
     /// valid: the request only computes (and caches) its prompt's KV.
     pub fn validate(&self) -> Result<(), String> {

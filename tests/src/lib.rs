@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
-use braid_core::{Engine, GenerationParams, RequestId, RequestMetrics, SamplingParams};
+use braid_core::{Engine, GenerationParams, RequestId, RequestMetrics};
 use braid_models::source::ModelLocation;
 use braid_models::{Model, SeqInput};
 use serde_json::Value;
@@ -133,13 +133,7 @@ pub fn fixture_models() -> Vec<(String, ModelLocation, Value)> {
 
 /// Greedy decoding of exactly `max_tokens` tokens (EOS ignored), as the fixtures were made.
 pub fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        ignore_eos: true,
-        retain: false,
-    }
+    GenerationParams::greedy_exact(max_tokens)
 }
 
 /// Like [`greedy`], keeping the request's KV as a retained output when it finishes.
