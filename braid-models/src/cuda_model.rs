@@ -537,12 +537,7 @@ where
             .as_ref()
             .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
         let elems = bufs.cache.block_size * self.config.num_kv_heads * self.config.head_dim;
-        if src == dst || src.max(dst) >= bufs.cache.num_blocks {
-            return Err(ModelError::Forward(format!(
-                "cannot copy KV block {src} to block {dst} in a cache of {} blocks",
-                bufs.cache.num_blocks
-            )));
-        }
+        // The copy refuses a block onto itself or outside the caches.
         let mut caches: Vec<&mut CudaSlice<T>> =
             self.kv.iter_mut().flat_map(|(k, v)| [k, v]).collect();
         self.dev
@@ -841,13 +836,11 @@ where
     /// `bufs.logits`. Reads only device buffers, so it can be captured into a graph.
     fn enqueue_forward(&mut self, shape: StepShape) -> std::result::Result<(), CudaError> {
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let qkv_dim = q_dim + 2 * kv_dim;
-        let inter = c.intermediate_size;
+        let widths = Widths::of(c);
+        let (h, hd, q_dim) = (widths.hidden, c.head_dim, widths.q);
+        let (qkv_dim, inter) = (widths.qkv, widths.inter);
         let eps = c.rms_norm_eps;
         let n = shape.tokens;
-        let widths = Widths::of(c);
         let d = &*self.dev;
         let b = self.bufs.as_mut().expect("allocated before any step");
         let decode = shape.max_q_len == 1;

@@ -508,7 +508,6 @@ impl CudaDevice {
             (0, 0)
         };
 
-        let rows = to_i32(total_q);
         let total_q = to_i32(total_q);
         let num_heads = to_i32(p.num_heads);
         let num_kv_heads = to_i32(p.num_kv_heads);
@@ -569,7 +568,7 @@ impl CudaDevice {
             .arg(&partial_ml)
             .arg(&out_ptr)
             .arg(&splits_i)
-            .arg(&rows)
+            .arg(&total_q)
             .arg(&num_heads);
         // SAFETY: the arguments match `paged_attention_prefill_merge_d*_*`; one block per
         // (row, head) of `out` and one thread per element, reading the partials written above.
