@@ -9,10 +9,16 @@
 // can be captured into a CUDA graph and replayed. The arrival counters that elect the merging
 // block live in the workspace and are left at zero for the next launch.
 //
+// With a non-null `qkv` the kernel also does rope.cu's work for its decode step: each block
+// computes its GQA group's rotated (and q-normed) query heads from the raw QKV projection, and
+// the block holding a sequence's last key computes that key (k-norm, RoPE) and value, writes
+// them to the cache slot and uses them from shared memory. One kernel per layer fewer; the
+// values are rounded exactly as rope.cu rounds them, so the output is the same bits.
+//
 // Launched with programmatic dependent launch: the next kernel may be scheduled as soon as every
 // block has started, and no block reads or writes global memory before the previous kernel has
 // finished.
-#include "common.cuh"
+#include "rope.cuh"
 
 namespace braid {
 namespace attn_decode {
@@ -25,6 +31,10 @@ constexpr int WARPS = THREADS / BRAID_WARP_SIZE;
 // cover DRAM latency even when a small batch leaves most SMs idle.
 constexpr int UNROLL = 4;
 constexpr float LOG2E = 1.4426950408889634f;
+// Blocks per SM the register allocation must allow: what the kernels reached before the rope
+// work was folded in (64 and 80 registers at GC 1 and 2); larger groups are bound by registers
+// either way.
+constexpr int min_blocks(int gc) { return gc == 1 ? 4 : gc == 2 ? 3 : 1; }
 
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8], __half) {
     const __half2* h = reinterpret_cast<const __half2*>(&raw);
@@ -140,7 +150,9 @@ __device__ __forceinline__ void decode_partition(
     const uint32_t* __restrict__ block_tables, const uint32_t* __restrict__ context_lens,
     T* __restrict__ out, float* __restrict__ ws_o, float* __restrict__ ws_ml,
     unsigned int* __restrict__ counters, int num_heads, int num_kv_heads, int block_size_log2,
-    int max_blocks_per_seq, int partition_tokens, float scale, int sliding_window) {
+    int max_blocks_per_seq, int partition_tokens, float scale, int sliding_window, const T* __restrict__ qkv,
+    const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots, const float* __restrict__ inv_freq,
+    const T* __restrict__ q_norm, const T* __restrict__ k_norm, float eps, unsigned long long num_slots) {
     constexpr int TPK = D / 8;
     constexpr int KPI = THREADS / TPK;
 
@@ -150,6 +162,9 @@ __device__ __forceinline__ void decode_partition(
     __shared__ float row_sum[GC];
     __shared__ uint32_t part_blocks[MAX_PARTITION];
     __shared__ bool merges;
+    // With `qkv`: this pass's rotated query heads, and the new key and value (see the top).
+    __shared__ __align__(16) T q_stage[GC][D];
+    __shared__ __align__(16) T fresh[2][D];
 
     const int part = blockIdx.x;
     const int kv_head = blockIdx.y;
@@ -195,19 +210,44 @@ __device__ __forceinline__ void decode_partition(
     const float q_scale = scale * LOG2E;
     constexpr int STEP = KPI * UNROLL;
 
+    // The rope work of a fused launch. Query heads h0 .. h0+GC-1 go to q_stage (warp c takes
+    // head h0 + c); with `with_kv` two more warp items compute the new key and value into
+    // `fresh`. Every item is warp-uniform, as rope_head_d requires. The caller synchronises.
+    const bool fused = qkv != nullptr;
+    const bool writes_kv = fused && part == span.last_part;
+    const T* qkv_row = fused ? qkv + static_cast<size_t>(seq) * (num_heads + 2 * num_kv_heads) * D : nullptr;
+    const float pos = fused ? static_cast<float>(positions[seq]) : 0.0f;
+    auto rope_stage = [&](int h0, bool with_kv) {
+        const int items = GC + (with_kv ? 2 : 0);
+        for (int item = warp; item < items; item += WARPS) {
+            if (item < GC) {
+                if (h0 + item < group) {
+                    rope_head_d<T, D>(qkv_row + static_cast<size_t>(kv_head * group + h0 + item) * D,
+                                      q_stage[item], q_norm, inv_freq, pos, eps, true);
+                }
+            } else {
+                const bool is_v = item == GC + 1;
+                const int head = num_heads + (is_v ? num_kv_heads : 0) + kv_head;
+                rope_head_d<T, D>(qkv_row + static_cast<size_t>(head) * D, fresh[is_v ? 1 : 0],
+                                  is_v ? nullptr : k_norm, inv_freq, pos, eps, !is_v);
+            }
+        }
+    };
+
     // Query packs of heads h0 .. h0+GC-1 (zeros past the group), as raw 16-byte loads so they
-    // travel alongside the block-table loads below.
+    // travel alongside the block-table loads below; from q_stage when fused.
     auto load_q = [&](int h0, uint4 (&raw)[GC]) {
 #pragma unroll
         for (int c = 0; c < GC; ++c) {
             const int h = h0 + c;
-            raw[c] = h < group ? *reinterpret_cast<const uint4*>(
-                                     q + (static_cast<size_t>(seq) * num_heads + kv_head * group + h) * D + lane_k * 8)
-                               : make_uint4(0, 0, 0, 0);
+            const T* src = fused ? q_stage[c]
+                                 : q + (static_cast<size_t>(seq) * num_heads + kv_head * group + h) * D;
+            raw[c] = h < group ? *reinterpret_cast<const uint4*>(src + lane_k * 8) : make_uint4(0, 0, 0, 0);
         }
     };
+    if (fused) rope_stage(0, writes_kv);
     uint4 q_raw[GC];
-    load_q(0, q_raw);
+    if (!fused) load_q(0, q_raw);
 
     // The partition's block ids, staged once: every K and V row address derives from them.
     const int first_block = begin >> block_size_log2;
@@ -215,9 +255,26 @@ __device__ __forceinline__ void decode_partition(
     const uint32_t* table = block_tables + static_cast<size_t>(seq) * max_blocks_per_seq;
     for (int b = tid; b <= last_block - first_block; b += THREADS) part_blocks[b] = table[first_block + b];
     __syncthreads();
+    if (fused) load_q(0, q_raw);
+    // The new key's row comes from `fresh`; the cache gets it for later steps (the kernels read
+    // the cache through the non-coherent path, so no block of this launch reads it back). A
+    // padding marker or an out-of-range slot skips the write, as in rope.cu.
+    const int fresh_key = writes_kv ? span.len - 1 : -1;
+    if (writes_kv) {
+        const uint32_t slot = slots[seq];
+        if (slot != ROPE_SKIP_SLOT && slot < num_slots) {
+            const size_t at = (static_cast<size_t>(slot) * num_kv_heads + kv_head) * D;
+            for (int i = tid; i < 2 * D / 8; i += THREADS) {
+                const int which = i / (D / 8);
+                T* cache = const_cast<T*>(which == 0 ? k_cache : v_cache);
+                *reinterpret_cast<uint4*>(cache + at + (i % (D / 8)) * 8) =
+                    *reinterpret_cast<const uint4*>(fresh[which] + (i % (D / 8)) * 8);
+            }
+        }
+    }
 
     // One round: UNROLL rows per thread, KPI rows apart; rows past the partition read nothing.
-    auto load_round = [&](const T* base_ptr, int base, uint4 (&r)[UNROLL]) {
+    auto load_round = [&](const T* base_ptr, const T* fresh_row, int base, uint4 (&r)[UNROLL]) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int i = base + u * KPI + key_group;
@@ -226,7 +283,8 @@ __device__ __forceinline__ void decode_partition(
                 const size_t slot =
                     (static_cast<size_t>(part_blocks[(j >> block_size_log2) - first_block]) << block_size_log2) +
                     (j & (block_size - 1));
-                r[u] = load_stream(base_ptr + slot * slot_stride);
+                r[u] = j == fresh_key ? *reinterpret_cast<const uint4*>(fresh_row + lane_k * 8)
+                                      : load_stream(base_ptr + slot * slot_stride);
             } else {
                 r[u] = make_uint4(0, 0, 0, 0);
             }
@@ -235,9 +293,16 @@ __device__ __forceinline__ void decode_partition(
 
     for (int h0 = 0; h0 < group; h0 += GC) {
         // ---- scores: s[c][i] = (q_c . k_i) * scale * log2(e) ----
-        if (h0 > 0) load_q(h0, q_raw);
+        if (h0 > 0) {
+            // The previous pass ended with a barrier, so q_stage is free.
+            if (fused) {
+                rope_stage(h0, false);
+                __syncthreads();
+            }
+            load_q(h0, q_raw);
+        }
         uint4 kr[UNROLL];
-        load_round(k_base, 0, kr);
+        load_round(k_base, fresh[0], 0, kr);
         float qr[GC][8];
 #pragma unroll
         for (int c = 0; c < GC; ++c) {
@@ -250,7 +315,7 @@ __device__ __forceinline__ void decode_partition(
         // are not double-buffered across rounds: the extra registers cost more occupancy than the
         // overlap gains (measured on an H100).
         for (int base = 0; base < n; base += STEP) {
-            if (base > 0) load_round(k_base, base, kr);
+            if (base > 0) load_round(k_base, fresh[0], base, kr);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const int i = base + u * KPI + key_group;
@@ -270,7 +335,7 @@ __device__ __forceinline__ void decode_partition(
 
         // V's first round flies while the softmax runs.
         uint4 vr[UNROLL];
-        load_round(v_base, 0, vr);
+        load_round(v_base, fresh[1], 0, vr);
         __syncthreads();
 
         // ---- softmax over the partition, one warp per head ----
@@ -302,7 +367,7 @@ __device__ __forceinline__ void decode_partition(
             for (int e = 0; e < 8; ++e) acc[c][e] = 0.0f;
 
         for (int base = 0; base < n; base += STEP) {
-            if (base > 0) load_round(v_base, base, vr);
+            if (base > 0) load_round(v_base, fresh[1], base, vr);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const int i = base + u * KPI + key_group;
@@ -389,16 +454,21 @@ __device__ __forceinline__ void decode_partition(
         const uint32_t *__restrict__ block_tables, const uint32_t *__restrict__ context_lens,          \
         T *__restrict__ out, float *__restrict__ ws_o, float *__restrict__ ws_ml,                        \
         unsigned int *__restrict__ counters, int num_heads, int num_kv_heads, int block_size_log2,       \
-        int max_blocks_per_seq, int partition_tokens, float scale, int sliding_window
+        int max_blocks_per_seq, int partition_tokens, float scale, int sliding_window, const T *__restrict__ qkv, \
+        const uint32_t *__restrict__ positions, const uint32_t *__restrict__ slots,                      \
+        const float *__restrict__ inv_freq, const T *__restrict__ q_norm, const T *__restrict__ k_norm,  \
+        float eps, unsigned long long num_slots
 
 #define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                                   \
-    extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS)                          \
+    extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS,                          \
+                                                 braid::attn_decode::min_blocks(GC))                     \
         paged_attention_decode_d##D##_g##GC##_##SUFFIX(BRAID_DECODE_ARGS(T)) {                          \
         braid::attn_decode::decode_partition<T, D, GC>(q, k_cache, v_cache, block_tables, context_lens, \
                                                        out, ws_o, ws_ml, counters, num_heads,           \
                                                        num_kv_heads, block_size_log2,                   \
                                                        max_blocks_per_seq, partition_tokens, scale,     \
-                                                       sliding_window);                                 \
+                                                       sliding_window, qkv, positions, slots, inv_freq, \
+                                                       q_norm, k_norm, eps, num_slots);                 \
     }
 
 #define BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, D)  \

@@ -30,7 +30,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-pub use attention::AttentionParams;
+pub use attention::{AttentionParams, DecodeRope};
 pub use cudarc::driver::sys::{
     CUgraphInstantiate_flags as GraphFlags, CUstreamCaptureMode as CaptureMode,
 };

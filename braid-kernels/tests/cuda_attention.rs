@@ -8,7 +8,7 @@ use std::io::Write as _;
 
 use braid_kernels::cpu::{self, AttentionShape};
 use braid_kernels::cuda::{
-    AttentionParams, CudaDevice, CudaError, CudaSlice, RopeParams, SKIP_SLOT,
+    AttentionParams, CudaDevice, CudaError, CudaSlice, DecodeRope, RopeParams, SKIP_SLOT,
 };
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::nvrtc::Ptx;
@@ -227,6 +227,135 @@ fn check_decode_with<T: TestFloat>(
     let got = dev.download(&out_d).unwrap();
     assert_rel_l2(&what, &got, &decode_reference(p, lens, &cache, &q));
     ws.assert_counters_zeroed(dev, &what);
+    check_decode_rope::<T>(dev, rng, p, lens, &cache, ws, &what);
+}
+
+/// Equal as stored values (NaN equal to NaN: the caches hold a poisoned block).
+fn same_bits<T: TestFloat>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let (x, y) = (x.to_f32(), y.to_f32());
+            x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+        })
+}
+
+/// `paged_attention_decode_rope` against `rope_qk_norm_kv_write` followed by
+/// `paged_attention_decode` on the same random QKV rows and cache: the output and both caches
+/// must be the same bits. Each sequence's new key goes to the slot its table gives position
+/// `len - 1` (a zero-length padding row gets `SKIP_SLOT`); the q/k norms are on for about half
+/// the cases.
+fn check_decode_rope<T: TestFloat>(
+    dev: &CudaDevice,
+    rng: &mut Rng,
+    p: &AttentionParams,
+    lens: &[usize],
+    cache: &PagedCache<T>,
+    ws: &mut Workspace,
+    what: &str,
+) {
+    let what = format!("{what}, RoPE folded in");
+    let num_seqs = lens.len();
+    let d = p.head_dim;
+    let qkv: Vec<T> = rng.vec(num_seqs * (p.num_heads + 2 * p.num_kv_heads) * d, -2.0, 2.0);
+    let positions: Vec<u32> = lens.iter().map(|&l| l.saturating_sub(1) as u32).collect();
+    let slots: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            if len == 0 {
+                return SKIP_SLOT;
+            }
+            let j = len - 1;
+            let block = cache.block_tables[s * p.max_blocks_per_seq + j / p.block_size];
+            block * p.block_size as u32 + (j % p.block_size) as u32
+        })
+        .collect();
+    let inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32))
+        .collect();
+    let norms = rng.below(2) == 0;
+    let q_norm: Vec<T> = rng.vec(d, 0.5, 2.0);
+    let k_norm: Vec<T> = rng.vec(d, 0.5, 40.0);
+    let eps = 1e-6;
+
+    let up = |v: &[u32]| dev.upload(v).unwrap();
+    let (pos_d, slots_d, bt_d) = (up(&positions), up(&slots), up(&cache.block_tables));
+    let lens_d = up(&lens.iter().map(|&l| l as u32).collect::<Vec<_>>());
+    let qkv_d = dev.upload(&qkv).unwrap();
+    let freq_d = dev.upload(&inv_freq).unwrap();
+    let q_norm_d = dev.upload(&q_norm).unwrap();
+    let k_norm_d = dev.upload(&k_norm).unwrap();
+    let q_norm_v = norms.then(|| q_norm_d.slice(..));
+    let k_norm_v = norms.then(|| k_norm_d.slice(..));
+    let row = p.num_heads * d;
+
+    // Separately: RoPE and the KV write, then attention.
+    let (mut k_a, mut v_a) = (dev.upload(&cache.k).unwrap(), dev.upload(&cache.v).unwrap());
+    let mut q_a = poisoned::<T>(dev, num_seqs * row);
+    let mut out_a = poisoned::<T>(dev, num_seqs * row);
+    let rope = RopeParams {
+        n: num_seqs,
+        num_heads: p.num_heads,
+        num_kv_heads: p.num_kv_heads,
+        head_dim: d,
+    };
+    dev.rope_qk_norm_kv_write(
+        &qkv_d,
+        &pos_d,
+        &slots_d,
+        &freq_d,
+        q_norm_v.as_ref(),
+        k_norm_v.as_ref(),
+        eps,
+        &mut q_a,
+        &mut k_a,
+        &mut v_a,
+        &rope,
+    )
+    .unwrap();
+    ws.poison_scratch(dev);
+    dev.paged_attention_decode(&q_a, &k_a, &v_a, &bt_d, &lens_d, &mut out_a, &mut ws.buf, p)
+        .unwrap();
+
+    // Folded into the attention kernel.
+    let (mut k_b, mut v_b) = (dev.upload(&cache.k).unwrap(), dev.upload(&cache.v).unwrap());
+    let mut out_b = poisoned::<T>(dev, num_seqs * row);
+    let inputs = DecodeRope {
+        qkv: qkv_d.slice(..),
+        positions: pos_d.slice(..),
+        slot_mapping: slots_d.slice(..),
+        inv_freq: freq_d.slice(..),
+        q_norm: norms.then(|| q_norm_d.slice(..)),
+        k_norm: norms.then(|| k_norm_d.slice(..)),
+        eps,
+    };
+    ws.poison_scratch(dev);
+    dev.paged_attention_decode_rope(
+        &inputs,
+        &mut k_b,
+        &mut v_b,
+        &bt_d,
+        &lens_d,
+        &mut out_b,
+        &mut ws.buf,
+        p,
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    ws.assert_counters_zeroed(dev, &what);
+
+    let download = |x: &CudaSlice<T>| dev.download(x).unwrap();
+    assert!(
+        same_bits(&download(&out_a), &download(&out_b)),
+        "{what}: outputs differ"
+    );
+    assert!(
+        same_bits(&download(&k_a), &download(&k_b)),
+        "{what}: K caches differ"
+    );
+    assert!(
+        same_bits(&download(&v_a), &download(&v_b)),
+        "{what}: V caches differ"
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -937,6 +1066,46 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
         ),
         "{err}"
     );
+
+    // The RoPE-folded variant checks its own inputs: the QKV rows and their alignment.
+    let qkv_row = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
+    let qkv = dev.alloc_zeros::<bf16>(2 * qkv_row + 1).unwrap();
+    let positions = dev.upload(&[4u32, 19]).unwrap();
+    let slots = dev.upload(&[4u32, 35]).unwrap();
+    let inv_freq = dev.alloc_zeros::<f32>(p.head_dim / 2).unwrap();
+    let (mut k_w, mut v_w) = (k.clone(), v.clone());
+    for (rows, expected) in [
+        (
+            qkv.slice(..2 * qkv_row - 1),
+            format!(
+                "`qkv` holds {} elements, expected {}",
+                2 * qkv_row - 1,
+                2 * qkv_row
+            ),
+        ),
+        (
+            qkv.slice(1..),
+            "the address of `qkv` must be 16-byte aligned".to_string(),
+        ),
+    ] {
+        let rope = DecodeRope {
+            qkv: rows,
+            positions: positions.slice(..),
+            slot_mapping: slots.slice(..),
+            inv_freq: inv_freq.slice(..),
+            q_norm: None,
+            k_norm: None,
+            eps: 1e-6,
+        };
+        let err = dev
+            .paged_attention_decode_rope(&rope, &mut k_w, &mut v_w, &bt, &cl, &mut out, &mut ws, &p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("paged_attention_decode_rope: ") && err.contains(&expected),
+            "{err}"
+        );
+    }
 
     // Wide tables need a workspace; an empty one is refused rather than overrun.
     let wide = AttentionParams {

@@ -7,15 +7,16 @@
 //! before it) into the projection that follows, and SiLU·mul into the down projection, saving
 //! three kernels per layer. Loading checks those fused kernels against the
 //! unfused ones on every layer and keeps the unfused path if any layer disagrees
-//! ([`CudaModel::fused_norm_status`]).
+//! ([`CudaModel::fused_norm_status`]). Plain decode steps (no cascade groups) also fold the
+//! RoPE step into decode attention.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use braid_kernels::cuda::cascade::CascadeBounds;
 use braid_kernels::cuda::{
-    AttentionParams, CudaDevice, CudaError, CudaGraph, CudaSlice, KernelFloat, RopeParams,
-    SamplingBuffers, SamplingRow, SKIP_SLOT,
+    AttentionParams, CudaDevice, CudaError, CudaGraph, CudaSlice, DecodeRope, KernelFloat,
+    RopeParams, SamplingBuffers, SamplingRow, SKIP_SLOT,
 };
 use braid_kernels::DType;
 use half::{bf16, f16};
@@ -898,24 +899,6 @@ where
                 b.project(d, layer, Projection::Qkv, n, widths)?;
             }
             let (k_cache, v_cache) = &mut self.kv[li];
-            d.rope_qk_norm_kv_write(
-                &b.qkv.slice(..n * qkv_dim),
-                &b.positions.slice(..n),
-                &b.slots.slice(..n),
-                &self.inv_freq,
-                layer.q_norm.as_ref().map(|x| x.slice(..)).as_ref(),
-                layer.k_norm.as_ref().map(|x| x.slice(..)).as_ref(),
-                eps,
-                &mut b.q.slice_mut(..n * q_dim),
-                k_cache,
-                v_cache,
-                &RopeParams {
-                    n,
-                    num_heads: c.num_heads,
-                    num_kv_heads: c.num_kv_heads,
-                    head_dim: hd,
-                },
-            )?;
             let p = AttentionParams {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
@@ -927,26 +910,23 @@ where
             };
             let tables = b.block_tables.slice(..shape.seqs * shape.width);
             let lens = b.context_lens.slice(..shape.seqs);
-            if let Some(cascade) = shape.cascade {
-                let g = cascade.num_groups;
-                d.cascade_attention_decode(
-                    &b.q.slice(..n * q_dim),
-                    &*k_cache,
-                    &*v_cache,
-                    &tables,
-                    &lens,
-                    &b.group_starts.slice(..g + 1),
-                    &b.prefix_lens.slice(..g),
-                    &mut b.attn.slice_mut(..n * q_dim),
-                    b.cascade_workspace.as_mut().expect("sized with the groups"),
-                    &p,
-                    &cascade.bounds,
-                )?;
-            } else if decode {
-                d.paged_attention_decode(
-                    &b.q.slice(..n * q_dim),
-                    &*k_cache,
-                    &*v_cache,
+            let q_norm = layer.q_norm.as_ref().map(|x| x.slice(..));
+            let k_norm = layer.k_norm.as_ref().map(|x| x.slice(..));
+            if decode && shape.cascade.is_none() {
+                // Plain decode attention does the RoPE step itself.
+                let rope = DecodeRope {
+                    qkv: b.qkv.slice(..n * qkv_dim),
+                    positions: b.positions.slice(..n),
+                    slot_mapping: b.slots.slice(..n),
+                    inv_freq: self.inv_freq.slice(..),
+                    q_norm,
+                    k_norm,
+                    eps,
+                };
+                d.paged_attention_decode_rope(
+                    &rope,
+                    k_cache,
+                    v_cache,
                     &tables,
                     &lens,
                     &mut b.attn.slice_mut(..n * q_dim),
@@ -954,19 +934,54 @@ where
                     &p,
                 )?;
             } else {
-                d.paged_attention_prefill(
-                    &b.q.slice(..n * q_dim),
-                    &*k_cache,
-                    &*v_cache,
-                    &tables,
-                    &b.q_starts.slice(..shape.seqs + 1),
-                    &lens,
-                    &mut b.attn.slice_mut(..n * q_dim),
-                    &mut b.prefill_workspace,
-                    shape.seqs,
-                    shape.max_q_len,
-                    &p,
+                d.rope_qk_norm_kv_write(
+                    &b.qkv.slice(..n * qkv_dim),
+                    &b.positions.slice(..n),
+                    &b.slots.slice(..n),
+                    &self.inv_freq,
+                    q_norm.as_ref(),
+                    k_norm.as_ref(),
+                    eps,
+                    &mut b.q.slice_mut(..n * q_dim),
+                    k_cache,
+                    v_cache,
+                    &RopeParams {
+                        n,
+                        num_heads: c.num_heads,
+                        num_kv_heads: c.num_kv_heads,
+                        head_dim: hd,
+                    },
                 )?;
+                if let Some(cascade) = shape.cascade {
+                    let g = cascade.num_groups;
+                    d.cascade_attention_decode(
+                        &b.q.slice(..n * q_dim),
+                        &*k_cache,
+                        &*v_cache,
+                        &tables,
+                        &lens,
+                        &b.group_starts.slice(..g + 1),
+                        &b.prefix_lens.slice(..g),
+                        &mut b.attn.slice_mut(..n * q_dim),
+                        b.cascade_workspace.as_mut().expect("sized with the groups"),
+                        &p,
+                        &cascade.bounds,
+                    )?;
+                } else {
+                    d.paged_attention_prefill(
+                        &b.q.slice(..n * q_dim),
+                        &*k_cache,
+                        &*v_cache,
+                        &tables,
+                        &b.q_starts.slice(..shape.seqs + 1),
+                        &lens,
+                        &mut b.attn.slice_mut(..n * q_dim),
+                        &mut b.prefill_workspace,
+                        shape.seqs,
+                        shape.max_q_len,
+                        &p,
+                    )?;
+                }
             }
             b.project(d, layer, Projection::O, n, widths)?;
             if fused {

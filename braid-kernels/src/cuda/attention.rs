@@ -12,11 +12,13 @@
 use std::ffi::c_void;
 
 use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute};
-use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::{
-    check_limit, check_nonzero, driver_error, invalid_argument, kernel_arg, to_i32, CudaDevice,
-    CudaError, KernelFloat,
+    check_eps, check_limit, check_nonzero, driver_error, invalid_argument, kernel_arg, to_i32,
+    CudaDevice, CudaError, KernelFloat,
 };
 
 /// Geometry and options of one attention call, shared by decode and prefill.
@@ -36,6 +38,44 @@ pub struct AttentionParams {
     pub scale: f32,
     /// A query at position `p` sees keys `j` with `p - w < j <= p`; 0 means no window.
     pub sliding_window: usize,
+}
+
+/// What [`CudaDevice::paged_attention_decode_rope`] computes the step's q, k and v from: the
+/// inputs of [`CudaDevice::rope_qk_norm_kv_write`] for one token per sequence.
+pub struct DecodeRope<'a, T> {
+    /// `[num_seqs, (num_heads + 2 * num_kv_heads) * head_dim]` from the QKV projection.
+    pub qkv: CudaView<'a, T>,
+    /// Each sequence's new position (`context_lens[s] - 1`).
+    pub positions: CudaView<'a, u32>,
+    /// Each sequence's cache slot for the new key and value, or [`crate::cuda::SKIP_SLOT`].
+    pub slot_mapping: CudaView<'a, u32>,
+    /// `head_dim / 2` RoPE frequencies, scaling folded in.
+    pub inv_freq: CudaView<'a, f32>,
+    /// Per-head RMSNorm weights of q and k (`head_dim` each), when the model has them.
+    pub q_norm: Option<CudaView<'a, T>>,
+    pub k_norm: Option<CudaView<'a, T>>,
+    pub eps: f32,
+}
+
+/// Where a decode launch takes its query from.
+enum DecodeQuery {
+    /// Rotated q rows, `[num_seqs, num_heads * head_dim]`.
+    Rotated(CUdeviceptr),
+    /// The raw projection and the RoPE inputs; the kernel rotates q and writes k and v.
+    Raw(RawQuery),
+}
+
+/// Device pointers of a [`DecodeRope`] (zeros: no RoPE work, as the kernel reads them).
+#[derive(Default)]
+struct RawQuery {
+    qkv: CUdeviceptr,
+    positions: CUdeviceptr,
+    slots: CUdeviceptr,
+    inv_freq: CUdeviceptr,
+    q_norm: CUdeviceptr,
+    k_norm: CUdeviceptr,
+    eps: f32,
+    num_slots: u64,
 }
 
 // Kernel launch constants; each must match the constant of the same name in the `.cu` file.
@@ -308,13 +348,124 @@ impl CudaDevice {
         p: &AttentionParams,
     ) -> Result<(), CudaError> {
         const OP: &str = "paged_attention_decode";
-        let geo = p.validate::<T>(OP)?;
+        p.validate::<T>(OP)?;
+        self.check_buffer(OP, "q", q, context_lens.len() * p.q_row())?;
+        self.check_paged_cache(OP, block_tables, context_lens.len(), k_cache, v_cache, p)?;
+        let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
+        let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
+        let (v_ptr, _v_sync) = v_cache.device_ptr(&self.stream);
+        let query = DecodeQuery::Rotated(q_ptr);
+        self.decode_attention::<T>(
+            OP,
+            query,
+            [k_ptr, v_ptr],
+            block_tables,
+            context_lens,
+            out,
+            workspace,
+            p,
+        )
+    }
+
+    /// [`CudaDevice::rope_qk_norm_kv_write`] and [`CudaDevice::paged_attention_decode`] for one
+    /// decode step in a single kernel: from the raw QKV projection (`rope.qkv`, one row per
+    /// sequence), each block computes the q-normed, rotated query heads it needs, and the block
+    /// holding a sequence's last key computes that key and value, writes them into the caches at
+    /// `rope.slot_mapping[s]` and attends to them from shared memory. Every value is rounded as
+    /// the two calls round it, so the output and the caches are the same bits; one kernel launch
+    /// and one pass over q fewer per layer.
+    ///
+    /// `rope` follows [`CudaDevice::rope_qk_norm_kv_write`]'s conventions with `n = num_seqs`
+    /// (a [`crate::cuda::SKIP_SLOT`] slot writes nothing: padding rows), the rest
+    /// [`CudaDevice::paged_attention_decode`]'s; `rope.qkv` must also start 16-byte aligned, and
+    /// the slot of each sequence must be where its block table puts position
+    /// `context_lens[s] - 1`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_decode_rope<T: KernelFloat>(
+        &self,
+        rope: &DecodeRope<'_, T>,
+        k_cache: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
+        v_cache: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
+        block_tables: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "paged_attention_decode_rope";
+        p.validate::<T>(OP)?;
+        check_eps(OP, rope.eps)?;
         let num_seqs = context_lens.len();
-        self.check_context(OP, "context_lens", context_lens)?;
-        check_limit(OP, "the number of sequences", num_seqs, MAX_GRID_YZ)?;
-        self.check_buffer(OP, "q", q, num_seqs * p.q_row())?;
-        self.check_buffer(OP, "out", out, num_seqs * p.q_row())?;
-        self.check_paged_cache(OP, block_tables, num_seqs, k_cache, v_cache, p)?;
+        let qkv_row = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
+        self.check_buffer(OP, "qkv", &rope.qkv, num_seqs * qkv_row)?;
+        self.check_buffer(OP, "positions", &rope.positions, num_seqs)?;
+        self.check_buffer(OP, "slot_mapping", &rope.slot_mapping, num_seqs)?;
+        self.check_buffer(OP, "inv_freq", &rope.inv_freq, p.head_dim / 2)?;
+        for (name, norm) in [("q_norm", &rope.q_norm), ("k_norm", &rope.k_norm)] {
+            if let Some(w) = norm {
+                self.check_buffer(OP, name, w, p.head_dim)?;
+            }
+        }
+        self.check_paged_cache(OP, block_tables, num_seqs, &*k_cache, &*v_cache, p)?;
+        let num_slots = (k_cache.len() / (p.num_kv_heads * p.head_dim)) as u64;
+        let (qkv, _qkv_sync) = rope.qkv.device_ptr(&self.stream);
+        let (positions, _pos_sync) = rope.positions.device_ptr(&self.stream);
+        let (slots, _slot_sync) = rope.slot_mapping.device_ptr(&self.stream);
+        let (inv_freq, _freq_sync) = rope.inv_freq.device_ptr(&self.stream);
+        let q_norm = rope.q_norm.as_ref().map(|w| w.device_ptr(&self.stream));
+        let k_norm = rope.k_norm.as_ref().map(|w| w.device_ptr(&self.stream));
+        let (k_ptr, _k_sync) = k_cache.device_ptr_mut(&self.stream);
+        let (v_ptr, _v_sync) = v_cache.device_ptr_mut(&self.stream);
+        if qkv % 16 != 0 {
+            return Err(invalid_argument(
+                OP,
+                "the address of `qkv`",
+                "16-byte aligned",
+                format!("{qkv:#x}"),
+            ));
+        }
+        let query = DecodeQuery::Raw(RawQuery {
+            qkv,
+            positions,
+            slots,
+            inv_freq,
+            // A null pointer tells the kernel to skip that norm.
+            q_norm: q_norm.as_ref().map_or(0, |(ptr, _)| *ptr),
+            k_norm: k_norm.as_ref().map_or(0, |(ptr, _)| *ptr),
+            eps: rope.eps,
+            num_slots,
+        });
+        self.decode_attention::<T>(
+            OP,
+            query,
+            [k_ptr, v_ptr],
+            block_tables,
+            context_lens,
+            out,
+            workspace,
+            p,
+        )
+    }
+
+    /// The launch both decode entry points share, after they checked the query, the parameters
+    /// and the caches (`caches` = the K and V pointers).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention<T: KernelFloat>(
+        &self,
+        op: &'static str,
+        query: DecodeQuery,
+        caches: [CUdeviceptr; 2],
+        block_tables: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        let geo = p.validate::<T>(op)?;
+        let num_seqs = context_lens.len();
+        self.check_context(op, "context_lens", context_lens)?;
+        check_limit(op, "the number of sequences", num_seqs, MAX_GRID_YZ)?;
+        self.check_buffer(op, "out", out, num_seqs * p.q_row())?;
         let units = decode_units(num_seqs, geo.capacity);
         let partials = units
             .saturating_mul(p.num_heads)
@@ -325,10 +476,10 @@ impl CudaDevice {
             num_seqs * p.num_kv_heads
         };
         let needed = partials.saturating_add(counters);
-        self.check_context(OP, "workspace", workspace)?;
+        self.check_context(op, "workspace", workspace)?;
         if workspace.len() < needed {
             return Err(invalid_argument(
-                OP,
+                op,
                 "the workspace length",
                 "at least paged_attention_decode_workspace_len(...) elements",
                 format!("{} elements where {needed} are needed", workspace.len()),
@@ -348,15 +499,17 @@ impl CudaDevice {
         );
         let kernel = self.kernel("attention_decode", &name)?;
 
-        let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
-        let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
-        let (v_ptr, _v_sync) = v_cache.device_ptr(&self.stream);
+        let [k_ptr, v_ptr] = caches;
         let (bt_ptr, _bt_sync) = block_tables.device_ptr(&self.stream);
         let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
         let workspace_len = workspace.len();
         let (ws_ptr, _ws_sync) = workspace.device_ptr_mut(&self.stream);
-        check_aligned(OP, [q_ptr, k_ptr, v_ptr, out_ptr])?;
+        let (q_ptr, raw) = match query {
+            DecodeQuery::Rotated(q) => (q, RawQuery::default()),
+            DecodeQuery::Raw(raw) => (0, raw),
+        };
+        check_aligned(op, [q_ptr, k_ptr, v_ptr, out_ptr])?;
 
         // One partition: the kernel writes `out` itself (signalled by a null workspace).
         let f32_bytes = std::mem::size_of::<f32>() as u64;
@@ -381,7 +534,7 @@ impl CudaDevice {
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut params: [*mut c_void; 16] = [
+        let mut params: [*mut c_void; 24] = [
             kernel_arg(&q_ptr),
             kernel_arg(&k_ptr),
             kernel_arg(&v_ptr),
@@ -398,14 +551,23 @@ impl CudaDevice {
             kernel_arg(&partition_tokens),
             kernel_arg(&p.scale),
             kernel_arg(&window),
+            kernel_arg(&raw.qkv),
+            kernel_arg(&raw.positions),
+            kernel_arg(&raw.slots),
+            kernel_arg(&raw.inv_freq),
+            kernel_arg(&raw.q_norm),
+            kernel_arg(&raw.k_norm),
+            kernel_arg(&raw.eps),
+            kernel_arg(&raw.num_slots),
         ];
         // SAFETY: `params` matches `paged_attention_decode_d*_g*_*` in attention_decode.cu, each
         // entry pointing at a live local of the parameter's type; the buffer lengths checked
-        // above cover every index the grid derives from the shapes, the kernel clamps context
-        // lengths to the block tables' capacity, the workspace holds the partial results of
-        // every (sequence, head, partition) below the counters of every (sequence, KV head), and
-        // every block waits for the previous kernel before touching memory.
-        unsafe { self.launch_with_dependency_overlap(OP, &kernel, cfg, &mut params) }
+        // above and by the callers cover every index the grid derives from the shapes, the
+        // kernel clamps context lengths to the block tables' capacity and bounds cache writes by
+        // `num_slots`, the workspace holds the partial results of every (sequence, head,
+        // partition) below the counters of every (sequence, KV head), and every block waits for
+        // the previous kernel before touching memory.
+        unsafe { self.launch_with_dependency_overlap(op, &kernel, cfg, &mut params) }
     }
 
     /// f32 elements of a scratch buffer with which [`CudaDevice::paged_attention_prefill`] can
