@@ -751,7 +751,8 @@ fn decode_reuses_one_workspace_across_calls_buckets_and_replays() {
 
 /// The attention half of a decode layer, every kernel launched with programmatic dependent
 /// launch: QKV projection, RoPE + q/k-norm + KV write, decode attention (several partitions and
-/// the in-kernel merge) and the output projection. Each round poisons every intermediate and the
+/// the in-kernel merge) and the output projection; then the same with the RoPE step folded into
+/// decode attention. Each round poisons every intermediate and the
 /// cache slots the step writes with NaN, so a kernel that ran ahead of its predecessor would read
 /// poison; 20 rounds on the stream, then 20 replays of a graph of the chain.
 #[test]
@@ -872,7 +873,8 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
     };
     let (qn, kn) = (q_norm_d.as_view(), k_norm_d.as_view());
     let stream = dev.stream().clone();
-    let mut chain = |qkv: &mut CudaSlice<bf16>,
+    let mut chain = |folded: bool,
+                     qkv: &mut CudaSlice<bf16>,
                      q: &mut CudaSlice<bf16>,
                      k: &mut CudaSlice<bf16>,
                      v: &mut CudaSlice<bf16>,
@@ -880,22 +882,36 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
                      y: &mut CudaSlice<bf16>| {
         dev.linear_overlapped(&x_d, n, hidden, &w_qkv_d, qkv_dim, None, None, qkv)
             .unwrap();
-        dev.rope_qk_norm_kv_write(
-            &*qkv,
-            &positions_d,
-            &slots_d,
-            &inv_freq_d,
-            Some(&qn),
-            Some(&kn),
-            eps,
-            q,
-            k,
-            v,
-            &rope_p,
-        )
-        .unwrap();
-        dev.paged_attention_decode(&*q, &*k, &*v, &tables_d, &lens_d, attn, &mut ws.buf, &p)
+        if folded {
+            let rope = DecodeRope {
+                qkv: qkv.slice(..),
+                positions: positions_d.slice(..),
+                slot_mapping: slots_d.slice(..),
+                inv_freq: inv_freq_d.slice(..),
+                q_norm: Some(q_norm_d.slice(..)),
+                k_norm: Some(k_norm_d.slice(..)),
+                eps,
+            };
+            dev.paged_attention_decode_rope(&rope, k, v, &tables_d, &lens_d, attn, &mut ws.buf, &p)
+                .unwrap();
+        } else {
+            dev.rope_qk_norm_kv_write(
+                &*qkv,
+                &positions_d,
+                &slots_d,
+                &inv_freq_d,
+                Some(&qn),
+                Some(&kn),
+                eps,
+                q,
+                k,
+                v,
+                &rope_p,
+            )
             .unwrap();
+            dev.paged_attention_decode(&*q, &*k, &*v, &tables_d, &lens_d, attn, &mut ws.buf, &p)
+                .unwrap();
+        }
         dev.linear_overlapped(&*attn, n, q_dim, &w_o_d, hidden, None, None, y)
             .unwrap();
     };
@@ -924,48 +940,54 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
                 .unwrap();
         }
     };
-    for round in 0..20 {
-        poison(
-            &mut qkv_d,
-            &mut q_d,
-            &mut k_d,
-            &mut v_d,
-            &mut attn_d,
-            &mut y_d,
-        );
-        chain(
-            &mut qkv_d,
-            &mut q_d,
-            &mut k_d,
-            &mut v_d,
-            &mut attn_d,
-            &mut y_d,
-        );
-        let what = format!("overlapped decode chain, stream round {round}");
-        assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
-    }
-    let graph = capture(&dev, || {
-        chain(
-            &mut qkv_d,
-            &mut q_d,
-            &mut k_d,
-            &mut v_d,
-            &mut attn_d,
-            &mut y_d,
-        )
-    });
-    for round in 0..20 {
-        poison(
-            &mut qkv_d,
-            &mut q_d,
-            &mut k_d,
-            &mut v_d,
-            &mut attn_d,
-            &mut y_d,
-        );
-        graph.launch().unwrap();
-        let what = format!("overlapped decode chain, graph round {round}");
-        assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+    for folded in [false, true] {
+        for round in 0..20 {
+            poison(
+                &mut qkv_d,
+                &mut q_d,
+                &mut k_d,
+                &mut v_d,
+                &mut attn_d,
+                &mut y_d,
+            );
+            chain(
+                folded,
+                &mut qkv_d,
+                &mut q_d,
+                &mut k_d,
+                &mut v_d,
+                &mut attn_d,
+                &mut y_d,
+            );
+            let what =
+                format!("overlapped decode chain (RoPE folded: {folded}), stream round {round}");
+            assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+        }
+        let graph = capture(&dev, || {
+            chain(
+                folded,
+                &mut qkv_d,
+                &mut q_d,
+                &mut k_d,
+                &mut v_d,
+                &mut attn_d,
+                &mut y_d,
+            )
+        });
+        for round in 0..20 {
+            poison(
+                &mut qkv_d,
+                &mut q_d,
+                &mut k_d,
+                &mut v_d,
+                &mut attn_d,
+                &mut y_d,
+            );
+            graph.launch().unwrap();
+            let what =
+                format!("overlapped decode chain (RoPE folded: {folded}), graph round {round}");
+            assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+        }
     }
     ws.assert_counters_zeroed(&dev, "overlapped decode chain");
 }
