@@ -9,7 +9,7 @@
 // can be captured into a CUDA graph and replayed. The arrival counters that elect the merging
 // block live in the workspace and are left at zero for the next launch.
 //
-// With a non-null `qkv` the kernel also does rope.cu's work for its decode step: each block
+// The _rope variants also do rope.cu's work for their decode step: each block
 // computes its GQA group's rotated (and q-normed) query heads from the raw QKV projection, and
 // the block holding a sequence's last key computes that key (k-norm, RoPE) and value, writes
 // them to the cache slot and uses them from shared memory. One kernel per layer fewer; the
@@ -144,7 +144,7 @@ __device__ __forceinline__ void merge_partials(const float* ws_o, const float* w
 // itself in at the (sequence, KV head)'s counter; the last to arrive merges (merge_partials) and
 // zeroes the counter. Blocks without visible keys neither write nor arrive: every block computes
 // the same count of partitions that do.
-template <typename T, int D, int GC>
+template <typename T, int D, int GC, bool FUSED>
 __device__ __forceinline__ void decode_partition(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const uint32_t* __restrict__ block_tables, const uint32_t* __restrict__ context_lens,
@@ -213,7 +213,7 @@ __device__ __forceinline__ void decode_partition(
     // The rope work of a fused launch. Query heads h0 .. h0+GC-1 go to q_stage (warp c takes
     // head h0 + c); with `with_kv` two more warp items compute the new key and value into
     // `fresh`. Every item is warp-uniform, as rope_head_d requires. The caller synchronises.
-    const bool fused = qkv != nullptr;
+    constexpr bool fused = FUSED;
     const bool writes_kv = fused && part == span.last_part;
     const T* qkv_row = fused ? qkv + static_cast<size_t>(seq) * (num_heads + 2 * num_kv_heads) * D : nullptr;
     const float pos = fused ? static_cast<float>(positions[seq]) : 0.0f;
@@ -283,8 +283,12 @@ __device__ __forceinline__ void decode_partition(
                 const size_t slot =
                     (static_cast<size_t>(part_blocks[(j >> block_size_log2) - first_block]) << block_size_log2) +
                     (j & (block_size - 1));
-                r[u] = j == fresh_key ? *reinterpret_cast<const uint4*>(fresh_row + lane_k * 8)
-                                      : load_stream(base_ptr + slot * slot_stride);
+                if constexpr (FUSED) {
+                    r[u] = j == fresh_key ? *reinterpret_cast<const uint4*>(fresh_row + lane_k * 8)
+                                          : load_stream(base_ptr + slot * slot_stride);
+                } else {
+                    r[u] = load_stream(base_ptr + slot * slot_stride);
+                }
             } else {
                 r[u] = make_uint4(0, 0, 0, 0);
             }
@@ -459,17 +463,22 @@ __device__ __forceinline__ void decode_partition(
         const float *__restrict__ inv_freq, const T *__restrict__ q_norm, const T *__restrict__ k_norm,  \
         float eps, unsigned long long num_slots
 
-#define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                                   \
+// paged_attention_decode_*: q given rotated; paged_attention_decode_rope_*: the RoPE step folded
+// in (qkv and the rope arguments read, q ignored). Separate instantiations, so the plain kernel's
+// inner loops carry nothing of the fold.
+#define BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, NAME, FUSED)                                   \
     extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS,                          \
                                                  braid::attn_decode::min_blocks(GC))                     \
-        paged_attention_decode_d##D##_g##GC##_##SUFFIX(BRAID_DECODE_ARGS(T)) {                          \
-        braid::attn_decode::decode_partition<T, D, GC>(q, k_cache, v_cache, block_tables, context_lens, \
-                                                       out, ws_o, ws_ml, counters, num_heads,           \
-                                                       num_kv_heads, block_size_log2,                   \
-                                                       max_blocks_per_seq, partition_tokens, scale,     \
-                                                       sliding_window, qkv, positions, slots, inv_freq, \
-                                                       q_norm, k_norm, eps, num_slots);                 \
+        NAME##_d##D##_g##GC##_##SUFFIX(BRAID_DECODE_ARGS(T)) {                                          \
+        braid::attn_decode::decode_partition<T, D, GC, FUSED>(                                         \
+            q, k_cache, v_cache, block_tables, context_lens, out, ws_o, ws_ml, counters, num_heads,     \
+            num_kv_heads, block_size_log2, max_blocks_per_seq, partition_tokens, scale, sliding_window, \
+            qkv, positions, slots, inv_freq, q_norm, k_norm, eps, num_slots);                           \
     }
+
+#define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                      \
+    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, paged_attention_decode, false)          \
+    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, paged_attention_decode_rope, true)
 
 #define BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, D)  \
     BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 1)   \

@@ -26,17 +26,13 @@ template <typename T, int P> __device__ __forceinline__ bool vec_aligned(const T
 // x[i] * inv_rms * w[i]: the CPU reference's order of operations.
 __device__ __forceinline__ float normed(float x, float inv_rms, float w) { return __fmul_rn(__fmul_rn(x, inv_rms), w); }
 
-// The precise library sincosf, out of line: its large-argument path is long, and the kernels
-// that rotate several pairs per lane would otherwise carry a copy per pair.
-__device__ __noinline__ void precise_sincos(float angle, float* s, float* c) { sincosf(angle, s, c); }
-
 // The rotate-half update of one pair. The angle is formed in f32 exactly as the reference does
 // (position converted to f32, one rounded multiply), and sincosf is the precise library routine:
 // positions reach tens of thousands of radians, where the fast intrinsics lose all accuracy.
 __device__ __forceinline__ void rotate_pair(float& x0, float& x1, float pos, float inv_freq) {
     const float angle = __fmul_rn(pos, inv_freq);
     float s, c;
-    precise_sincos(angle, &s, &c);
+    sincosf(angle, &s, &c);
     const float r0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
     const float r1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
     x0 = r0;
@@ -167,7 +163,7 @@ __device__ __forceinline__ void rope_head(const T* src, T* dst, const T* norm, c
 
 // rope_head for a head_dim known at compile time, for callers whose rows are aligned to their
 // size (16 bytes suffice): only the one layout that fits is compiled, and out of line, so a
-// kernel that rotates several heads carries the precise sincosf once.
+// kernel that rotates several heads carries its precise sincosf calls once.
 template <typename T, int D>
 __device__ __noinline__ void rope_head_d(const T* src, T* dst, const T* norm, const float* inv_freq, float pos,
                                          float eps, bool rotate) {

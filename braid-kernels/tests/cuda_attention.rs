@@ -1006,6 +1006,10 @@ fn overlapped_kernels_carry_their_waits_on_hopper() {
         .unwrap();
     for (module, kernel) in [
         ("attention_decode", "paged_attention_decode_d128_g2_bf16"),
+        (
+            "attention_decode",
+            "paged_attention_decode_rope_d128_g2_bf16",
+        ),
         ("rope", "rope_qk_norm_kv_write_bf16"),
         ("gemv", "skinny_gemm_bf16_x1_r1"),
     ] {

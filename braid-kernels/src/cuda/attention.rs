@@ -65,7 +65,7 @@ enum DecodeQuery {
     Raw(RawQuery),
 }
 
-/// Device pointers of a [`DecodeRope`] (zeros: no RoPE work, as the kernel reads them).
+/// Device pointers of a [`DecodeRope`] (zeros for the plain kernel, which ignores them).
 #[derive(Default)]
 struct RawQuery {
     qkv: CUdeviceptr,
@@ -492,11 +492,11 @@ impl CudaDevice {
         let partition_tokens = decode_partition_tokens(num_seqs, geo.capacity);
         let partitions = geo.capacity.div_ceil(partition_tokens);
         let chunk = decode_group_chunk(p.num_heads / p.num_kv_heads);
-        let name = format!(
-            "paged_attention_decode_d{}_g{chunk}_{}",
-            p.head_dim,
-            T::SUFFIX
-        );
+        let family = match query {
+            DecodeQuery::Rotated(_) => "paged_attention_decode",
+            DecodeQuery::Raw(_) => "paged_attention_decode_rope",
+        };
+        let name = format!("{family}_d{}_g{chunk}_{}", p.head_dim, T::SUFFIX);
         let kernel = self.kernel("attention_decode", &name)?;
 
         let [k_ptr, v_ptr] = caches;
@@ -560,7 +560,7 @@ impl CudaDevice {
             kernel_arg(&raw.eps),
             kernel_arg(&raw.num_slots),
         ];
-        // SAFETY: `params` matches `paged_attention_decode_d*_g*_*` in attention_decode.cu, each
+        // SAFETY: `params` matches `paged_attention_decode{,_rope}_d*_g*_*` in attention_decode.cu, each
         // entry pointing at a live local of the parameter's type; the buffer lengths checked
         // above and by the callers cover every index the grid derives from the shapes, the
         // kernel clamps context lengths to the block tables' capacity and bounds cache writes by
