@@ -31,9 +31,9 @@ constexpr int WARPS = THREADS / BRAID_WARP_SIZE;
 // cover DRAM latency even when a small batch leaves most SMs idle.
 constexpr int UNROLL = 4;
 constexpr float LOG2E = 1.4426950408889634f;
-// Blocks per SM the register allocation must allow: what the kernels reached before the rope
-// work was folded in (64 and 80 registers at GC 1 and 2); larger groups are bound by registers
-// either way.
+// Blocks per SM the register allocation must allow: the residency the plain kernels reach on
+// their own (64 and 80 registers at GC 1 and 2), which the _rope variants must keep; larger
+// groups are bound by registers either way.
 constexpr int min_blocks(int gc) { return gc == 1 ? 4 : gc == 2 ? 3 : 1; }
 
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8], __half) {

@@ -1093,25 +1093,31 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
         "{err}"
     );
 
-    // The RoPE-folded variant checks its own inputs: the QKV rows and their alignment.
+    // The RoPE-folded variant checks its own inputs: the QKV rows, and the alignment of the rows
+    // and norm weights it reads in vectors.
     let qkv_row = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
     let qkv = dev.alloc_zeros::<bf16>(2 * qkv_row + 1).unwrap();
+    let norm = dev.alloc_zeros::<bf16>(p.head_dim + 1).unwrap();
     let positions = dev.upload(&[4u32, 19]).unwrap();
     let slots = dev.upload(&[4u32, 35]).unwrap();
     let inv_freq = dev.alloc_zeros::<f32>(p.head_dim / 2).unwrap();
     let (mut k_w, mut v_w) = (k.clone(), v.clone());
-    for (rows, expected) in [
-        (
-            qkv.slice(..2 * qkv_row - 1),
-            format!(
-                "`qkv` holds {} elements, expected {}",
-                2 * qkv_row - 1,
-                2 * qkv_row
-            ),
-        ),
+    let short_qkv = format!(
+        "`qkv` holds {} elements, expected {}",
+        2 * qkv_row - 1,
+        2 * qkv_row
+    );
+    for (rows, k_norm, expected) in [
+        (qkv.slice(..2 * qkv_row - 1), None, short_qkv.as_str()),
         (
             qkv.slice(1..),
-            "the address of `qkv` must be 16-byte aligned".to_string(),
+            None,
+            "the address of `qkv` must be 16-byte aligned",
+        ),
+        (
+            qkv.slice(..2 * qkv_row),
+            Some(norm.slice(1..)),
+            "the address of `k_norm` must be 16-byte aligned",
         ),
     ] {
         let rope = DecodeRope {
@@ -1120,7 +1126,7 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
             slot_mapping: slots.slice(..),
             inv_freq: inv_freq.slice(..),
             q_norm: None,
-            k_norm: None,
+            k_norm,
             eps: 1e-6,
         };
         let err = dev
@@ -1128,7 +1134,7 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("paged_attention_decode_rope: ") && err.contains(&expected),
+            err.starts_with("paged_attention_decode_rope: ") && err.contains(expected),
             "{err}"
         );
     }

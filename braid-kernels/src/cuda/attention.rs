@@ -348,7 +348,7 @@ impl CudaDevice {
         p: &AttentionParams,
     ) -> Result<(), CudaError> {
         const OP: &str = "paged_attention_decode";
-        p.validate::<T>(OP)?;
+        let geo = p.validate::<T>(OP)?;
         self.check_buffer(OP, "q", q, context_lens.len() * p.q_row())?;
         self.check_paged_cache(OP, block_tables, context_lens.len(), k_cache, v_cache, p)?;
         let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
@@ -364,6 +364,7 @@ impl CudaDevice {
             out,
             workspace,
             p,
+            geo,
         )
     }
 
@@ -377,9 +378,9 @@ impl CudaDevice {
     ///
     /// `rope` follows [`CudaDevice::rope_qk_norm_kv_write`]'s conventions with `n = num_seqs`
     /// (a [`crate::cuda::SKIP_SLOT`] slot writes nothing: padding rows), the rest
-    /// [`CudaDevice::paged_attention_decode`]'s; `rope.qkv` must also start 16-byte aligned, and
-    /// the slot of each sequence must be where its block table puts position
-    /// `context_lens[s] - 1`.
+    /// [`CudaDevice::paged_attention_decode`]'s; `rope.qkv` and the norm weights must also start
+    /// 16-byte aligned, and the slot of each sequence must be where its block table puts
+    /// position `context_lens[s] - 1`.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_decode_rope<T: KernelFloat>(
         &self,
@@ -393,7 +394,7 @@ impl CudaDevice {
         p: &AttentionParams,
     ) -> Result<(), CudaError> {
         const OP: &str = "paged_attention_decode_rope";
-        p.validate::<T>(OP)?;
+        let geo = p.validate::<T>(OP)?;
         check_eps(OP, rope.eps)?;
         let num_seqs = context_lens.len();
         let qkv_row = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
@@ -416,22 +417,31 @@ impl CudaDevice {
         let k_norm = rope.k_norm.as_ref().map(|w| w.device_ptr(&self.stream));
         let (k_ptr, _k_sync) = k_cache.device_ptr_mut(&self.stream);
         let (v_ptr, _v_sync) = v_cache.device_ptr_mut(&self.stream);
-        if qkv % 16 != 0 {
-            return Err(invalid_argument(
-                OP,
-                "the address of `qkv`",
-                "16-byte aligned",
-                format!("{qkv:#x}"),
-            ));
+        // A null pointer tells the kernel to skip that norm.
+        let q_norm = q_norm.as_ref().map_or(0, |(ptr, _)| *ptr);
+        let k_norm = k_norm.as_ref().map_or(0, |(ptr, _)| *ptr);
+        // The kernel reads these rows in vectors of up to 16 bytes without checking alignment.
+        for (name, ptr) in [
+            ("the address of `qkv`", qkv),
+            ("the address of `q_norm`", q_norm),
+            ("the address of `k_norm`", k_norm),
+        ] {
+            if ptr % 16 != 0 {
+                return Err(invalid_argument(
+                    OP,
+                    name,
+                    "16-byte aligned",
+                    format!("{ptr:#x}"),
+                ));
+            }
         }
         let query = DecodeQuery::Raw(RawQuery {
             qkv,
             positions,
             slots,
             inv_freq,
-            // A null pointer tells the kernel to skip that norm.
-            q_norm: q_norm.as_ref().map_or(0, |(ptr, _)| *ptr),
-            k_norm: k_norm.as_ref().map_or(0, |(ptr, _)| *ptr),
+            q_norm,
+            k_norm,
             eps: rope.eps,
             num_slots,
         });
@@ -444,11 +454,12 @@ impl CudaDevice {
             out,
             workspace,
             p,
+            geo,
         )
     }
 
-    /// The launch both decode entry points share, after they checked the query, the parameters
-    /// and the caches (`caches` = the K and V pointers).
+    /// The launch both decode entry points share, after they validated the parameters (`geo`)
+    /// and checked the query and the caches (`caches` = the K and V pointers).
     #[allow(clippy::too_many_arguments)]
     fn decode_attention<T: KernelFloat>(
         &self,
@@ -460,8 +471,8 @@ impl CudaDevice {
         out: &mut impl DevicePtrMut<T>,
         workspace: &mut impl DevicePtrMut<f32>,
         p: &AttentionParams,
+        geo: Geometry,
     ) -> Result<(), CudaError> {
-        let geo = p.validate::<T>(op)?;
         let num_seqs = context_lens.len();
         self.check_context(op, "context_lens", context_lens)?;
         check_limit(op, "the number of sequences", num_seqs, MAX_GRID_YZ)?;
