@@ -31,10 +31,18 @@ constexpr int WARPS = THREADS / BRAID_WARP_SIZE;
 // cover DRAM latency even when a small batch leaves most SMs idle.
 constexpr int UNROLL = 4;
 constexpr float LOG2E = 1.4426950408889634f;
-// Blocks per SM the register allocation must allow: the residency the plain kernels reach on
-// their own (64 and 80 registers at GC 1 and 2), which the _rope variants must keep; larger
-// groups are bound by registers either way.
-constexpr int min_blocks(int gc) { return gc == 1 ? 4 : gc == 2 ? 3 : 1; }
+// Blocks per SM the register allocation must allow (64 registers a thread for 4, 80 for 3).
+// The kernel spends much of each block's life outside its load rounds (staging the table,
+// softmax, reductions, the merge), so more resident blocks keep more bytes in flight: at GC 2
+// and head_dim 128 four blocks instead of three took an H100 from 2.33 to 2.61 TB/s at batch 64
+// and from 2.74 to 2.88 TB/s at 256 (context 640). The plain kernels fit 64 registers without
+// spilling up to head_dim 128. The _rope variants hold the RoPE work's registers too: at 64 they
+// spill a little, which costs latency-bound small batches ≈5%, so they keep three blocks, and
+// _rope_wide (GC 2, head_dim ≤ 128, batches above DECODE_ROPE_WIDE_MIN_SEQS in attention.rs)
+// takes four.
+constexpr int min_blocks(int gc, int d) { return gc == 1 ? 4 : gc == 2 ? (d <= 128 ? 4 : 3) : 1; }
+constexpr int min_blocks_rope(int gc) { return gc == 1 ? 4 : gc == 2 ? 3 : 1; }
+constexpr int MIN_BLOCKS_ROPE_WIDE = 4;
 
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8], __half) {
     const __half2* h = reinterpret_cast<const __half2*>(&raw);
@@ -463,12 +471,12 @@ __device__ __forceinline__ void decode_partition(
         const float *__restrict__ inv_freq, const T *__restrict__ q_norm, const T *__restrict__ k_norm,  \
         float eps, unsigned long long num_slots
 
-// paged_attention_decode_*: q given rotated; paged_attention_decode_rope_*: the RoPE step folded
-// in (qkv and the rope arguments read, q ignored). Separate instantiations, so the plain kernel's
-// inner loops carry nothing of the fold.
-#define BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, NAME, FUSED)                                   \
-    extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS,                          \
-                                                 braid::attn_decode::min_blocks(GC))                     \
+// paged_attention_decode_*: q given rotated; paged_attention_decode_rope{,_wide}_*: the RoPE
+// step folded in (qkv and the rope arguments read, q ignored), at two residencies (see
+// min_blocks). Separate instantiations, so the plain kernel's inner loops carry nothing of the
+// fold.
+#define BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, NAME, FUSED, MIN_BLOCKS)                       \
+    extern "C" __global__ void __launch_bounds__(braid::attn_decode::THREADS, MIN_BLOCKS)              \
         NAME##_d##D##_g##GC##_##SUFFIX(BRAID_DECODE_ARGS(T)) {                                          \
         braid::attn_decode::decode_partition<T, D, GC, FUSED>(                                         \
             q, k_cache, v_cache, block_tables, context_lens, out, ws_o, ws_ml, counters, num_heads,     \
@@ -476,22 +484,33 @@ __device__ __forceinline__ void decode_partition(
             qkv, positions, slots, inv_freq, q_norm, k_norm, eps, num_slots);                           \
     }
 
-#define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                      \
-    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, paged_attention_decode, false)          \
-    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, paged_attention_decode_rope, true)
+#define BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, GC)                                                 \
+    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, paged_attention_decode, false,                     \
+                                braid::attn_decode::min_blocks(GC, D))                               \
+    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, GC, paged_attention_decode_rope, true,                 \
+                                braid::attn_decode::min_blocks_rope(GC))
 
-#define BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, D)  \
-    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 1)   \
-    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 2)   \
-    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 4)   \
+#define BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, D)                                                    \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 1)                                                     \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 2)                                                     \
+    BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 4)                                                     \
     BRAID_DEFINE_DECODE_KERNEL(T, SUFFIX, D, 8)
+
+// The wide-batch fold exists where it differs from the narrow one: GC 2 up to head_dim 128.
+#define BRAID_DEFINE_DECODE_ROPE_WIDE(T, SUFFIX, D)                                                 \
+    BRAID_DEFINE_DECODE_VARIANT(T, SUFFIX, D, 2, paged_attention_decode_rope_wide, true,            \
+                                braid::attn_decode::MIN_BLOCKS_ROPE_WIDE)
 
 #define BRAID_DEFINE_DECODE_DTYPE(T, SUFFIX)                                                           \
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 16)                                                          \
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 32)                                                          \
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 64)                                                          \
     BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 128)                                                         \
-    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 256)
+    BRAID_DEFINE_DECODE_GROUPS(T, SUFFIX, 256)                                                         \
+    BRAID_DEFINE_DECODE_ROPE_WIDE(T, SUFFIX, 16)                                                       \
+    BRAID_DEFINE_DECODE_ROPE_WIDE(T, SUFFIX, 32)                                                       \
+    BRAID_DEFINE_DECODE_ROPE_WIDE(T, SUFFIX, 64)                                                       \
+    BRAID_DEFINE_DECODE_ROPE_WIDE(T, SUFFIX, 128)
 
 BRAID_DEFINE_DECODE_DTYPE(__half, f16)
 BRAID_DEFINE_DECODE_DTYPE(__nv_bfloat16, bf16)

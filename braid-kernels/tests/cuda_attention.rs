@@ -477,6 +477,11 @@ fn decode_suite<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     );
     check_decode::<T>(dev, rng, params(2, 4, 64, 4, 0), &[1, 17, 40, 0, 63], 0);
     check_decode::<T>(dev, rng, params(2, 2, 128, 16, 300), &[0, 1500, 0], 4);
+    // Batches of more than 16 sequences with GQA groups of 2 run the RoPE fold's four-block
+    // instantiation (`_rope_wide`, head_dim up to 128), whose register budget differs.
+    check_decode::<T>(dev, rng, params(2, 2, 128, 16, 0), &decode_lens(20, 1), 2);
+    check_decode::<T>(dev, rng, params(1, 2, 64, 4, 256), &decode_lens(17, 2), 3);
+    check_decode::<T>(dev, rng, params(1, 2, 16, 16, 0), &decode_lens(17, 3), 0);
 }
 
 fn prefill_suite<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {

@@ -107,6 +107,12 @@ const DECODE_TINY_BATCH: usize = 4;
 /// Partitions are halved (down to the minimum) until a batch has at least this many
 /// (sequence, partition) pairs, so a few long sequences still spread over the GPU's SMs.
 const DECODE_TARGET_PAIRS: usize = 256;
+/// Batches above this many sequences take the RoPE-folded decode kernel instantiated for four
+/// resident blocks per SM (`_rope_wide`, GQA chunks of 2 up to `DECODE_ROPE_WIDE_MAX_HEAD_DIM`);
+/// smaller, latency-bound ones the three-block one, which does not spill (attention_decode.cu,
+/// `min_blocks`).
+const DECODE_ROPE_WIDE_MIN_SEQS: usize = 16;
+const DECODE_ROPE_WIDE_MAX_HEAD_DIM: usize = 128;
 /// The largest GQA group one decode block handles per pass; larger groups loop.
 const DECODE_MAX_GROUP_CHUNK: usize = 8;
 /// Token capacity of a block table (`max_blocks_per_seq * block_size`) the kernels index with
@@ -505,6 +511,13 @@ impl CudaDevice {
         let chunk = decode_group_chunk(p.num_heads / p.num_kv_heads);
         let family = match query {
             DecodeQuery::Rotated(_) => "paged_attention_decode",
+            DecodeQuery::Raw(_)
+                if chunk == 2
+                    && p.head_dim <= DECODE_ROPE_WIDE_MAX_HEAD_DIM
+                    && num_seqs > DECODE_ROPE_WIDE_MIN_SEQS =>
+            {
+                "paged_attention_decode_rope_wide"
+            }
             DecodeQuery::Raw(_) => "paged_attention_decode_rope",
         };
         let name = format!("{family}_d{}_g{chunk}_{}", p.head_dim, T::SUFFIX);
