@@ -38,7 +38,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 // and from 2.74 to 2.88 TB/s at 256 (context 640). The plain kernels fit 64 registers without
 // spilling up to head_dim 128. The _rope variants hold the RoPE work's registers too: at 64 they
 // spill a little, which costs latency-bound small batches ≈5%, so they keep three blocks, and
-// _rope_wide (GC 2, head_dim ≤ 128, batches above DECODE_ROPE_WIDE_MIN_SEQS in attention.rs)
+// _rope_wide (GC 2, head_dim ≤ 128, batches above DECODE_WIDE_BATCH in attention.rs)
 // takes four.
 constexpr int min_blocks(int gc, int d) { return gc == 1 ? 4 : gc == 2 ? (d <= 128 ? 4 : 3) : 1; }
 constexpr int min_blocks_rope(int gc) { return gc == 1 ? 4 : gc == 2 ? 3 : 1; }

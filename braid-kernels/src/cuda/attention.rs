@@ -104,15 +104,17 @@ const DECODE_MIN_PARTITION: usize = 64;
 /// reductions, its share of the merge) outweighs the extra parallelism.
 const DECODE_MIN_BATCH_PARTITION: usize = 128;
 const DECODE_TINY_BATCH: usize = 4;
+/// Batches of more than `DECODE_WIDE_BATCH` sequences keep enough blocks busy with partitions of
+/// at least `DECODE_MIN_WIDE_PARTITION` tokens, and take the RoPE-folded decode kernel
+/// instantiated for four resident blocks per SM (`_rope_wide`, GQA chunks of 2 up to
+/// `DECODE_ROPE_WIDE_MAX_HEAD_DIM`); smaller, latency-bound ones the three-block one, which does
+/// not spill (attention_decode.cu, `min_blocks`).
+const DECODE_WIDE_BATCH: usize = 16;
+const DECODE_MIN_WIDE_PARTITION: usize = 256;
+const DECODE_ROPE_WIDE_MAX_HEAD_DIM: usize = 128;
 /// Partitions are halved (down to the minimum) until a batch has at least this many
 /// (sequence, partition) pairs, so a few long sequences still spread over the GPU's SMs.
 const DECODE_TARGET_PAIRS: usize = 256;
-/// Batches above this many sequences take the RoPE-folded decode kernel instantiated for four
-/// resident blocks per SM (`_rope_wide`, GQA chunks of 2 up to `DECODE_ROPE_WIDE_MAX_HEAD_DIM`);
-/// smaller, latency-bound ones the three-block one, which does not spill (attention_decode.cu,
-/// `min_blocks`).
-const DECODE_ROPE_WIDE_MIN_SEQS: usize = 16;
-const DECODE_ROPE_WIDE_MAX_HEAD_DIM: usize = 128;
 /// The largest GQA group one decode block handles per pass; larger groups loop.
 const DECODE_MAX_GROUP_CHUNK: usize = 8;
 /// Token capacity of a block table (`max_blocks_per_seq * block_size`) the kernels index with
@@ -199,13 +201,17 @@ impl AttentionParams {
 /// Tokens per decode partition for a batch bucket: it depends only on the bucket's shape, so the
 /// grid and the workspace stay fixed while context lengths grow.
 ///
-/// Measured on an H100 (Qwen3-0.6B layer, context 640): this picks 64 tokens at batch 1,
-/// 128 at batches 8 and 64, 512 at 256, each within 5% of the best fixed size.
+/// Measured on an H100 (Qwen3-0.6B shape, context 640): this picks 64 tokens at batch 1,
+/// 128 at batch 8, 256 at 64 and 512 at 256. The 256-token floor above 16 sequences came with four
+/// resident blocks per SM: against 128 it gained 2.5–3.4% of whole decode steps at batches 24–64,
+/// tied at 16 and lost 6.6% at 8.
 fn decode_partition_tokens(num_seqs: usize, capacity: usize) -> usize {
     let min = if num_seqs < DECODE_TINY_BATCH {
         DECODE_MIN_PARTITION
-    } else {
+    } else if num_seqs <= DECODE_WIDE_BATCH {
         DECODE_MIN_BATCH_PARTITION
+    } else {
+        DECODE_MIN_WIDE_PARTITION
     };
     let mut tokens = DECODE_MAX_PARTITION;
     while tokens > min && num_seqs.saturating_mul(capacity.div_ceil(tokens)) < DECODE_TARGET_PAIRS {
@@ -514,7 +520,7 @@ impl CudaDevice {
             DecodeQuery::Raw(_)
                 if chunk == 2
                     && p.head_dim <= DECODE_ROPE_WIDE_MAX_HEAD_DIM
-                    && num_seqs > DECODE_ROPE_WIDE_MIN_SEQS =>
+                    && num_seqs > DECODE_WIDE_BATCH =>
             {
                 "paged_attention_decode_rope_wide"
             }
@@ -815,12 +821,15 @@ mod tests {
     fn decode_partitions_shrink_for_small_batches_only() {
         assert_eq!(decode_partition_tokens(1, 640), 64);
         assert_eq!(decode_partition_tokens(8, 640), 128);
-        assert_eq!(decode_partition_tokens(64, 640), 128);
+        assert_eq!(decode_partition_tokens(16, 640), 128);
+        assert_eq!(decode_partition_tokens(17, 640), 256);
+        assert_eq!(decode_partition_tokens(64, 640), 256);
         assert_eq!(decode_partition_tokens(256, 640), 512);
         assert_eq!(decode_partition_tokens(1, 1 << 20), 512);
         // Never below the minimum, however small the batch or short the context.
         assert_eq!(decode_partition_tokens(1, 16), DECODE_MIN_PARTITION);
         assert_eq!(decode_partition_tokens(7, 16), DECODE_MIN_BATCH_PARTITION);
+        assert_eq!(decode_partition_tokens(64, 16), DECODE_MIN_WIDE_PARTITION);
     }
 
     #[test]
