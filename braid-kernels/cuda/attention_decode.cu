@@ -34,8 +34,8 @@ constexpr float LOG2E = 1.4426950408889634f;
 // Blocks per SM the register allocation must allow (64 registers a thread for 4, 80 for 3).
 // The kernel spends much of each block's life outside its load rounds (staging the table,
 // softmax, reductions, the merge), so more resident blocks keep more bytes in flight: at GC 2
-// and head_dim 128 four blocks instead of three took an H100 from 2.33 to 2.61 TB/s at batch 64
-// and from 2.74 to 2.88 TB/s at 256 (context 640). The plain kernels fit 64 registers without
+// and head_dim 128 four blocks instead of three took an H100 from 2.32 to 2.60 TB/s at batch 64
+// and from 2.75 to 2.87 TB/s at 256 (context 640, KERNELS.md "Residency"). The plain kernels fit 64 registers without
 // spilling up to head_dim 128. The _rope variants hold the RoPE work's registers too: at 64 they
 // spill a little, which costs latency-bound small batches ≈5%, so they keep three blocks, and
 // _rope_wide (GC 2, head_dim ≤ 128, batches above DECODE_WIDE_BATCH in attention.rs)

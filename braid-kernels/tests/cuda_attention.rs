@@ -754,6 +754,17 @@ fn decode_reuses_one_workspace_across_calls_buckets_and_replays() {
     }
 }
 
+/// The buffers the decode chain test writes (and poisons between rounds): the QKV projection,
+/// rotated q, the K/V caches, the attention output and the output projection.
+struct ChainBuffers {
+    qkv: CudaSlice<bf16>,
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+}
+
 /// The attention half of a decode layer, every kernel launched with programmatic dependent
 /// launch: QKV projection, RoPE + q/k-norm + KV write, decode attention (several partitions and
 /// the in-kernel merge) and the output projection; then the same with the RoPE step folded into
@@ -863,12 +874,14 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
     let slots_d = dev.upload(&slots).unwrap();
     let tables_d = dev.upload(&cache.block_tables).unwrap();
     let lens_d = dev.upload(&lens.map(|l| l as u32)).unwrap();
-    let mut k_d = dev.upload(&cache.k).unwrap();
-    let mut v_d = dev.upload(&cache.v).unwrap();
-    let mut qkv_d = poisoned::<bf16>(&dev, n * qkv_dim);
-    let mut q_d = poisoned::<bf16>(&dev, n * q_dim);
-    let mut attn_d = poisoned::<bf16>(&dev, n * q_dim);
-    let mut y_d = poisoned::<bf16>(&dev, n * hidden);
+    let mut bufs = ChainBuffers {
+        qkv: poisoned::<bf16>(&dev, n * qkv_dim),
+        q: poisoned::<bf16>(&dev, n * q_dim),
+        k: dev.upload(&cache.k).unwrap(),
+        v: dev.upload(&cache.v).unwrap(),
+        attn: poisoned::<bf16>(&dev, n * q_dim),
+        y: poisoned::<bf16>(&dev, n * hidden),
+    };
     let mut ws = decode_workspace(&dev, n, &p);
     let rope_p = RopeParams {
         n,
@@ -878,13 +891,15 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
     };
     let (qn, kn) = (q_norm_d.as_view(), k_norm_d.as_view());
     let stream = dev.stream().clone();
-    let mut chain = |folded: bool,
-                     qkv: &mut CudaSlice<bf16>,
-                     q: &mut CudaSlice<bf16>,
-                     k: &mut CudaSlice<bf16>,
-                     v: &mut CudaSlice<bf16>,
-                     attn: &mut CudaSlice<bf16>,
-                     y: &mut CudaSlice<bf16>| {
+    let mut chain = |folded: bool, b: &mut ChainBuffers| {
+        let ChainBuffers {
+            qkv,
+            q,
+            k,
+            v,
+            attn,
+            y,
+        } = b;
         dev.linear_overlapped(&x_d, n, hidden, &w_qkv_d, qkv_dim, None, None, qkv)
             .unwrap();
         if folded {
@@ -921,12 +936,15 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
             .unwrap();
     };
     let nan_row = vec![bf16::NAN; kv_dim];
-    let poison = |qkv: &mut CudaSlice<bf16>,
-                  q: &mut CudaSlice<bf16>,
-                  k: &mut CudaSlice<bf16>,
-                  v: &mut CudaSlice<bf16>,
-                  attn: &mut CudaSlice<bf16>,
-                  y: &mut CudaSlice<bf16>| {
+    let poison = |b: &mut ChainBuffers| {
+        let ChainBuffers {
+            qkv,
+            q,
+            k,
+            v,
+            attn,
+            y,
+        } = b;
         stream
             .memcpy_htod(&vec![bf16::NAN; n * qkv_dim], qkv)
             .unwrap();
@@ -947,51 +965,19 @@ fn overlapped_decode_chain_waits_for_each_previous_kernel() {
     };
     for folded in [false, true] {
         for round in 0..20 {
-            poison(
-                &mut qkv_d,
-                &mut q_d,
-                &mut k_d,
-                &mut v_d,
-                &mut attn_d,
-                &mut y_d,
-            );
-            chain(
-                folded,
-                &mut qkv_d,
-                &mut q_d,
-                &mut k_d,
-                &mut v_d,
-                &mut attn_d,
-                &mut y_d,
-            );
+            poison(&mut bufs);
+            chain(folded, &mut bufs);
             let what =
                 format!("overlapped decode chain (RoPE folded: {folded}), stream round {round}");
-            assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+            assert_rel_l2(&what, &dev.download(&bufs.y).unwrap(), &want);
         }
-        let graph = capture(&dev, || {
-            chain(
-                folded,
-                &mut qkv_d,
-                &mut q_d,
-                &mut k_d,
-                &mut v_d,
-                &mut attn_d,
-                &mut y_d,
-            )
-        });
+        let graph = capture(&dev, || chain(folded, &mut bufs));
         for round in 0..20 {
-            poison(
-                &mut qkv_d,
-                &mut q_d,
-                &mut k_d,
-                &mut v_d,
-                &mut attn_d,
-                &mut y_d,
-            );
+            poison(&mut bufs);
             graph.launch().unwrap();
             let what =
                 format!("overlapped decode chain (RoPE folded: {folded}), graph round {round}");
-            assert_rel_l2(&what, &dev.download(&y_d).unwrap(), &want);
+            assert_rel_l2(&what, &dev.download(&bufs.y).unwrap(), &want);
         }
     }
     ws.assert_counters_zeroed(&dev, "overlapped decode chain");
