@@ -10,10 +10,14 @@ __device__ __forceinline__ float silu_times(float gate, float up) {
 }
 
 // Grid: x covers the 16-byte chunks of one output row, y walks rows (looping past the grid-y
-// limit). A chunk uses 128-bit accesses when gate, up and out rows are all aligned.
+// limit). A chunk uses 128-bit accesses when gate, up and out rows are all aligned. Launched with
+// programmatic dependent launch: the next kernel (the down projection) may be scheduled at once,
+// and every block waits for the previous kernel before it touches memory.
 template <typename T>
 __device__ __forceinline__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int rows,
                                          int inter) {
+    allow_next_launch();
+    wait_for_previous();
     constexpr int N = Pack<T>::N;
     const int chunks = (inter + N - 1) / N;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;

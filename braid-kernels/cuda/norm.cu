@@ -115,11 +115,15 @@ __device__ __forceinline__ void fused_add_rms_norm_row(const T* __restrict__ x, 
 }  // namespace braid
 
 // Grid: one block per row (gridDim.x = rows). Block: a multiple of the warp size, at most
-// BRAID_MAX_BLOCK_THREADS.
+// BRAID_MAX_BLOCK_THREADS. Launched with programmatic dependent launch: the next kernel may be
+// scheduled at once (a projection then streams its weights while the norm runs), and no block
+// touches memory before the previous kernel has finished.
 #define BRAID_DEFINE_NORM_KERNELS(T, SUFFIX)                                                           \
     extern "C" __global__ void __launch_bounds__(BRAID_MAX_BLOCK_THREADS)                              \
         rms_norm_##SUFFIX(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out,  \
                           int cols, float eps) {                                                       \
+        braid::allow_next_launch();                                                                    \
+        braid::wait_for_previous();                                                                    \
         const size_t offset = static_cast<size_t>(blockIdx.x) * cols;                                  \
         braid::rms_norm_row<T>(x + offset, weight, out + offset, cols, eps);                           \
     }                                                                                                  \
@@ -127,6 +131,8 @@ __device__ __forceinline__ void fused_add_rms_norm_row(const T* __restrict__ x, 
         fused_add_rms_norm_##SUFFIX(const T* __restrict__ x, T* __restrict__ residual,                 \
                                     const T* __restrict__ weight, T* __restrict__ out, int cols,       \
                                     float eps) {                                                       \
+        braid::allow_next_launch();                                                                    \
+        braid::wait_for_previous();                                                                    \
         const size_t offset = static_cast<size_t>(blockIdx.x) * cols;                                  \
         braid::fused_add_rms_norm_row<T>(x + offset, residual + offset, weight, out + offset, cols,    \
                                          eps);                                                         \

@@ -522,12 +522,24 @@ impl CudaDevice {
         let (rows, inter) = (to_i32(rows), to_i32(inter));
         let (in_ptr, _in_sync) = gate_up.device_ptr(&self.stream);
         let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let mut launch = self.stream.launch_builder(self.function::<T>(Op::SiluMul));
-        launch.arg(&in_ptr).arg(&out_ptr).arg(&rows).arg(&inter);
-        // SAFETY: the arguments match `silu_mul_*(const T*, T*, int, int)` in activation.cu and
-        // the lengths checked above keep every access inside the buffers.
-        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
-        Ok(())
+        let mut params = [
+            kernel_arg(&in_ptr),
+            kernel_arg(&out_ptr),
+            kernel_arg(&rows),
+            kernel_arg(&inter),
+        ];
+        // SAFETY: `params` matches `silu_mul_*(const T*, T*, int, int)` in activation.cu, each
+        // entry pointing at a live local of that type; the lengths checked above keep every
+        // access inside the buffers, and every block waits for the previous kernel before
+        // touching memory.
+        unsafe {
+            self.launch_with_dependency_overlap(
+                OP,
+                self.function::<T>(Op::SiluMul),
+                cfg,
+                &mut params,
+            )
+        }
     }
 
     /// Gathers `out[r] = table[ids[r]]` for every id, where `table` is `[vocab, dim]` row-major.
@@ -600,14 +612,14 @@ impl CudaDevice {
     ) -> Result<(), CudaError> {
         let cfg = norm_launch_config::<T>(rows, cols);
         let cols = to_i32(cols);
-        let mut launch = self.stream.launch_builder(self.function::<T>(op));
-        for ptr in ptrs {
-            launch.arg(ptr);
-        }
-        launch.arg(&cols).arg(&eps);
+        let mut params: Vec<*mut c_void> = ptrs.iter().map(kernel_arg).collect();
+        params.push(kernel_arg(&cols));
+        params.push(kernel_arg(&eps));
         // SAFETY: the caller vouches for the pointers; `cols` and `eps` complete the signature.
-        unsafe { launch.launch(cfg) }.map_err(driver_error(op.name()))?;
-        Ok(())
+        // Every block of the norm kernels waits for the previous kernel before touching memory.
+        unsafe {
+            self.launch_with_dependency_overlap(op.name(), self.function::<T>(op), cfg, &mut params)
+        }
     }
 
     fn function<T: KernelFloat>(&self, op: Op) -> &CudaFunction {

@@ -449,6 +449,114 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
     }
 }
 
+/// The norm and SiLU·mul kernels are launched with programmatic dependent launch too: in a chain
+/// where every kernel reads what the one before it wrote (gate/up projection → SiLU·mul → down
+/// projection → residual add + RMSNorm → RMSNorm → projection), each must wait for its
+/// predecessor. Intermediates are NaN-poisoned every round, on a stream and in a graph.
+#[test]
+fn norm_and_activation_wait_for_the_previous_kernel() {
+    let Some(dev) = device("norm_and_activation_wait_for_the_previous_kernel") else {
+        return;
+    };
+    single_stream_mode(&dev);
+    let mut rng = Rng(19);
+    let (n, h, inter, m) = (4usize, 1024usize, 768usize, 500usize);
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect() };
+    let x: Vec<bf16> = rng.vec(n * h, -1.0, 1.0);
+    let w_gu: Vec<bf16> = rng.vec(2 * inter * h, -0.06, 0.06);
+    let w_down: Vec<bf16> = rng.vec(h * inter, -0.06, 0.06);
+    let w_out: Vec<bf16> = rng.vec(m * h, -0.04, 0.04);
+    let norm_a: Vec<bf16> = rng.vec(h, 0.5, 1.5);
+    let norm_b: Vec<bf16> = rng.vec(h, 0.5, 1.5);
+    let residual: Vec<bf16> = rng.vec(n * h, -2.0, 2.0);
+
+    // The CPU reference, rounding to bf16 wherever the GPU stores an intermediate.
+    let mut gu = vec![0.0f32; n * 2 * inter];
+    cpu::linear(&to_f32(&x), n, h, &to_f32(&w_gu), 2 * inter, None, &mut gu);
+    let gu = round(&gu);
+    let mut act = vec![0.0f32; n * inter];
+    for r in 0..n {
+        let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
+        cpu::silu_mul(
+            &row[..inter],
+            &row[inter..],
+            &mut act[r * inter..(r + 1) * inter],
+        );
+    }
+    let act = round(&act);
+    let mut proj = vec![0.0f32; n * h];
+    cpu::linear(&act, n, inter, &to_f32(&w_down), h, None, &mut proj);
+    let proj = round(&proj);
+    let summed: Vec<f32> = to_f32(&residual)
+        .iter()
+        .zip(&proj)
+        .map(|(r, p)| r + p)
+        .collect();
+    let summed = round(&summed);
+    let mut normed = vec![0.0f32; n * h];
+    cpu::rms_norm(&summed, &to_f32(&norm_a), EPS, &mut normed);
+    let normed = round(&normed);
+    let mut renormed = vec![0.0f32; n * h];
+    cpu::rms_norm(&normed, &to_f32(&norm_b), EPS, &mut renormed);
+    let renormed = round(&renormed);
+    let mut want = vec![0.0f32; n * m];
+    cpu::linear(&renormed, n, h, &to_f32(&w_out), m, None, &mut want);
+
+    let x_d = dev.upload(&x).unwrap();
+    let w_gu_d = dev.upload(&w_gu).unwrap();
+    let w_down_d = dev.upload(&w_down).unwrap();
+    let w_out_d = dev.upload(&w_out).unwrap();
+    let norm_a_d = dev.upload(&norm_a).unwrap();
+    let norm_b_d = dev.upload(&norm_b).unwrap();
+    let mut bufs = [
+        poisoned::<bf16>(&dev, n * 2 * inter),
+        poisoned::<bf16>(&dev, n * inter),
+        poisoned::<bf16>(&dev, n * h),
+        dev.upload(&residual).unwrap(),
+        poisoned::<bf16>(&dev, n * h),
+        poisoned::<bf16>(&dev, n * h),
+        poisoned::<bf16>(&dev, n * m),
+    ];
+    let stream = dev.stream().clone();
+    let reset = |bufs: &mut [CudaSlice<bf16>; 7]| {
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            let fill = if i == 3 {
+                residual.clone()
+            } else {
+                vec![bf16::NAN; buf.len()]
+            };
+            stream.memcpy_htod(&fill, buf).unwrap();
+        }
+    };
+    let chain = |bufs: &mut [CudaSlice<bf16>; 7]| {
+        let [gu, act, proj, residual, normed, renormed, y] = bufs;
+        dev.linear_overlapped(&x_d, n, h, &w_gu_d, 2 * inter, None, None, gu)
+            .unwrap();
+        dev.silu_mul(&*gu, act, n, inter).unwrap();
+        dev.linear_overlapped(&*act, n, inter, &w_down_d, h, None, None, proj)
+            .unwrap();
+        dev.fused_add_rms_norm(&*proj, residual, &norm_a_d, normed, n, h, EPS)
+            .unwrap();
+        dev.rms_norm(&*normed, &norm_b_d, renormed, n, h, EPS)
+            .unwrap();
+        dev.linear_overlapped(&*renormed, n, h, &w_out_d, m, None, None, y)
+            .unwrap();
+    };
+    for r in 0..20 {
+        reset(&mut bufs);
+        chain(&mut bufs);
+        let what = format!("norm/activation chain, stream round {r}");
+        assert_rel_l2(&what, &dev.download(&bufs[6]).unwrap(), &want);
+    }
+    let graph = capture(&dev, || chain(&mut bufs));
+    for r in 0..20 {
+        reset(&mut bufs);
+        graph.launch().unwrap();
+        let what = format!("norm/activation chain, graph round {r}");
+        assert_rel_l2(&what, &dev.download(&bufs[6]).unwrap(), &want);
+    }
+}
+
 // ---- fused projections --------------------------------------------------------------------
 
 const EPS: f32 = 1e-6;
