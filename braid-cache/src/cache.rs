@@ -8,6 +8,7 @@ use std::path::Path;
 
 use crate::prefix::{KeyFn, Link, PrefixIndex};
 use crate::snapshot;
+use crate::table::CommitMark;
 use crate::{
     BlockContents, BlockId, BlockPool, BlockTable, CacheError, KvLayout, PrefixKey, SnapshotMeta,
     SnapshotSummary,
@@ -167,6 +168,7 @@ impl BlockManager {
         }
         table.num_tokens = 0;
         table.capacity = 0;
+        table.committed = None;
     }
 
     /// Attaches to the empty `table` the longest run of cached full blocks that hold `tokens`'
@@ -201,31 +203,61 @@ impl BlockManager {
     }
 
     /// Registers every full block of `table` whose key is not cached yet, once the KV of
-    /// `tokens[..table.num_tokens()]` is computed; idempotent.
+    /// `tokens[..table.num_tokens()]` is computed; idempotent. `tokens` are the ones the table's
+    /// KV was computed from, the same on every call for the same table.
     ///
     /// Where another block already holds a block's prefix, that one stays registered and this
     /// one is not. `tokens` shorter than the table commits only the blocks it covers.
-    pub fn commit(&mut self, table: &BlockTable, tokens: &[u32]) {
+    ///
+    /// The table remembers how far its blocks are registered as their own homes, so a sequence
+    /// that commits after every filled block hashes only the new ones, not its whole prefix
+    /// again. That mark is trusted only while its block is still the table's and still carries
+    /// the same registration: a block the table holds cannot be evicted, and its ancestors are
+    /// the table's earlier blocks, held too.
+    pub fn commit(&mut self, table: &mut BlockTable, tokens: &[u32]) {
         let block_size = self.layout.block_size;
         let computed = table.num_tokens.min(tokens.len());
-        let mut parent = Link::ROOT;
-        for (block, &id) in tokens[..computed]
+        let full = (computed / block_size).min(table.blocks.len());
+        let resume = table.committed.filter(|mark| {
+            mark.blocks <= full
+                && table.blocks.get(mark.blocks.wrapping_sub(1)) == Some(&mark.home)
+                && self.index.link(mark.home) == Some(mark.link)
+        });
+        let (start, mut parent) = resume.map_or((0, Link::ROOT), |mark| (mark.blocks, mark.link));
+        // The mark advances while every block so far is its own registration's home.
+        let mut mark = resume;
+        let mut owned = true;
+        for (i, (block, &id)) in tokens[..full * block_size]
             .chunks_exact(block_size)
             .zip(&table.blocks)
+            .enumerate()
+            .skip(start)
         {
-            if let Some((_, link)) = self.index.find(parent, block) {
+            let home = if let Some((home, link)) = self.index.find(parent, block) {
                 parent = link;
-                continue;
+                home
+            } else {
+                // A block of a stale table copy may be free by now; registering it would let a
+                // later allocation overwrite a cached prefix.
+                if !self.pool.is_allocated(id) {
+                    break;
+                }
+                // Nobody holds this prefix, so this block becomes its home. A registration it
+                // already had is stale (an ancestor was evicted and recomputed since) and is
+                // replaced.
+                parent = self.index.insert(id, parent, block);
+                id
+            };
+            owned &= home == id;
+            if owned {
+                mark = Some(CommitMark {
+                    blocks: i + 1,
+                    home: id,
+                    link: parent,
+                });
             }
-            // A block of a stale table copy may be free by now; registering it would let a later
-            // allocation overwrite a cached prefix.
-            if !self.pool.is_allocated(id) {
-                break;
-            }
-            // Nobody holds this prefix, so this block becomes its home. A registration it already
-            // had is stale (an ancestor was evicted and recomputed since) and is replaced.
-            parent = self.index.insert(id, parent, block);
         }
+        table.committed = mark;
     }
 
     /// A new table sharing `table`'s blocks that hold tokens (each gains a reference), with the
@@ -249,6 +281,7 @@ impl BlockManager {
             blocks,
             num_tokens: len,
             capacity: used * self.layout.block_size,
+            committed: None,
         }
     }
 
@@ -515,7 +548,7 @@ mod tests {
         let matched = cache.match_prefix(&mut table, tokens);
         cache.reserve(&mut table, tokens.len()).unwrap();
         BlockManager::set_len(&mut table, tokens.len());
-        cache.commit(&table, tokens);
+        cache.commit(&mut table, tokens);
         (table, matched)
     }
 
@@ -703,9 +736,9 @@ mod tests {
             cache.reserve(table, 9).unwrap();
             BlockManager::set_len(table, 9);
         }
-        cache.commit(&a, &prompt);
-        cache.commit(&a, &prompt);
-        cache.commit(&b, &prompt);
+        cache.commit(&mut a, &prompt);
+        cache.commit(&mut a, &prompt);
+        cache.commit(&mut b, &prompt);
         assert_eq!(cache.stats().cached_blocks, 2);
         assert!(b
             .blocks()
@@ -723,13 +756,64 @@ mod tests {
         let other: Vec<u32> = (50..62).collect();
         cache.reserve(&mut c, 12).unwrap();
         BlockManager::set_len(&mut c, 7);
-        cache.commit(&c, &other);
+        cache.commit(&mut c, &other);
         assert_eq!(cache.stats().cached_blocks, 3);
         BlockManager::set_len(&mut c, 12);
-        cache.commit(&c, &other[..5]); // tokens shorter than the table: only what they cover
+        cache.commit(&mut c, &other[..5]); // tokens shorter than the table: only what they cover
         assert_eq!(cache.stats().cached_blocks, 3);
-        cache.commit(&c, &other);
+        cache.commit(&mut c, &other);
         assert_eq!(cache.stats().cached_blocks, 5);
+    }
+
+    // Key computations of the counting key function below, per thread (tests run in parallel).
+    thread_local! {
+        static KEYS_HASHED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn counting_key(parent: PrefixKey, tokens: &[u32]) -> PrefixKey {
+        KEYS_HASHED.with(|n| n.set(n.get() + 1));
+        PrefixKey::child(parent, tokens)
+    }
+
+    #[test]
+    fn commit_after_each_token_hashes_each_block_once() {
+        let mut cache = BlockManager::with_key_fn(layout(40), counting_key).unwrap();
+        let tokens: Vec<u32> = (0..100).map(|i| i * 7 % 23).collect();
+        let mut table = BlockTable::new();
+        for len in 1..=tokens.len() {
+            cache.reserve(&mut table, len).unwrap();
+            BlockManager::set_len(&mut table, len);
+            cache.commit(&mut table, &tokens);
+        }
+        // 25 full blocks: one key each when registered; a commit with no new block hashes none.
+        assert_eq!(
+            KEYS_HASHED.with(|n| n.get()),
+            2 * 25,
+            "a find and an insert per block"
+        );
+        let mut probe = BlockTable::new();
+        assert_eq!(cache.match_prefix(&mut probe, &tokens), 96);
+        assert_eq!(probe.blocks(), &table.blocks()[..24]);
+        cache.release(&mut probe);
+
+        // A table that computed blocks the index already holds elsewhere is not their home:
+        // its mark stops before them, and every commit checks them again.
+        cache.release(&mut table);
+        assert!(table.committed.is_none());
+        let mut again = BlockTable::new();
+        assert_eq!(cache.match_prefix(&mut again, &tokens[..33]), 32);
+        cache.reserve(&mut again, 40).unwrap();
+        BlockManager::set_len(&mut again, 40);
+        cache.commit(&mut again, &tokens);
+        assert_eq!(again.committed.map(|m| m.blocks), Some(8));
+        KEYS_HASHED.with(|n| n.set(0));
+        cache.commit(&mut again, &tokens);
+        assert_eq!(
+            KEYS_HASHED.with(|n| n.get()),
+            2,
+            "blocks 8 and 9 are found again"
+        );
+        cache.release(&mut again);
     }
 
     #[test]
@@ -742,7 +826,7 @@ mod tests {
         let mut x = BlockTable::new();
         cache.reserve(&mut x, 9).unwrap();
         BlockManager::set_len(&mut x, 9);
-        cache.commit(&x, &prompt);
+        cache.commit(&mut x, &prompt);
         assert!(cache.cached_tokens(x.blocks()[0]).is_none());
         assert!(cache.cached_tokens(x.blocks()[1]).is_some());
 
@@ -756,7 +840,7 @@ mod tests {
         assert_eq!(cache.match_prefix(&mut probe, &prompt), 0);
 
         // Committing `x` again makes its own blocks the cached chain.
-        cache.commit(&x, &prompt);
+        cache.commit(&mut x, &prompt);
         assert_eq!(cache.match_prefix(&mut probe, &prompt), 8);
         assert_eq!(probe.blocks(), &x.blocks()[..2]);
         assert_eq!(cache.stats().cached_blocks, 2);
@@ -848,7 +932,7 @@ mod tests {
                     }
                     if cache.reserve(&mut table, tokens.len()).is_ok() {
                         BlockManager::set_len(&mut table, tokens.len());
-                        cache.commit(&table, &tokens);
+                        cache.commit(&mut table, &tokens);
                     }
                     live.push(table);
                 }

@@ -66,7 +66,7 @@
 //! let slot = first.slot(39, layout.block_size);
 //! storage.write(0, &[slot], &[1.0; 4], &[2.0; 4]); // ... the forward pass writes every token
 //! BlockManager::set_len(&mut first, prompt.len());
-//! cache.commit(&first, &prompt); // the two full blocks become reusable
+//! cache.commit(&mut first, &prompt); // the two full blocks become reusable
 //! cache.release(&mut first);
 //! assert_eq!(cache.stats().evictable_blocks, 2);
 //!

@@ -199,6 +199,11 @@ impl PrefixIndex {
         self.entries.get(id as usize)?.as_ref().map(|e| &*e.tokens)
     }
 
+    /// The link of `id`'s registration, if it is registered.
+    pub(crate) fn link(&self, id: BlockId) -> Option<Link> {
+        self.entries.get(id as usize)?.as_ref().map(|e| e.link)
+    }
+
     /// Whether `id` holds a registration.
     pub(crate) fn contains(&self, id: BlockId) -> bool {
         self.tokens(id).is_some()

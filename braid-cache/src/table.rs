@@ -1,5 +1,6 @@
 //! One sequence's view of the cache: its blocks in order and how many tokens they hold.
 
+use crate::prefix::Link;
 use crate::BlockId;
 
 /// The blocks of one sequence, in token order, and the number of tokens stored in them.
@@ -7,14 +8,37 @@ use crate::BlockId;
 /// Token `pos` lives in block `blocks()[pos / block_size]` at offset `pos % block_size`.
 /// Tables are grown, shared and emptied only through [`crate::BlockManager`], which keeps the
 /// pool's reference counts in step: a block may appear in several tables when they share a
-/// prefix. A clone is a view, not a second holder; release a table once.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// prefix. A clone is a view, not a second holder; release a table once. Two tables are equal
+/// when they hold the same blocks and lengths.
+#[derive(Debug, Clone, Default)]
 pub struct BlockTable {
     pub(crate) blocks: Vec<BlockId>,
     pub(crate) num_tokens: usize,
     /// Tokens the reserved blocks can hold; kept so `set_len` can check its argument.
     pub(crate) capacity: usize,
+    /// Where the last [`crate::BlockManager::commit`] of this table stopped, so the next one
+    /// hashes only the blocks filled since.
+    pub(crate) committed: Option<CommitMark>,
 }
+
+/// A point up to which a table's blocks are registered in the prefix index: the first `blocks`
+/// blocks, each its own registration's home, the last (`home`) registered as `link`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CommitMark {
+    pub(crate) blocks: usize,
+    pub(crate) home: BlockId,
+    pub(crate) link: Link,
+}
+
+/// The commit mark is bookkeeping of the prefix index, not part of what a table holds.
+impl PartialEq for BlockTable {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.blocks, self.num_tokens, self.capacity)
+            == (&other.blocks, other.num_tokens, other.capacity)
+    }
+}
+
+impl Eq for BlockTable {}
 
 impl BlockTable {
     /// An empty table owning no blocks.
@@ -58,6 +82,7 @@ mod tests {
             blocks: vec![7, 2, 5],
             num_tokens: 40,
             capacity: 48,
+            committed: None,
         };
         assert_eq!(table.slot(0, 16), 7 * 16);
         assert_eq!(table.slot(15, 16), 7 * 16 + 15);
@@ -73,6 +98,7 @@ mod tests {
             blocks: vec![0],
             num_tokens: 1,
             capacity: 16,
+            committed: None,
         };
         table.slot(16, 16);
     }

@@ -276,11 +276,11 @@ proptest! {
                     }
                 }
                 Op::Commit { slot } => {
-                    if let Some(seq) = seqs[slot].as_ref() {
+                    if let Some(seq) = seqs[slot].as_mut() {
                         let before = cache.stats().cached_blocks;
-                        cache.commit(&seq.table, &seq.tokens);
+                        cache.commit(&mut seq.table, &seq.tokens);
                         let after = cache.stats().cached_blocks;
-                        cache.commit(&seq.table, &seq.tokens);
+                        cache.commit(&mut seq.table, &seq.tokens);
                         prop_assert_eq!(cache.stats().cached_blocks, after, "commit is idempotent");
                         prop_assert!(after >= before);
                         // Every full computed block's prefix is now findable.

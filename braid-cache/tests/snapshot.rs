@@ -87,7 +87,7 @@ impl Cache {
             }
         }
         BlockManager::set_len(&mut table, tokens.len());
-        self.manager.commit(&table, tokens);
+        self.manager.commit(&mut table, tokens);
         Some(table)
     }
 
@@ -736,7 +736,7 @@ fn save_leaves_out_blocks_whose_ancestor_was_evicted() {
     let mut x = BlockTable::new();
     cache.manager.reserve(&mut x, 9).unwrap();
     BlockManager::set_len(&mut x, 9);
-    cache.manager.commit(&x, &full);
+    cache.manager.commit(&mut x, &full);
     cache.manager.release(&mut a);
     let mut filler = BlockTable::new();
     cache.manager.reserve(&mut filler, 12).unwrap();
