@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{HostEnds, HostLayer};
 use crate::config::ModelConfig;
+use crate::cuda_inputs::{Field, StepInputs};
 use crate::error::{ModelError, Result};
 use crate::model::{check_groups, SeqInput, SharedPrefixGroup};
 use crate::weights::Weights;
@@ -213,15 +214,8 @@ struct Layer<T> {
 /// Device buffers for one step, sized once for the largest step.
 struct Buffers<T> {
     cache: CudaCacheConfig,
-    ids: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
-    slots: CudaSlice<u32>,
-    block_tables: CudaSlice<u32>,
-    context_lens: CudaSlice<u32>,
-    q_starts: CudaSlice<u32>,
-    last_rows: CudaSlice<u32>,
-    group_starts: CudaSlice<u32>,
-    prefix_lens: CudaSlice<u32>,
+    /// Token ids, positions, slots, tables and the rest of a step's small inputs.
+    inputs: StepInputs,
     /// Cascade attention's scratch, grown to the largest step seen.
     cascade_workspace: Option<CudaSlice<f32>>,
     residual: CudaSlice<T>,
@@ -340,6 +334,15 @@ impl<T: KernelFloat> Buffers<T> {
     }
 }
 
+/// A decode step's cascade groups as the kernels read them, and their shape.
+struct CascadeGroups {
+    /// `group_starts`: each group's first row, then the end of the last group.
+    starts: Vec<u32>,
+    /// `prefix_lens`: each group's shared prefix length.
+    prefix: Vec<u32>,
+    step: CascadeStep,
+}
+
 /// What a step looks like to the kernels.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct StepShape {
@@ -348,7 +351,7 @@ struct StepShape {
     /// Block-table row width.
     width: usize,
     max_q_len: usize,
-    /// A decode step with cascade groups (uploaded to `group_starts` / `prefix_lens`).
+    /// A decode step with cascade groups (uploaded as `Field::GroupStarts` / `PrefixLens`).
     cascade: Option<CascadeStep>,
 }
 
@@ -581,15 +584,7 @@ where
         );
         self.bufs = Some(Buffers {
             cache,
-            ids: alloc_u(n)?,
-            positions: alloc_u(n)?,
-            slots: alloc_u(n)?,
-            block_tables: alloc_u(s * width)?,
-            context_lens: alloc_u(s)?,
-            q_starts: alloc_u(s + 1)?,
-            last_rows: alloc_u(s)?,
-            group_starts: alloc_u(s + 1)?,
-            prefix_lens: alloc_u(s)?,
+            inputs: StepInputs::new(d, n, s, width).map_err(cuda)?,
             cascade_workspace: None,
             residual: alloc_t(n * h)?,
             residual_alt: alloc_t(n.min(FUSED_STEP_MAX_TOKENS) * h)?,
@@ -645,74 +640,72 @@ where
 
     /// Copy the step's host-side inputs into the fixed device buffers; padding rows (up to
     /// `shape.seqs` sequences) read block 0 and write no KV.
-    fn upload_inputs(&mut self, seqs: &[SeqInput<'_>], shape: StepShape) -> Result<()> {
-        let bufs = self
-            .bufs
-            .as_mut()
-            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
-        let bs = bufs.cache.block_size;
-        let mut ids = Vec::with_capacity(shape.tokens);
-        let mut positions = Vec::with_capacity(shape.tokens);
-        let mut slots = Vec::with_capacity(shape.tokens);
-        let mut tables = vec![0u32; shape.seqs * shape.width];
-        let mut context_lens = vec![0u32; shape.seqs];
-        let mut q_starts = vec![0u32; shape.seqs + 1];
-        let mut last_rows = vec![0u32; shape.seqs];
-        for (i, s) in seqs.iter().enumerate() {
-            let end = s.start_pos + s.tokens.len();
-            ids.extend_from_slice(s.tokens);
-            for pos in s.start_pos..end {
-                positions.push(pos as u32);
-                slots.push(s.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
-            }
-            let used = end.div_ceil(bs);
-            tables[i * shape.width..i * shape.width + used].copy_from_slice(&s.block_table[..used]);
-            context_lens[i] = end as u32;
-            q_starts[i + 1] = ids.len() as u32;
-            last_rows[i] = ids.len() as u32 - 1;
-        }
-        for i in seqs.len()..shape.seqs {
-            q_starts[i + 1] = q_starts[i];
-        }
-        // Padding tokens (decode buckets): token 0 at position 0, KV write skipped.
-        while ids.len() < shape.tokens {
-            ids.push(0);
-            positions.push(0);
-            slots.push(SKIP_SLOT);
-        }
-        // Padding only happens in decode buckets (one token per row), where row i's token is token i.
-        for (i, row) in last_rows.iter_mut().enumerate().skip(seqs.len()) {
-            *row = i as u32;
-        }
-        let st = self.dev.stream();
-        let copy = |src: &[u32], dst: &mut CudaSlice<u32>| {
-            st.memcpy_htod(src, &mut dst.slice_mut(..src.len()))
-                .map_err(|e| {
-                    cuda(CudaError::Driver {
-                        op: "host-to-device copy",
-                        source: e,
-                    })
-                })
-        };
-        copy(&ids, &mut bufs.ids)?;
-        copy(&positions, &mut bufs.positions)?;
-        copy(&slots, &mut bufs.slots)?;
-        copy(&tables, &mut bufs.block_tables)?;
-        copy(&context_lens, &mut bufs.context_lens)?;
-        copy(&q_starts, &mut bufs.q_starts)?;
-        copy(&last_rows, &mut bufs.last_rows)?;
-        Ok(())
-    }
-
-    /// Upload the cascade groups of a decode step: every run of sequences before a group becomes
-    /// groups of one without a shared prefix, so the groups tile the batch up to the last one;
-    /// grow the scratch to the step's bounds. `None` when there are no groups.
-    fn upload_groups(
+    /// Stage and upload a step's inputs with one copy; for a decode step with cascade groups
+    /// also its groups (see [`Runner::cascade_groups`]), returning their shape.
+    fn upload_inputs(
         &mut self,
         seqs: &[SeqInput<'_>],
         groups: &[SharedPrefixGroup],
         shape: StepShape,
     ) -> Result<Option<CascadeStep>> {
+        let cascade = self.cascade_groups(seqs, groups, shape)?;
+        let bufs = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        let bs = bufs.cache.block_size;
+        let mut staged = bufs
+            .inputs
+            .stage(shape.tokens, shape.seqs, shape.width)
+            .map_err(cuda)?;
+        let mut row = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            let end = s.start_pos + s.tokens.len();
+            let rows = row..row + s.tokens.len();
+            staged.get(Field::Ids)[rows.clone()].copy_from_slice(s.tokens);
+            for (r, pos) in rows.zip(s.start_pos..end) {
+                staged.get(Field::Positions)[r] = pos as u32;
+                staged.get(Field::Slots)[r] =
+                    s.block_table[pos / bs] * bs as u32 + (pos % bs) as u32;
+            }
+            row += s.tokens.len();
+            let used = end.div_ceil(bs);
+            staged.get(Field::BlockTables)[i * shape.width..i * shape.width + used]
+                .copy_from_slice(&s.block_table[..used]);
+            staged.get(Field::ContextLens)[i] = end as u32;
+            staged.get(Field::QStarts)[i + 1] = row as u32;
+            staged.get(Field::LastRows)[i] = row as u32 - 1;
+        }
+        // Padding rows (decode buckets): token 0 at position 0 (already zero), KV write skipped;
+        // padding only happens there (one token per row), so row i's token is token i.
+        staged.get(Field::Slots)[row..].fill(SKIP_SLOT);
+        staged.get(Field::QStarts)[seqs.len() + 1..].fill(row as u32);
+        for (i, last) in staged
+            .get(Field::LastRows)
+            .iter_mut()
+            .enumerate()
+            .skip(seqs.len())
+        {
+            *last = i as u32;
+        }
+        if let Some(c) = &cascade {
+            staged.get(Field::GroupStarts)[..c.starts.len()].copy_from_slice(&c.starts);
+            staged.get(Field::PrefixLens)[..c.prefix.len()].copy_from_slice(&c.prefix);
+        }
+        bufs.inputs.upload(&self.dev).map_err(cuda)?;
+        Ok(cascade.map(|c| c.step))
+    }
+
+    /// The cascade groups of a decode step as `group_starts` and `prefix_lens`: every run of
+    /// sequences before a group becomes groups of one without a shared prefix, so the groups
+    /// tile the batch up to the last one. Grows the scratch to the step's bounds. `None` when
+    /// there are no groups.
+    fn cascade_groups(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
+        shape: StepShape,
+    ) -> Result<Option<CascadeGroups>> {
         if groups.is_empty() {
             return Ok(None);
         }
@@ -730,15 +723,14 @@ where
             shared[g.seqs.clone()].fill(g.shared_tokens);
         }
         let c = &self.config;
-        let cache = self
+        let b = self
             .bufs
-            .as_ref()
-            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?
-            .cache;
+            .as_mut()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
         // The bounds size the grids, never the results, so the suffix bound is rounded up to a
         // power of two: a group decoding token after token then replays one graph for many steps
         // instead of needing a new grid every step.
-        let capacity = shape.width * cache.block_size;
+        let capacity = shape.width * b.cache.block_size;
         let max_suffix = seqs
             .iter()
             .zip(&shared)
@@ -750,10 +742,6 @@ where
             max_prefix_tokens: groups.iter().map(|g| g.shared_tokens).max().unwrap_or(0),
             max_suffix_tokens: max_suffix.next_power_of_two().min(capacity).max(max_suffix),
         };
-        let b = self
-            .bufs
-            .as_mut()
-            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
         // Only the geometry sizes the scratch; scale and window do not.
         let params = AttentionParams {
             num_heads: c.num_heads,
@@ -777,22 +765,14 @@ where
             b.cascade_workspace = None; // free the old one first
             b.cascade_workspace = Some(self.dev.alloc_zeros::<f32>(need).map_err(cuda)?);
         }
-        let st = self.dev.stream();
-        for (src, dst) in [
-            (&starts, &mut b.group_starts),
-            (&prefix, &mut b.prefix_lens),
-        ] {
-            st.memcpy_htod(src.as_slice(), &mut dst.slice_mut(..src.len()))
-                .map_err(|e| {
-                    cuda(CudaError::Driver {
-                        op: "host-to-device copy",
-                        source: e,
-                    })
-                })?;
-        }
-        Ok(Some(CascadeStep {
+        let step = CascadeStep {
             num_groups: prefix.len(),
             bounds,
+        };
+        Ok(Some(CascadeGroups {
+            starts,
+            prefix,
+            step,
         }))
     }
 
@@ -858,7 +838,7 @@ where
 
         d.embedding(
             &self.embed,
-            &b.ids.slice(..n),
+            &b.inputs.view(Field::Ids, n),
             &mut b.residual.slice_mut(..n * h),
             h,
         )?;
@@ -914,16 +894,16 @@ where
                 scale: 1.0 / (hd as f32).sqrt(),
                 sliding_window: layer.window,
             };
-            let tables = b.block_tables.slice(..shape.seqs * shape.width);
-            let lens = b.context_lens.slice(..shape.seqs);
+            let tables = b.inputs.view(Field::BlockTables, shape.seqs * shape.width);
+            let lens = b.inputs.view(Field::ContextLens, shape.seqs);
             let q_norm = layer.q_norm.as_ref().map(|x| x.slice(..));
             let k_norm = layer.k_norm.as_ref().map(|x| x.slice(..));
             if decode && shape.cascade.is_none() && shape.seqs <= FOLD_ROPE_MAX_SEQS {
                 // Plain decode attention does the RoPE step itself.
                 let rope = DecodeRope {
                     qkv: b.qkv.slice(..n * qkv_dim),
-                    positions: b.positions.slice(..n),
-                    slot_mapping: b.slots.slice(..n),
+                    positions: b.inputs.view(Field::Positions, n),
+                    slot_mapping: b.inputs.view(Field::Slots, n),
                     inv_freq: self.inv_freq.slice(..),
                     q_norm,
                     k_norm,
@@ -942,8 +922,8 @@ where
             } else {
                 d.rope_qk_norm_kv_write(
                     &b.qkv.slice(..n * qkv_dim),
-                    &b.positions.slice(..n),
-                    &b.slots.slice(..n),
+                    &b.inputs.view(Field::Positions, n),
+                    &b.inputs.view(Field::Slots, n),
                     &self.inv_freq,
                     q_norm.as_ref(),
                     k_norm.as_ref(),
@@ -966,8 +946,8 @@ where
                         &*v_cache,
                         &tables,
                         &lens,
-                        &b.group_starts.slice(..g + 1),
-                        &b.prefix_lens.slice(..g),
+                        &b.inputs.view(Field::GroupStarts, g + 1),
+                        &b.inputs.view(Field::PrefixLens, g),
                         &mut b.attn.slice_mut(..n * q_dim),
                         b.cascade_workspace.as_mut().expect("sized with the groups"),
                         &p,
@@ -990,7 +970,7 @@ where
                         &*k_cache,
                         &*v_cache,
                         &tables,
-                        &b.q_starts.slice(..shape.seqs + 1),
+                        &b.inputs.view(Field::QStarts, shape.seqs + 1),
                         &lens,
                         &mut b.attn.slice_mut(..n * q_dim),
                         &mut b.prefill_workspace,
@@ -1085,7 +1065,7 @@ where
         if !decode {
             d.embedding(
                 &b.normed.slice(..n * h),
-                &b.last_rows.slice(..s),
+                &b.inputs.view(Field::LastRows, s),
                 &mut b.last.slice_mut(..s * h),
                 h,
             )?;
@@ -1099,8 +1079,7 @@ where
         groups: &[SharedPrefixGroup],
     ) -> Result<Vec<Vec<f32>>> {
         let mut shape = self.step_shape(seqs, false)?;
-        self.upload_inputs(seqs, shape)?;
-        shape.cascade = self.upload_groups(seqs, groups, shape)?;
+        shape.cascade = self.upload_inputs(seqs, groups, shape)?;
         self.enqueue_forward(shape).map_err(cuda)?;
         let vocab = self.config.vocab_size;
         let b = self.bufs.as_ref().expect("allocated");
@@ -1122,8 +1101,7 @@ where
     ) -> Result<Vec<u32>> {
         let graphed = seqs.iter().all(|s| s.tokens.len() == 1);
         let mut shape = self.step_shape(seqs, graphed)?;
-        self.upload_inputs(seqs, shape)?;
-        shape.cascade = self.upload_groups(seqs, groups, shape)?;
+        shape.cascade = self.upload_inputs(seqs, groups, shape)?;
         let greedy = rows.is_none();
         if let Some(rows) = rows {
             // Padding rows of a decode bucket sample greedily; their ids are dropped.

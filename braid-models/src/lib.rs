@@ -13,6 +13,7 @@ pub mod arch;
 pub mod chat_template;
 mod checkpoint;
 pub mod config;
+mod cuda_inputs;
 pub mod cuda_model;
 pub mod error;
 mod loader;
