@@ -132,14 +132,7 @@ impl StepInputs {
             });
         }
         self.layout = layout;
-        let host = self
-            .staging
-            .as_mut_slice()
-            .map_err(|source| CudaError::Driver {
-                op: "stage the step inputs",
-                source,
-            })?;
-        let host = &mut host[..layout.end];
+        let host = &mut staging_memory(&mut self.staging, "stage the step inputs")?[..layout.end];
         host.fill(0);
         Ok(Staged {
             fields: layout.split(host),
@@ -148,13 +141,7 @@ impl StepInputs {
 
     /// Queues the copy of the staged arrays to the device; returns without waiting.
     pub(crate) fn upload(&mut self, dev: &CudaDevice) -> Result<(), CudaError> {
-        let host = self
-            .staging
-            .as_mut_slice()
-            .map_err(|source| CudaError::Driver {
-                op: "upload the step inputs",
-                source,
-            })?;
+        let host = staging_memory(&mut self.staging, "upload the step inputs")?;
         dev.upload_into(&host[..self.layout.end], &mut self.device)
     }
 
@@ -165,6 +152,16 @@ impl StepInputs {
         let start = self.layout.starts[i];
         self.device.slice(start..start + len)
     }
+}
+
+/// The whole page-locked staging memory, for `op`.
+fn staging_memory<'a>(
+    staging: &'a mut PinnedHostSlice<u32>,
+    op: &'static str,
+) -> Result<&'a mut [u32], CudaError> {
+    staging
+        .as_mut_slice()
+        .map_err(|source| CudaError::Driver { op, source })
 }
 
 #[cfg(test)]

@@ -638,10 +638,9 @@ where
         d.synchronize()
     }
 
-    /// Copy the step's host-side inputs into the fixed device buffers; padding rows (up to
-    /// `shape.seqs` sequences) read block 0 and write no KV.
     /// Stage and upload a step's inputs with one copy; for a decode step with cascade groups
-    /// also its groups (see [`Runner::cascade_groups`]), returning their shape.
+    /// also its groups (see [`Runner::cascade_groups`]), returning their shape. Padding rows (up
+    /// to `shape.seqs` sequences) read block 0 and write no KV.
     fn upload_inputs(
         &mut self,
         seqs: &[SeqInput<'_>],
