@@ -634,8 +634,8 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Launches the norm kernel of `op` over `rows` rows of `cols`: the buffer pointers `ptrs`,
-    /// then `cols` and `eps`.
+    /// Launches the norm kernel of `op` over `rows` rows of `cols`: the buffer pointers `ptrs`
+    /// (at most four), then `cols` and `eps`.
     ///
     /// # Safety
     /// `ptrs` must be the kernel's pointer parameters in order, each into a live buffer of this
@@ -650,13 +650,23 @@ impl CudaDevice {
     ) -> Result<(), CudaError> {
         let cfg = norm_launch_config::<T>(rows, cols);
         let cols = to_i32(cols);
-        let mut params: Vec<*mut c_void> = ptrs.iter().map(kernel_arg).collect();
-        params.push(kernel_arg(&cols));
-        params.push(kernel_arg(&eps));
+        // At most four buffer pointers, then `cols` and `eps`: no allocation per launch.
+        let mut params = [std::ptr::null_mut::<c_void>(); 6];
+        let used = ptrs.len() + 2;
+        for (slot, ptr) in params.iter_mut().zip(ptrs) {
+            *slot = kernel_arg(ptr);
+        }
+        params[used - 2] = kernel_arg(&cols);
+        params[used - 1] = kernel_arg(&eps);
         // SAFETY: the caller vouches for the pointers; `cols` and `eps` complete the signature.
         // Every block of the norm kernels waits for the previous kernel before touching memory.
         unsafe {
-            self.launch_with_dependency_overlap(op.name(), self.function::<T>(op), cfg, &mut params)
+            self.launch_with_dependency_overlap(
+                op.name(),
+                self.function::<T>(op),
+                cfg,
+                &mut params[..used],
+            )
         }
     }
 
