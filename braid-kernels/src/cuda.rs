@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{self as driver_sys, CUdeviceptr, CUfunction_attribute, CUresult};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -237,6 +237,18 @@ pub struct CudaDevice {
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     /// Kernels looked up by name so far.
     named: std::sync::Mutex<std::collections::HashMap<String, CudaFunction>>,
+    /// A second stream and its fork and join events, created on first use (see
+    /// [`CudaDevice::fork_side_stream`]).
+    side: std::sync::OnceLock<SideStream>,
+}
+
+/// A stream for kernels that run beside the main stream's, and the two events that order it
+/// against the main stream. Reusing the events is sound: a wait applies to the event's most
+/// recent record when the wait is enqueued.
+struct SideStream {
+    stream: Arc<CudaStream>,
+    fork: CudaEvent,
+    join: CudaEvent,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -319,6 +331,7 @@ impl CudaDevice {
             functions,
             modules,
             named: Default::default(),
+            side: Default::default(),
         })
     }
 
@@ -372,6 +385,38 @@ impl CudaDevice {
     }
 
     /// The stream every op of this device is enqueued on.
+    /// The side stream, after making it wait for everything enqueued on the main stream so far.
+    /// Kernels launched on it run beside the main stream's later work until
+    /// [`CudaDevice::join_side_stream`]. Under a stream capture of the main stream the pair is
+    /// recorded as two parallel branches of the graph.
+    pub(crate) fn fork_side_stream(&self, op: &'static str) -> Result<&CudaStream, CudaError> {
+        let side = match self.side.get() {
+            Some(side) => side,
+            None => {
+                let side = SideStream {
+                    stream: self.ctx.new_stream().map_err(driver_error(op))?,
+                    fork: self.ctx.new_event(None).map_err(driver_error(op))?,
+                    join: self.ctx.new_event(None).map_err(driver_error(op))?,
+                };
+                self.side.get_or_init(|| side)
+            }
+        };
+        side.fork.record(&self.stream).map_err(driver_error(op))?;
+        side.stream.wait(&side.fork).map_err(driver_error(op))?;
+        Ok(&side.stream)
+    }
+
+    /// Makes the main stream wait for everything enqueued on the side stream so far; pairs with
+    /// a [`CudaDevice::fork_side_stream`] of the same operation (under a capture, a join without
+    /// a fork in the same capture would wait on work outside it).
+    pub(crate) fn join_side_stream(&self, op: &'static str) -> Result<(), CudaError> {
+        if let Some(side) = self.side.get() {
+            side.join.record(&side.stream).map_err(driver_error(op))?;
+            self.stream.wait(&side.join).map_err(driver_error(op))?;
+        }
+        Ok(())
+    }
+
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

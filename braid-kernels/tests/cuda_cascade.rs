@@ -326,6 +326,87 @@ fn cascade_matches_reference_and_plain_decode() {
     suite::<f16>(&dev, &mut rng);
 }
 
+/// The two passes run on two streams (the prefix pass on the device's side stream); captured
+/// into a CUDA graph they become parallel branches that must still join before the merge.
+/// Replays with a new query each round, outputs and workspace NaN-poisoned before each, must
+/// match plain decode of the same round.
+#[test]
+fn cascade_replays_in_a_graph_with_both_passes_concurrent() {
+    let Some(dev) = device("cascade_replays_in_a_graph_with_both_passes_concurrent") else {
+        return;
+    };
+    let mut rng = Rng(23);
+    let mut p = params(2, 2, 128, 16, 0);
+    let groups = [
+        members(&mut rng, 40, 600, 200),
+        GroupSpec {
+            contexts: vec![90],
+            prefix_len: 0,
+        },
+        members(&mut rng, 3, 17, 30),
+    ];
+    let b = batch::<bf16>(&mut rng, &mut p, &groups, 2);
+    let num_seqs = b.contexts.len();
+    let row = p.num_heads * p.head_dim;
+    let ctx: Vec<u32> = b.contexts.iter().map(|&c| c as u32).collect();
+    let mut q_d = dev.alloc_zeros::<bf16>(num_seqs * row).unwrap();
+    let k_d = dev.upload(&b.k).unwrap();
+    let v_d = dev.upload(&b.v).unwrap();
+    let bt_d = dev.upload(&b.block_tables).unwrap();
+    let cl_d = dev.upload(&ctx).unwrap();
+    let gs_d = dev.upload(&b.group_starts).unwrap();
+    let pl_d = dev.upload(&b.prefix_lens).unwrap();
+    let mut out_d = poisoned::<bf16>(&dev, num_seqs * row);
+    let ws_len =
+        CudaDevice::cascade_attention_decode_workspace_len(num_seqs, groups.len(), &p, &b.bounds);
+    let mut ws_d = dev.alloc_zeros::<f32>(ws_len).unwrap();
+    let graph = common::capture(&dev, || {
+        dev.cascade_attention_decode(
+            &q_d, &k_d, &v_d, &bt_d, &cl_d, &gs_d, &pl_d, &mut out_d, &mut ws_d, &p, &b.bounds,
+        )
+        .unwrap()
+    });
+    let plain_ws = CudaDevice::paged_attention_decode_workspace_len(
+        num_seqs,
+        p.num_heads,
+        p.head_dim,
+        p.max_blocks_per_seq,
+        p.block_size,
+    );
+    let mut plain_ws_d = dev.alloc_zeros::<f32>(plain_ws).unwrap();
+    let mut plain_d = dev.alloc_zeros::<bf16>(num_seqs * row).unwrap();
+    let stream = dev.stream();
+    for round in 0..5 {
+        let q: Vec<bf16> = rng.vec(num_seqs * row, -2.0, 2.0);
+        stream.memcpy_htod(&q, &mut q_d).unwrap();
+        stream
+            .memcpy_htod(&vec![bf16::NAN; num_seqs * row], &mut out_d)
+            .unwrap();
+        stream
+            .memcpy_htod(&vec![f32::NAN; ws_len], &mut ws_d)
+            .unwrap();
+        graph.launch().unwrap();
+        let got = dev.download(&out_d).unwrap();
+        dev.paged_attention_decode(
+            &q_d,
+            &k_d,
+            &v_d,
+            &bt_d,
+            &cl_d,
+            &mut plain_d,
+            &mut plain_ws_d,
+            &p,
+        )
+        .unwrap();
+        let plain = to_f32(&dev.download(&plain_d).unwrap());
+        assert_rel_l2(
+            &format!("graph replay {round} vs plain decode"),
+            &got,
+            &plain,
+        );
+    }
+}
+
 #[test]
 fn cascade_rejects_bad_arguments_with_clear_errors() {
     let Some(dev) = device("cascade_rejects_bad_arguments_with_clear_errors") else {
@@ -442,8 +523,38 @@ fn time_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnMut(usi
 
 /// One layer of a Qwen3-0.6B shape (16/8 heads, head_dim 128, block 16, bf16): 64 sequences
 /// sharing a prefix, each with its own suffix, through plain decode and through cascade decode.
-/// Two disjoint copies of the batch alternate so consecutive calls do not run from L2. With
-/// `BRAID_CASCADE_SWEEP` set, it also times partition counts around the defaults.
+/// Two disjoint copies of the batch alternate so consecutive calls do not run from L2. Cascade is
+/// timed launched on streams and replayed from a CUDA graph. With `BRAID_CASCADE_SWEEP` set, it
+/// also times partition counts around the defaults on every shape.
+/// µs per call of `iters` calls captured into one CUDA graph, median of `runs` replays after a
+/// warm-up replay: the two passes then run as parallel branches, as in the CUDA model's graphs.
+fn time_graph_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnMut(usize)) -> f64 {
+    call(0);
+    dev.synchronize().unwrap();
+    let graph = common::capture(dev, || {
+        for i in 0..iters {
+            call(i);
+        }
+    });
+    graph.launch().unwrap();
+    let ctx = dev.context();
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
+        let end = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
+        start.record(dev.stream()).unwrap();
+        graph.launch().unwrap();
+        end.record(dev.stream()).unwrap();
+        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1000.0 / iters as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
 #[test]
 fn cascade_timing_report() {
     let Some(dev) = device("cascade_timing_report") else {
@@ -520,6 +631,13 @@ fn cascade_timing_report() {
             )
             .unwrap()
         });
+        let graph_us = time_graph_us(&dev, 100, 5, |i| {
+            let (k, v, bt) = &on_device[i % 2];
+            dev.cascade_attention_decode(
+                &q, k, v, bt, &cl, &gs, &pl, &mut out, &mut ws, &p, &bounds,
+            )
+            .unwrap()
+        });
         // Bytes each must read at least: plain every sequence's whole context, cascade the
         // prefix once plus the suffixes.
         let token_bytes = (kv_heads * d * 2 * 2) as f64;
@@ -534,11 +652,14 @@ fn cascade_timing_report() {
             cascade_bytes / cascade_us / 1e6,
             plain_us / cascade_us
         ));
-        if sweep_requested && prefix == 4096 && suffix_hi == 320 {
+        lines.push(format!(
+            "  cascade replayed from a CUDA graph (passes as parallel branches): {graph_us:.1} us"
+        ));
+        if sweep_requested {
             // Partition counts around the defaults, for tuning them.
             let mut sweep = String::from("  sweep (prefix slots x suffix slots: us):");
-            for prefix_slots in [8usize, 16, 32] {
-                for suffix_slots in [1usize, 2, 3, 5, 10] {
+            for prefix_slots in [4usize, 8, 16] {
+                for suffix_slots in [1usize, 2, 3, 4] {
                     let len = CudaDevice::cascade_attention_decode_tuned_workspace_len(
                         num_seqs,
                         &p,

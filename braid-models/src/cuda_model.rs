@@ -183,7 +183,7 @@ impl CudaModel {
 
     /// The next token of each sequence, chosen on the device: greedily when `rows` is `None`,
     /// else by each row's sampling parameters. The members of each of `groups` attend with
-    /// cascade attention (a step with groups runs without a captured graph).
+    /// cascade attention.
     pub fn forward_sample(
         &mut self,
         seqs: &[SeqInput<'_>],

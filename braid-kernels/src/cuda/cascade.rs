@@ -41,15 +41,23 @@ const SUFFIX_THREADS: u32 = 128;
 /// `MERGE_THREADS`.
 const MERGE_THREADS: u32 = 128;
 
-/// Prefix blocks the split-K partitioning aims for: about two per SM of an H100 (132 SMs), each
-/// holding a 64-row tile on its 4 warps. Measured at the Qwen3-0.6B shape (64 sequences sharing
-/// 4096 tokens): 16 prefix partitions beat 8 and 32, and 1-3 suffix partitions beat more.
-const PREFIX_TARGET_BLOCKS: usize = 256;
+/// Prefix blocks the split-K partitioning aims for while the suffix pass runs beside it: about
+/// one per SM of an H100 (132 SMs), since a prefix block holds 29K of an SM's 64K registers and
+/// the rest of the SM goes to suffix blocks. Measured at the Qwen3-0.6B shape (64 sequences
+/// sharing 4096 tokens, suffixes 64..320 / 64..600): 8 prefix partitions with 2 suffix
+/// partitions took 43.5 / 57.5 µs, against 49.3 / 62.5 with 16 and 2 (H100, 2026-11-27).
+const PREFIX_TARGET_BLOCKS: usize = 128;
+/// Prefix blocks to aim for when the suffixes are short (at most `SHORT_SUFFIX_TOKENS`) and the
+/// prefix pass is nearly all the work: about two per SM. 16 partitions took 31.0 µs against
+/// 37.0 with 8 at suffixes 1..64.
+const PREFIX_TARGET_BLOCKS_ALONE: usize = 256;
+/// Longest suffix bound at which the prefix pass counts as running alone.
+const SHORT_SUFFIX_TOKENS: usize = 64;
 /// Shortest prefix partition worth a block: each partition writes a partial state as large as
 /// 130 tokens of K and V, so shorter ones would move more bytes than they read.
 const PREFIX_MIN_PARTITION: usize = 128;
 /// Suffix tokens per block before more partitions are added for parallelism.
-const SUFFIX_PARTITION_TOKENS: usize = 256;
+const SUFFIX_PARTITION_TOKENS: usize = 320;
 /// Fewest suffix tokens per block when partitions are added to fill the GPU.
 const SUFFIX_MIN_PARTITION: usize = 64;
 /// Suffix blocks (sequence x KV head x partition) a batch should have to fill an H100's SMs.
@@ -106,7 +114,12 @@ impl CascadeGrid {
                 .saturating_mul(num_groups)
                 .saturating_mul(row_tiles)
                 .max(1);
-            PREFIX_TARGET_BLOCKS
+            let target = if bounds.max_suffix_tokens <= SHORT_SUFFIX_TOKENS {
+                PREFIX_TARGET_BLOCKS_ALONE
+            } else {
+                PREFIX_TARGET_BLOCKS
+            };
+            target
                 .div_ceil(per_slot)
                 .min(prefix_tokens.div_ceil(PREFIX_MIN_PARTITION))
                 .max(1)
@@ -353,8 +366,54 @@ impl CudaDevice {
         let slots_i = to_i32(slots);
         let prefix_slots = to_i32(grid.prefix_slots);
 
-        // Own keys first, then the shared prefix: the prefix partials, the larger share of what
-        // the merge reads, are then the most recent writes and still in L2.
+        // The two passes are independent and differently bound: the prefix pass is a latency-bound
+        // tensor-core loop on about one block per SM, the suffix pass streams each sequence's own
+        // keys. On two streams (two branches of a captured graph) the suffix blocks fill the rest
+        // of each SM beside the prefix blocks instead of waiting for the whole prefix grid.
+        if grid.prefix_slots > 0 {
+            let prefix_stream = self.fork_side_stream(OP)?;
+            let prefix = self.kernel(
+                "attention_cascade",
+                &format!("cascade_prefix_d{}_{}", p.head_dim, T::SUFFIX),
+            )?;
+            let smem = prefix_smem_bytes(p.head_dim, std::mem::size_of::<T>());
+            self.allow_dynamic_smem(OP, &prefix, smem)?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    grid.prefix_slots as u32,
+                    (p.num_kv_heads * grid.row_tiles) as u32,
+                    num_groups as u32,
+                ),
+                block_dim: (PREFIX_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut launch = prefix_stream.launch_builder(&prefix);
+            launch
+                .arg(&q_ptr)
+                .arg(&k_ptr)
+                .arg(&v_ptr)
+                .arg(&bt_ptr)
+                .arg(&cl_ptr)
+                .arg(&gs_ptr)
+                .arg(&pl_ptr)
+                .arg(&ws_o)
+                .arg(&ws_ml)
+                .arg(&num_seqs_i)
+                .arg(&num_groups_i)
+                .arg(&num_heads)
+                .arg(&num_kv_heads)
+                .arg(&geo.block_size_log2)
+                .arg(&max_blocks)
+                .arg(&p.scale)
+                .arg(&window)
+                .arg(&slots_i)
+                .arg(&prefix_slots);
+            // SAFETY: the arguments match `cascade_prefix_d*_*` in attention_cascade.cu. Group
+            // ranges are clamped to `num_seqs` rows, prefix and context lengths to the tables'
+            // capacity; the kernel writes slots `0..prefix_slots` of its groups' rows, inside
+            // the workspace checked above.
+            unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
+        }
         let chunk = suffix_group_chunk(p.num_heads / p.num_kv_heads);
         let suffix = self.kernel(
             "attention_cascade",
@@ -397,47 +456,7 @@ impl CudaDevice {
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
 
         if grid.prefix_slots > 0 {
-            let prefix = self.kernel(
-                "attention_cascade",
-                &format!("cascade_prefix_d{}_{}", p.head_dim, T::SUFFIX),
-            )?;
-            let smem = prefix_smem_bytes(p.head_dim, std::mem::size_of::<T>());
-            self.allow_dynamic_smem(OP, &prefix, smem)?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    grid.prefix_slots as u32,
-                    (p.num_kv_heads * grid.row_tiles) as u32,
-                    num_groups as u32,
-                ),
-                block_dim: (PREFIX_THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let mut launch = self.stream.launch_builder(&prefix);
-            launch
-                .arg(&q_ptr)
-                .arg(&k_ptr)
-                .arg(&v_ptr)
-                .arg(&bt_ptr)
-                .arg(&cl_ptr)
-                .arg(&gs_ptr)
-                .arg(&pl_ptr)
-                .arg(&ws_o)
-                .arg(&ws_ml)
-                .arg(&num_seqs_i)
-                .arg(&num_groups_i)
-                .arg(&num_heads)
-                .arg(&num_kv_heads)
-                .arg(&geo.block_size_log2)
-                .arg(&max_blocks)
-                .arg(&p.scale)
-                .arg(&window)
-                .arg(&slots_i)
-                .arg(&prefix_slots);
-            // SAFETY: the arguments match `cascade_prefix_d*_*` in attention_cascade.cu. Group
-            // ranges are clamped to `num_seqs` rows, prefix and context lengths to the tables'
-            // capacity; the kernel writes slots `0..prefix_slots` of its groups' rows, inside
-            // the workspace checked above.
-            unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
+            self.join_side_stream(OP)?;
         }
 
         let merge = self.kernel("attention_cascade", &format!("cascade_merge_{}", T::SUFFIX))?;
@@ -487,21 +506,29 @@ mod tests {
     }
 
     #[test]
-    fn the_target_shape_splits_the_prefix_over_about_two_blocks_per_sm() {
+    fn the_target_shape_splits_the_prefix_over_about_one_block_per_sm() {
         // 64 sequences sharing 4096 tokens, own suffixes up to 600.
-        let bounds = CascadeBounds {
+        let mut bounds = CascadeBounds {
             max_group_size: 64,
             max_prefix_tokens: 4096,
             max_suffix_tokens: 600,
         };
         let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
         assert_eq!(grid.row_tiles, 2);
-        assert_eq!(grid.prefix_slots, 16);
-        assert_eq!(grid.suffix_slots, 3);
+        assert_eq!(grid.prefix_slots, 8);
+        assert_eq!(grid.suffix_slots, 2);
         assert_eq!(
             CudaDevice::cascade_attention_decode_workspace_len(64, 1, &params(300), &bounds),
-            64 * 16 * 19 * 130
+            64 * 16 * 10 * 130
         );
+        // Suffixes up to 320 still get two partitions (512 blocks each would not fill the GPU).
+        bounds.max_suffix_tokens = 320;
+        let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
+        assert_eq!((grid.prefix_slots, grid.suffix_slots), (8, 2));
+        // With short suffixes the prefix pass is nearly alone and takes about two blocks per SM.
+        bounds.max_suffix_tokens = 64;
+        let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
+        assert_eq!((grid.prefix_slots, grid.suffix_slots), (16, 1));
     }
 
     #[test]

@@ -36,7 +36,8 @@ pub fn single_stream_mode(dev: &CudaDevice) {
     unsafe { dev.context().disable_event_tracking() };
 }
 
-/// Records what `ops` enqueues on the device's stream into a CUDA graph, without running it.
+/// Records what `ops` enqueues on the device's stream (and on streams it forks) into a CUDA
+/// graph, without running it.
 pub fn capture(dev: &CudaDevice, ops: impl FnOnce()) -> CudaGraph {
     dev.stream()
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
