@@ -818,6 +818,18 @@ fn check_limit(
     Ok(())
 }
 
+/// What [`CudaDevice::launch_with_attributes`] adds to a launch besides its grid, block and
+/// shared memory: the launch attributes cudarc's launch builder cannot set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LaunchAttributes {
+    /// Programmatic dependent launch, as [`CudaDevice::launch_with_dependency_overlap`]
+    /// describes it.
+    pub(crate) dependency_overlap: bool,
+    /// Blocks per thread-block cluster along x (sm_90+), for a kernel that shares memory across
+    /// its blocks; the grid's x extent must be a multiple of it.
+    pub(crate) cluster_x: Option<u32>,
+}
+
 impl CudaDevice {
     /// Launches `function` with programmatic dependent launch (the programmatic-stream-
     /// serialization attribute, which cudarc's launch builder cannot set): the kernel may be
@@ -836,18 +848,61 @@ impl CudaDevice {
         cfg: LaunchConfig,
         params: &mut [*mut c_void],
     ) -> Result<(), CudaError> {
-        let waits = function
-            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
-            .map_err(driver_error(op))?
-            >= 90;
-        // SAFETY: a zeroed attribute value is valid plain data; the one field read is set.
-        let mut value: driver_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut attribute = driver_sys::CUlaunchAttribute {
-            id: driver_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        let attributes = LaunchAttributes {
+            dependency_overlap: true,
+            cluster_x: None,
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_with_attributes(op, function, cfg, attributes, params) }
+    }
+
+    /// Launches `function` on this device's stream through `cuLaunchKernelEx` with
+    /// `attributes`. Programmatic dependent launch is dropped for a kernel image built from
+    /// pre-Hopper PTX, as [`CudaDevice::launch_with_dependency_overlap`] explains.
+    ///
+    /// # Safety
+    /// As [`CudaDevice::launch_with_dependency_overlap`]; a cluster launch must also suit the
+    /// kernel (the cluster shape it was written for, on a device that has clusters).
+    pub(crate) unsafe fn launch_with_attributes(
+        &self,
+        op: &'static str,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        attributes: LaunchAttributes,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        let waits = attributes.dependency_overlap
+            && function
+                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+                .map_err(driver_error(op))?
+                >= 90;
+        let attribute = |id, value| driver_sys::CUlaunchAttribute {
+            id,
             pad: [0; 4],
             value,
         };
+        use driver_sys::CUlaunchAttributeID as Id;
+        // SAFETY: zero bits are a valid value of this plain-data union; each attribute set below
+        // writes the one field its id reads.
+        let zero: driver_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        let mut list = [attribute(Id::CU_LAUNCH_ATTRIBUTE_IGNORE, zero); 2];
+        let mut count = 0;
+        if waits {
+            let mut value = zero;
+            value.programmaticStreamSerializationAllowed = 1;
+            list[count] = attribute(
+                Id::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                value,
+            );
+            count += 1;
+        }
+        if let Some(x) = attributes.cluster_x {
+            let mut value = zero;
+            value.clusterDim =
+                driver_sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y: 1, z: 1 };
+            list[count] = attribute(Id::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, value);
+            count += 1;
+        }
         let config = driver_sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -857,11 +912,12 @@ impl CudaDevice {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attribute,
-            numAttrs: u32::from(waits),
+            attrs: list.as_mut_ptr(),
+            numAttrs: count as u32,
         };
         self.ctx.bind_to_thread().map_err(driver_error(op))?;
-        // SAFETY: `config` and `attribute` outlive the call; the caller vouches for `params`.
+        // SAFETY: `config` and `list` outlive the call; the caller vouches for `params` and the
+        // cluster shape.
         unsafe {
             driver_sys::cuLaunchKernelEx(
                 &config,

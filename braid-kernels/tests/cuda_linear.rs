@@ -1,16 +1,17 @@
-//! The GPU linear layer (skinny kernel, cuBLASLt, and the dispatch between them) and the fused
-//! projections (residual add + RMSNorm, or SiLU·mul, computed in the projection's prologue)
-//! against the f32 CPU references in `braid_kernels::cpu`, over random odd shapes with
+//! The GPU linear layer (skinny kernel, wgmma kernel, cuBLASLt, and the dispatch between them)
+//! and the fused projections (residual add + RMSNorm, or SiLU·mul, computed in the projection's
+//! prologue) against the f32 CPU references in `braid_kernels::cpu`, over random odd shapes with
 //! NaN-poisoned outputs; their graph-capture behaviour; and timing reports on the decode shapes
 //! of a Qwen3-0.6B-sized model. Without a device every test says "skipped: no CUDA device" and
-//! passes.
+//! passes; the wgmma kernel's own tests say they skipped on a device of another compute
+//! capability than 9.0.
 
 use std::io::Write as _;
 
 use braid_kernels::cpu;
 use std::cell::RefCell;
 
-use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView};
+use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView, DevicePtrMut};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
 
@@ -30,7 +31,42 @@ enum Route {
     Auto,
     Overlapped,
     Skinny,
+    Wgmma,
     CublasLt,
+}
+
+/// Whether the wgmma kernel runs on this device (compute capability 9.0).
+fn wgmma_runs(dev: &CudaDevice) -> bool {
+    dev.context().compute_capability().unwrap() == (9, 0)
+}
+
+/// Device 0 when the wgmma kernel runs on it; otherwise `None` after checking that the forced
+/// route refuses the device by name and saying "skipped" (or "skipped: no CUDA device").
+fn wgmma_device(test: &str) -> Option<CudaDevice> {
+    let dev = device(test)?;
+    if wgmma_runs(&dev) {
+        return Some(dev);
+    }
+    let (major, minor) = dev.context().compute_capability().unwrap();
+    let x = dev.upload(&[bf16::ONE; 17 * 64]).unwrap();
+    let w = dev.upload(&[bf16::ONE; 64 * 64]).unwrap();
+    let mut out = poisoned::<bf16>(&dev, 17 * 64);
+    let err = dev
+        .linear_wgmma(&x, 17, 64, &w, 64, None, None, &mut out)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "linear: the device must be of compute capability 9.0 for the wgmma kernel, found \
+             {major}.{minor}"
+        )
+    );
+    let line = format!(
+        "{test}: skipped: the wgmma kernel needs compute capability 9.0, device 0 is \
+         {major}.{minor}\n"
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    None
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -44,12 +80,13 @@ fn call<T: TestFloat>(
     m: usize,
     bias: Option<&CudaView<T>>,
     residual: Option<&CudaView<T>>,
-    out: &mut CudaSlice<T>,
+    out: &mut impl DevicePtrMut<T>,
 ) -> Result<(), CudaError> {
     match route {
         Route::Auto => dev.linear(x, n, k, w, m, bias, residual, out),
         Route::Overlapped => dev.linear_overlapped(x, n, k, w, m, bias, residual, out),
         Route::Skinny => dev.linear_skinny(x, n, k, w, m, bias, residual, out),
+        Route::Wgmma => dev.linear_wgmma(x, n, k, w, m, bias, residual, out),
         Route::CublasLt => dev.linear_cublaslt(x, n, k, w, m, bias, residual, out),
     }
 }
@@ -117,6 +154,12 @@ impl<T: TestFloat> Case<T> {
 
     /// Runs the case through `route` and checks the result against the reference.
     fn check(&self, dev: &CudaDevice, route: Route) {
+        let got = self.run(dev, route);
+        assert_rel_l2(&self.describe(route), &got, &self.want);
+    }
+
+    /// Runs the case through `route` into a NaN-poisoned output and returns it.
+    fn run(&self, dev: &CudaDevice, route: Route) -> Vec<T> {
         let what = self.describe(route);
         let x = dev.upload(&self.x).unwrap();
         let w = dev.upload(&self.w).unwrap();
@@ -136,8 +179,7 @@ impl<T: TestFloat> Case<T> {
             &mut out,
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let got = dev.download(&out).unwrap();
-        assert_rel_l2(&what, &got, &self.want);
+        dev.download(&out).unwrap()
     }
 }
 
@@ -269,6 +311,214 @@ fn linear_falls_back_where_the_skinny_kernel_cannot_run() {
     );
 }
 
+const WGMMA_NS: [usize; 7] = [1, 17, 31, 32, 33, 63, 64];
+const WGMMA_KS: [usize; 6] = [64, 192, 384, 1024, 1088, 3072];
+const WGMMA_MS: [usize; 3] = [64, 320, 1024];
+
+/// The wgmma kernel forced, and `linear_overlapped` (which picks it from 17 rows on), over the
+/// shapes it takes: k-slices of 1 to 6 slabs (fewer than the ring's 8 slots), 12 (slots refilled
+/// once) and 17 (the first slot filled three times, so both barrier phases recur), in clusters
+/// of 1, 2, 4 and 8 blocks; at n = 1 most blocks of an 8-block cluster have no rows to store.
+fn check_wgmma_shapes<T: TestFloat>(dev: &CudaDevice, seed: u64) {
+    let mut rng = Rng(seed);
+    let mut variant = 0usize;
+    for n in WGMMA_NS {
+        for k in WGMMA_KS {
+            for m in WGMMA_MS {
+                // Each n sees every bias/residual combination over its 18 (k, m) pairs.
+                let (bias, residual) = (variant % 2 == 1, variant / 2 % 2 == 1);
+                variant += 1;
+                let case = Case::<T>::new(&mut rng, n, k, m, bias, residual);
+                case.check(dev, Route::Wgmma);
+                if n > CudaDevice::LINEAR_SKINNY_MAX_TOKENS {
+                    case.check(dev, Route::Overlapped);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_bf16_matches_cpu_reference() {
+    let Some(dev) = wgmma_device("wgmma_bf16_matches_cpu_reference") else {
+        return;
+    };
+    check_wgmma_shapes::<bf16>(&dev, 31);
+}
+
+#[test]
+fn wgmma_f16_matches_cpu_reference() {
+    let Some(dev) = wgmma_device("wgmma_f16_matches_cpu_reference") else {
+        return;
+    };
+    check_wgmma_shapes::<f16>(&dev, 32);
+}
+
+/// `linear` and `linear_overlapped` send 17–64 rows of operands the wgmma kernel takes to it.
+/// Observed without timing: the kernel is deterministic, so the dispatch's output must equal
+/// the forced route's bit for bit. cuBLASLt adds in another order and so rounds some element
+/// differently; where it happens not to, the check cannot tell the two apart, and says so.
+#[test]
+fn linear_sends_17_to_64_rows_to_the_wgmma_kernel() {
+    let Some(dev) = wgmma_device("linear_sends_17_to_64_rows_to_the_wgmma_kernel") else {
+        return;
+    };
+    let mut rng = Rng(33);
+    let bits = |v: &[bf16]| v.iter().map(|e| e.to_bits()).collect::<Vec<u16>>();
+    // Narrow outputs (fewer than 64 tiles of 64 rows, so k is split over a cluster) take the
+    // wgmma kernel; wide ones stay on cuBLASLt, which was as fast there.
+    for (n, k, m, route_taken) in [
+        (17usize, 2048usize, 1024usize, Route::Wgmma),
+        (32, 2048, 1024, Route::Wgmma),
+        (48, 1024, 2048, Route::Wgmma),
+        (64, 3072, 1024, Route::Wgmma),
+        (17, 1024, 4096, Route::CublasLt),
+        (64, 1024, 6144, Route::CublasLt),
+    ] {
+        let case = Case::<bf16>::new(&mut rng, n, k, m, true, true);
+        let taken = bits(&case.run(&dev, route_taken));
+        for route in [Route::Auto, Route::Overlapped] {
+            assert!(
+                bits(&case.run(&dev, route)) == taken,
+                "{}: output differs from the {route_taken:?} route's",
+                case.describe(route)
+            );
+        }
+        let other = match route_taken {
+            Route::Wgmma => Route::CublasLt,
+            _ => Route::Wgmma,
+        };
+        if bits(&case.run(&dev, other)) == taken {
+            let line = format!(
+                "linear_sends_17_to_64_rows_to_the_wgmma_kernel: n={n} k={k} m={m}: the \
+                 {other:?} route matched bit for bit, so this shape does not show the route\n"
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+    // At 16 rows the skinny kernel keeps the batch.
+    let case = Case::<bf16>::new(&mut rng, 16, 1024, 1024, true, true);
+    assert!(
+        bits(&case.run(&dev, Route::Auto)) == bits(&case.run(&dev, Route::Skinny)),
+        "n=16 left the skinny kernel"
+    );
+}
+
+/// Operands the wgmma kernel cannot take make `linear` fall back to cuBLASLt (still right), and
+/// make the forced route fail with an error naming the operand. Views 16 bytes into their
+/// buffers are aligned enough for it (TMA and the 16-byte epilogue need no more); a view 2
+/// bytes in is not, whichever operand it is.
+#[test]
+fn linear_falls_back_where_the_wgmma_kernel_cannot_run() {
+    let Some(dev) = wgmma_device("linear_falls_back_where_the_wgmma_kernel_cannot_run") else {
+        return;
+    };
+    let mut rng = Rng(34);
+    for (n, k, m, message) in [
+        (
+            32,
+            1024,
+            1000,
+            "linear: m must be a multiple of 64 for the wgmma kernel's tiles, found 1000",
+        ),
+        (
+            32,
+            1000,
+            1024,
+            "linear: k must be a multiple of 64 for the wgmma kernel's tiles, found 1000",
+        ),
+        (
+            65,
+            1024,
+            1024,
+            "linear: n must be at most 64 for the wgmma kernel, found 65",
+        ),
+    ] {
+        let case = Case::<bf16>::new(&mut rng, n, k, m, true, true);
+        case.check(&dev, Route::Auto);
+        case.check(&dev, Route::Overlapped);
+        let x = dev.upload(&case.x).unwrap();
+        let w = dev.upload(&case.w).unwrap();
+        let mut out = poisoned::<bf16>(&dev, n * m);
+        let err = dev
+            .linear_wgmma(&x, n, k, &w, m, None, None, &mut out)
+            .unwrap_err();
+        assert_eq!(err.to_string(), message);
+    }
+    let x = dev.upload(&[1.0f32; 32 * 64]).unwrap();
+    let w = dev.upload(&[1.0f32; 64 * 64]).unwrap();
+    let mut out = poisoned::<f32>(&dev, 32 * 64);
+    let err = dev
+        .linear_wgmma(&x, 32, 64, &w, 64, None, None, &mut out)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "linear: the dtype must be f16 or bf16, found f32"
+    );
+
+    // Every operand 8 elements (16 bytes) into its buffer, then each in turn 1 element in.
+    let (n, k, m) = (33, 1024, 1024);
+    let case = Case::<bf16>::new(&mut rng, n, k, m, true, true);
+    let padded = |values: &[bf16], pad: usize| {
+        let mut v = vec![bf16::from_f32(7.0); pad];
+        v.extend_from_slice(values);
+        dev.upload(&v).unwrap()
+    };
+    let inputs = |pad: usize| {
+        [
+            padded(&case.x, pad),
+            padded(&case.w, pad),
+            padded(case.bias.as_ref().unwrap(), pad),
+            padded(case.residual.as_ref().unwrap(), pad),
+        ]
+    };
+    let (aligned, shifted) = (inputs(8), inputs(1));
+    let names = ["x", "w", "bias", "residual", "out"];
+    for odd in [None, Some(0), Some(1), Some(2), Some(3), Some(4)] {
+        let pad = |i: usize| if odd == Some(i) { 1 } else { 8 };
+        let view = |i: usize| {
+            let buffers = if odd == Some(i) { &shifted } else { &aligned };
+            buffers[i].slice(pad(i)..)
+        };
+        for route in [Route::Wgmma, Route::Auto, Route::Overlapped] {
+            let what = format!(
+                "{} with views {:?} elements in",
+                case.describe(route),
+                [0, 1, 2, 3, 4].map(pad)
+            );
+            let mut out = poisoned::<bf16>(&dev, pad(4) + n * m);
+            let result = call(
+                &dev,
+                route,
+                &view(0),
+                n,
+                k,
+                &view(1),
+                m,
+                Some(&view(2)),
+                Some(&view(3)),
+                &mut out.slice_mut(pad(4)..),
+            );
+            match (route, odd) {
+                (Route::Wgmma, Some(i)) => {
+                    let err = result.unwrap_err().to_string();
+                    let expected = format!(
+                        "linear: the address of `{}` must be 16-byte aligned for the wgmma \
+                         kernel, found 0x",
+                        names[i]
+                    );
+                    assert!(err.starts_with(&expected), "{what}: {err}");
+                }
+                _ => {
+                    result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let got = dev.download(&out.slice(pad(4)..)).unwrap();
+                    assert_rel_l2(&what, &got, &case.want);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_rejects_mismatched_buffers_and_empty_k() {
     let Some(dev) = device("linear_rejects_mismatched_buffers_and_empty_k") else {
@@ -328,7 +578,9 @@ fn linear_rejects_mismatched_buffers_and_empty_k() {
 }
 
 /// A decode step is captured once and replayed with new inputs: the captured linear must read
-/// x, W, bias and residual from device memory at replay time, on every path.
+/// x, W, bias and residual from device memory at replay time, on every path (the wgmma kernel's
+/// tensor maps hold the buffers' addresses, not their contents), including clusters of 1, 2
+/// and 4 blocks on the wgmma path.
 #[test]
 fn linear_replays_in_a_cuda_graph_with_new_inputs() {
     let Some(dev) = device("linear_replays_in_a_cuda_graph_with_new_inputs") else {
@@ -337,21 +589,28 @@ fn linear_replays_in_a_cuda_graph_with_new_inputs() {
     single_stream_mode(&dev);
     dev.prepare_linear().unwrap();
     let mut rng = Rng(16);
-    const ROUTES: [Route; 3] = [Route::Auto, Route::Overlapped, Route::CublasLt];
+    let wgmma = wgmma_runs(&dev);
     for (n, k, m) in [
         (1usize, 1024usize, 3000usize),
         (4, 576, 1000),
         (40, 1024, 1536),
+        (64, 2048, 2048),
+        (17, 1024, 4096),
     ] {
+        let mut routes = vec![Route::Auto, Route::Overlapped, Route::CublasLt];
+        if wgmma && k % 64 == 0 && m % 64 == 0 {
+            routes.push(Route::Wgmma);
+        }
+        let routes = &routes;
         let first = Case::<bf16>::new(&mut rng, n, k, m, true, true);
         let second = Case::<bf16>::new(&mut rng, n, k, m, true, true);
         let mut x = dev.upload(&first.x).unwrap();
         let mut w = dev.upload(&first.w).unwrap();
         let mut bias = dev.upload(first.bias.as_ref().unwrap()).unwrap();
         let mut residual = dev.upload(first.residual.as_ref().unwrap()).unwrap();
-        let mut outs: Vec<CudaSlice<bf16>> = ROUTES.iter().map(|_| poisoned(&dev, n * m)).collect();
+        let mut outs: Vec<CudaSlice<bf16>> = routes.iter().map(|_| poisoned(&dev, n * m)).collect();
         let run_all = |outs: &mut [CudaSlice<bf16>]| {
-            for (route, out) in ROUTES.iter().zip(outs.iter_mut()) {
+            for (route, out) in routes.iter().zip(outs.iter_mut()) {
                 call(
                     &dev,
                     *route,
@@ -387,7 +646,7 @@ fn linear_replays_in_a_cuda_graph_with_new_inputs() {
                 stream.memcpy_htod(&vec![bf16::NAN; n * m], out).unwrap();
             }
             graph.launch().unwrap();
-            for (route, out) in ROUTES.iter().zip(&outs) {
+            for (route, out) in routes.iter().zip(&outs) {
                 let what = format!("graph replay n={n} k={k} m={m} {route:?}");
                 assert_rel_l2(&what, &dev.download(out).unwrap(), &case.want);
             }
@@ -397,7 +656,9 @@ fn linear_replays_in_a_cuda_graph_with_new_inputs() {
 
 /// An overlapped linear starts before the kernel producing its input has finished: it must
 /// still wait for that input. Chains h = x·W1ᵀ, y = h·W2ᵀ with the intermediate NaN-poisoned
-/// before every run, directly on the stream and as graph replays.
+/// before every run, directly on the stream and as graph replays: at 4 rows on the skinny
+/// kernel, at 64 rows on the wgmma kernel where it runs (clusters of 2, then 4 blocks) and on
+/// cuBLASLt elsewhere.
 #[test]
 fn overlapped_linear_waits_for_the_previous_kernel() {
     let Some(dev) = device("overlapped_linear_waits_for_the_previous_kernel") else {
@@ -405,7 +666,11 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
     };
     single_stream_mode(&dev);
     let mut rng = Rng(18);
-    let (n, k, hidden, m) = (4usize, 1024usize, 3072usize, 1000usize);
+    overlapped_chain(&dev, &mut rng, 4, 1024, 3072, 1000);
+    overlapped_chain(&dev, &mut rng, 64, 1024, 3072, 1024);
+}
+
+fn overlapped_chain(dev: &CudaDevice, rng: &mut Rng, n: usize, k: usize, hidden: usize, m: usize) {
     let x: Vec<bf16> = rng.vec(n * k, -1.0, 1.0);
     let w1: Vec<bf16> = rng.vec(hidden * k, -0.06, 0.06);
     let w2: Vec<bf16> = rng.vec(m * hidden, -0.04, 0.04);
@@ -419,8 +684,8 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
     let x_dev = dev.upload(&x).unwrap();
     let w1_dev = dev.upload(&w1).unwrap();
     let w2_dev = dev.upload(&w2).unwrap();
-    let mut h = poisoned::<bf16>(&dev, n * hidden);
-    let mut y = poisoned::<bf16>(&dev, n * m);
+    let mut h = poisoned::<bf16>(dev, n * hidden);
+    let mut y = poisoned::<bf16>(dev, n * m);
     let stream = dev.stream().clone();
     let chain = |h: &mut CudaSlice<bf16>, y: &mut CudaSlice<bf16>| {
         dev.linear_overlapped(&x_dev, n, k, &w1_dev, hidden, None, None, h)
@@ -434,17 +699,17 @@ fn overlapped_linear_waits_for_the_previous_kernel() {
             .unwrap();
         stream.memcpy_htod(&vec![bf16::NAN; n * m], &mut y).unwrap();
         chain(&mut h, &mut y);
-        let what = format!("overlapped chain, stream round {round}");
+        let what = format!("overlapped chain n={n}, stream round {round}");
         assert_rel_l2(&what, &dev.download(&y).unwrap(), &want);
     }
-    let graph = capture(&dev, || chain(&mut h, &mut y));
+    let graph = capture(dev, || chain(&mut h, &mut y));
     for round in 0..20 {
         stream
             .memcpy_htod(&vec![bf16::NAN; n * hidden], &mut h)
             .unwrap();
         stream.memcpy_htod(&vec![bf16::NAN; n * m], &mut y).unwrap();
         graph.launch().unwrap();
-        let what = format!("overlapped chain, graph round {round}");
+        let what = format!("overlapped chain n={n}, graph round {round}");
         assert_rel_l2(&what, &dev.download(&y).unwrap(), &want);
     }
 }
@@ -1199,6 +1464,12 @@ fn overlapped(n: usize, k: usize, m: usize) -> Box<Op<'static>> {
     })
 }
 
+fn wgmma(n: usize, k: usize, m: usize) -> Box<Op<'static>> {
+    Box::new(move |dev, w, x, out| {
+        dev.linear_wgmma(x, n, k, w, m, None, None, &mut out.slice_mut(0..n * m))
+    })
+}
+
 fn cublaslt(n: usize, k: usize, m: usize) -> Box<Op<'static>> {
     Box::new(move |dev, w, x, out| {
         dev.linear_cublaslt(x, n, k, w, m, None, None, &mut out.slice_mut(0..n * m))
@@ -1230,25 +1501,27 @@ fn rate(n: usize, k: usize, m: usize, us: f64) -> String {
     }
 }
 
-/// Our kernel against cuBLASLt on the decode shapes, bf16, as CUDA-graph replays of back-to-back
-/// calls over weights that do not fit in L2. Columns: the skinny kernel launched plainly;
-/// `linear_overlapped` (the dispatch, with the skinny kernel under programmatic dependent
-/// launch), also as bandwidth net of the harness's per-call floor; cuBLASLt. Prints a table;
-/// asserts only that every call succeeds.
+/// Our kernels against cuBLASLt on the decode shapes, bf16, as CUDA-graph replays of back-to-back
+/// calls over weights that do not fit in L2. Columns: the skinny kernel launched plainly; the
+/// wgmma kernel launched plainly (17–64 rows, compute capability 9.0 only); `linear_overlapped`
+/// (the dispatch, with our kernels under programmatic dependent launch), also as bandwidth net
+/// of the harness's per-call floor; cuBLASLt. Prints a table; asserts only that every call
+/// succeeds.
 #[test]
 fn timing_report() {
     let Some(dev) = device("timing_report") else {
         return;
     };
     let name = dev.name().unwrap_or_default();
+    let wgmma_here = wgmma_runs(&dev);
     let mut bench = Bench::new(dev);
     // The per-call floor of this harness: a kernel with next to nothing to do.
     let floor = bench.time(1, 64, 8, &*skinny(1, 64, 8, false)).unwrap();
     let floor_overlapped = bench.time(1, 64, 8, &*skinny(1, 64, 8, true)).unwrap();
     let mut table = format!(
         "\nlinear on {name}: bf16, µs per call in CUDA-graph replays of back-to-back calls, \
-         weights rotated past L2\n{:<21} {:>3} {:>8} {:>10} {:>8} {:>10} {:>10} {:>8} {:>12} {:>7}\n",
-        "shape", "n", "skinny", "", "linear_o", "", "net", "cuBLASLt", "", "lt/best"
+         weights rotated past L2\n{:<21} {:>3} {:>8} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>8} {:>12} {:>7}\n",
+        "shape", "n", "skinny", "", "wgmma", "", "linear_o", "", "net", "cuBLASLt", "", "lt/best"
     );
     for (label, k, m) in QWEN3_SHAPES {
         for n in [1usize, 4, 8, 16, 32, 64, 256] {
@@ -1257,6 +1530,15 @@ fn timing_report() {
             let mut best = lt;
             if n <= 64 {
                 let t = bench.time(n, k, m, &*skinny(n, k, m, false)).unwrap();
+                best = best.min(t);
+                row.push_str(&format!(" {t:8.2} {:>10}", rate(n, k, m, t)));
+            } else {
+                row.push_str(&format!(" {:>8} {:>10}", "-", ""));
+            }
+            let wgmma_rows = n > CudaDevice::LINEAR_SKINNY_MAX_TOKENS
+                && n <= CudaDevice::LINEAR_WGMMA_MAX_TOKENS;
+            if wgmma_here && wgmma_rows {
+                let t = bench.time(n, k, m, &*wgmma(n, k, m)).unwrap();
                 best = best.min(t);
                 row.push_str(&format!(" {t:8.2} {:>10}", rate(n, k, m, t)));
             } else {

@@ -1,10 +1,11 @@
 //! Dense linear layers on the GPU, `y = x·Wᵀ (+ bias) (+ residual)`: our skinny tensor-core GEMM
-//! (`cuda/gemv.cu`) for decode-sized batches, cuBLASLt for everything else, and the dispatch
-//! between them; plus the decode-sized projections that compute their own x first (residual add
-//! and RMSNorm, or SiLU·mul) so that op needs no kernel of its own.
+//! (`cuda/gemv.cu`) for decode-sized batches of up to 16 rows, our Hopper wgmma GEMM
+//! (`cuda/gemm_wgmma.cu`) for 17–64 rows of narrow outputs, cuBLASLt for everything else, and
+//! the dispatch between them; plus the decode-sized projections that compute their own x first
+//! (residual add and RMSNorm, or SiLU·mul) so that op needs no kernel of its own.
 //!
-//! Both paths read W in PyTorch's `[out_features, in_features]` row-major layout, compute in f32
-//! and round once to the storage dtype, after the bias and residual were added. Neither
+//! Every path reads W in PyTorch's `[out_features, in_features]` row-major layout, computes in
+//! f32 and rounds once to the storage dtype, after the bias and residual were added. None
 //! allocates, synchronises or branches on device data, so a decode step that calls
 //! [`CudaDevice::linear`] can be captured into a CUDA graph; call
 //! [`CudaDevice::prepare_linear`] once before the first capture so the cuBLASLt handle and its
@@ -16,14 +17,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys as lt_sys;
-use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
+use cudarc::driver::sys::{
+    self as driver_sys, CUdevice_attribute, CUdeviceptr, CUfunction_attribute, CUtensorMap,
+};
 use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::{
-    check_eps, check_nonzero, consts, driver_error, invalid_argument, to_i32, CudaDevice,
-    CudaError, KernelFloat,
+    check_eps, check_nonzero, consts, driver_error, invalid_argument, kernel_arg, to_i32,
+    CudaDevice, CudaError, KernelFloat, LaunchAttributes,
 };
 
 /// The kernel module built from `cuda/gemv.cu`.
@@ -48,6 +51,56 @@ const FUSED_SUM_SLOTS_BYTES: usize = 16 * 4;
 /// The largest k-reduction scratch a fused kernel uses: 16 warps, one 16-token tile, two row
 /// groups (`SkinnyConfig::choose` never asks for more at n ≤ 16).
 const FUSED_MAX_PARTIALS_BYTES: usize = SKINNY_MAX_WARPS * 2 * FRAGMENT_FLOATS * 4;
+
+/// The kernel module built from `cuda/gemm_wgmma.cu`.
+const WGMMA_MODULE: &str = "gemm_wgmma";
+/// Most rows the wgmma kernel takes: one TMA box of x (`kTile` in gemm_wgmma.cu).
+const WGMMA_TOKEN_LIMIT: usize = 64;
+/// `kTile` in gemm_wgmma.cu: W rows per block, and the k-slab of one pipeline stage; k and m
+/// must be multiples of it.
+const WGMMA_TILE: usize = 64;
+/// `kThreads` in gemm_wgmma.cu: one consumer warpgroup and one producer warp.
+const WGMMA_THREADS: u32 = 160;
+/// `kStages` in gemm_wgmma.cu.
+const WGMMA_STAGES: usize = 8;
+/// `kStageBytes` in gemm_wgmma.cu: a 64 × 64 tile of W and one of x, 2-byte elements.
+const WGMMA_STAGE_BYTES: usize = 2 * WGMMA_TILE * 128;
+/// `kPartialBytes` in gemm_wgmma.cu: the f32 partial tile, 64 tokens × (64 + 4) features.
+const WGMMA_PARTIAL_BYTES: usize = WGMMA_TILE * (WGMMA_TILE + 4) * 4;
+/// `kBarrierBytes` in gemm_wgmma.cu, plus the slack that aligns the base to 1024 bytes.
+const WGMMA_FIXED_BYTES: usize = 1024 + 1024;
+/// Largest cluster the split-k uses: the portable maximum, which needs no opt-in.
+const WGMMA_MAX_SPLIT: usize = 8;
+/// The grid's y extent (one block row per 64 rows of W) is limited to 65,535.
+const WGMMA_MAX_M: usize = 65_535 * WGMMA_TILE;
+
+/// `shared_bytes` in gemm_wgmma.cu: dynamic shared memory of a block whose k-slice is `slabs`
+/// 64-wide slabs.
+fn wgmma_shared_bytes(slabs: usize) -> usize {
+    WGMMA_FIXED_BYTES + (slabs.min(WGMMA_STAGES) * WGMMA_STAGE_BYTES).max(WGMMA_PARTIAL_BYTES)
+}
+
+/// Blocks per cluster splitting k for a `[m, k]` weight (k and m multiples of 64): the smallest
+/// power of two that puts at least 64 blocks in the grid (the best configurations of the
+/// prototype's sweep on an H100 ran 64 or 96 blocks), at most 8 and dividing k into whole
+/// 64-wide slabs. On the Qwen3-0.6B shapes: 1 for QKV and gate/up, 4 for O and down, each the
+/// sweep's best or within 0.05 µs of it.
+///
+/// The dispatch takes the wgmma kernel only where this is above 1. Its gain is the split over a
+/// cluster for narrow outputs; with one block per 64 rows of a wide output cuBLASLt was as fast
+/// or faster (µs at 64 rows under PDL against cuBLASLt, H100: QKV 6.38 / 5.76, gate|up
+/// 7.28 / 7.23, LM head 134.4 / 122.8; O 4.67 / 5.79 and down 6.11 / 7.97 with splits of 4).
+fn wgmma_split(k: usize, m: usize) -> usize {
+    let tiles = m / WGMMA_TILE;
+    let mut split = 1;
+    while tiles * split < 64 && split < WGMMA_MAX_SPLIT {
+        split *= 2;
+    }
+    while !k.is_multiple_of(WGMMA_TILE * split) {
+        split /= 2;
+    }
+    split
+}
 
 /// `stage_stride` in gemv.cu: each staged row of x is padded to 64 bytes past a multiple of 128.
 fn stage_stride(k: usize) -> usize {
@@ -133,11 +186,12 @@ impl SkinnyConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     Skinny(SkinnyConfig),
+    Wgmma,
     CublasLt,
 }
 
-/// How a call was asked to run: a forced path (else the dispatch picks), and whether the skinny
-/// kernel may be launched with programmatic dependent launch.
+/// How a call was asked to run: a forced path (else the dispatch picks), and whether our
+/// kernels may be launched with programmatic dependent launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Route {
     path: Option<Path>,
@@ -201,6 +255,111 @@ impl Operands {
         }
         None
     }
+
+    /// Why the wgmma kernel cannot take these operands on a device of compute capability
+    /// `capability`, if it cannot.
+    fn wgmma_obstacle<T: KernelFloat>(
+        &self,
+        capability: (i32, i32),
+    ) -> Option<(&'static str, &'static str, String)> {
+        if T::SUFFIX == "f32" {
+            return Some(("the dtype", "f16 or bf16", T::SUFFIX.to_string()));
+        }
+        if capability != (9, 0) {
+            return Some((
+                "the device",
+                "of compute capability 9.0 for the wgmma kernel",
+                format!("{}.{}", capability.0, capability.1),
+            ));
+        }
+        if self.n > WGMMA_TOKEN_LIMIT {
+            return Some(("n", "at most 64 for the wgmma kernel", self.n.to_string()));
+        }
+        if !self.k.is_multiple_of(WGMMA_TILE) {
+            return Some((
+                "k",
+                "a multiple of 64 for the wgmma kernel's tiles",
+                self.k.to_string(),
+            ));
+        }
+        if !self.m.is_multiple_of(WGMMA_TILE) {
+            return Some((
+                "m",
+                "a multiple of 64 for the wgmma kernel's tiles",
+                self.m.to_string(),
+            ));
+        }
+        if self.m > WGMMA_MAX_M {
+            return Some((
+                "m",
+                "at most 4,194,240 for the wgmma kernel's grid",
+                self.m.to_string(),
+            ));
+        }
+        // TMA reads x and W from 16-byte aligned addresses; the epilogue moves bias, residual
+        // and out in 16-byte packs.
+        let pointers = [
+            ("the address of `x`", Some(self.x)),
+            ("the address of `w`", Some(self.w)),
+            ("the address of `bias`", self.bias),
+            ("the address of `residual`", self.residual),
+            ("the address of `out`", Some(self.out)),
+        ];
+        for (name, ptr) in pointers {
+            if let Some(ptr) = ptr.filter(|p| p % 16 != 0) {
+                return Some((
+                    name,
+                    "16-byte aligned for the wgmma kernel",
+                    format!("{ptr:#x}"),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// A TMA descriptor of the row-major `[rows, k]` matrix of `T` at `ptr`, read in 64 × 64 boxes
+/// with the 128-byte swizzle that the wgmma kernel's shared-memory descriptors assume, and
+/// promoted to L2 in 256-byte lines. Box rows past `rows` read as zeros (the tokens past n of
+/// the kernel's 64-row x tile). The caller has checked the operands with `wgmma_obstacle`.
+fn wgmma_tensor_map<T: KernelFloat>(
+    ptr: CUdeviceptr,
+    rows: usize,
+    k: usize,
+) -> Result<CUtensorMap, CudaError> {
+    use driver_sys::CUtensorMapDataType as DataType;
+    // f32 never gets here.
+    let data_type = if T::SUFFIX == "f16" {
+        DataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    } else {
+        DataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    };
+    let mut map = CUtensorMap { opaque: [0; 16] };
+    let dims = [k as u64, rows as u64];
+    let row_stride = [(k * std::mem::size_of::<T>()) as u64];
+    let box_dims = [WGMMA_TILE as u32; 2];
+    let element_strides = [1u32; 2];
+    // SAFETY: every array holds the rank's entries (the stride array one fewer), and the call
+    // only writes `map`; the address is recorded, not dereferenced.
+    unsafe {
+        driver_sys::cuTensorMapEncodeTiled(
+            &mut map,
+            data_type,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            row_stride.as_ptr(),
+            box_dims.as_ptr(),
+            element_strides.as_ptr(),
+            driver_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            driver_sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            driver_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            driver_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(driver_error("linear"))?;
+    Ok(map)
 }
 
 /// Largest power of two (up to 256) dividing `ptr`: the alignment cuBLASLt may assume.
@@ -541,10 +700,15 @@ impl CudaDevice {
     ///
     /// Products accumulate in f32; bias and residual are added in f32 before the single rounding
     /// to `T`. Batches of up to [`CudaDevice::LINEAR_SKINNY_MAX_TOKENS`] rows (decode) run our
-    /// skinny tensor-core kernel, which streams W at close to full memory bandwidth; larger
-    /// ones, f32, and operands the kernel cannot take (k not a multiple of 8, `x` or `w` not
-    /// 16-byte aligned) run cuBLASLt. `x` holds `n * k` elements, `w` `m * k`, `bias` `m`,
-    /// `residual` and `out` `n * m`; `out` must not overlap the inputs.
+    /// skinny tensor-core kernel, which streams W at close to full memory bandwidth; batches of
+    /// up to [`CudaDevice::LINEAR_WGMMA_MAX_TOKENS`] rows run our wgmma kernel on a device of
+    /// compute capability 9.0 (H100, H200) when the output is narrow (fewer than 64 tiles of 64
+    /// rows, so the kernel splits k over a cluster; on wide outputs cuBLASLt is as fast); larger
+    /// batches, wide outputs, f32, and operands the kernels cannot take (for the skinny kernel k
+    /// not a multiple of 8, `x` or `w` not 16-byte aligned; for the wgmma kernel k or m not a
+    /// multiple of 64, a pointer not 16-byte aligned) run cuBLASLt.
+    /// `x` holds `n * k` elements, `w` `m * k`, `bias` `m`, `residual` and `out` `n * m`; `out`
+    /// must not overlap the inputs.
     ///
     /// A cuBLASLt-bound call builds and caches a plan for its shape on first use (host work
     /// only); cuBLASLt failures are reported as [`CudaError::InvalidArgument`] naming the call
@@ -564,11 +728,11 @@ impl CudaDevice {
         self.linear_on(Route::AUTO, x, n, k, w, m, bias, residual, out)
     }
 
-    /// [`CudaDevice::linear`] with the skinny kernel launched through programmatic dependent
-    /// launch: it may start while the previous kernel on the stream is still running, streaming
-    /// `w` at once and waiting for that kernel only before it reads `x`, `bias` or `residual`
-    /// and writes `out`. This hides most of the launch gap and tail between back-to-back
-    /// kernels, which dominate at decode sizes.
+    /// [`CudaDevice::linear`] with our kernels (skinny or wgmma) launched through programmatic
+    /// dependent launch: the kernel may start while the previous kernel on the stream is still
+    /// running, streaming `w` at once and waiting for that kernel only before it reads `x`,
+    /// `bias` or `residual` and writes `out`. This hides most of the launch gap and tail between
+    /// back-to-back kernels, which dominate at decode sizes.
     ///
     /// Use it only when no kernel that may still be running writes `w` (model weights
     /// qualify). On the cuBLASLt path it is the same as `linear`.
@@ -608,6 +772,26 @@ impl CudaDevice {
     ) -> Result<(), CudaError> {
         let config = SkinnyConfig::choose(n, k, m);
         let route = Route::forced(Path::Skinny(config));
+        self.linear_on(route, x, n, k, w, m, bias, residual, out)
+    }
+
+    /// [`CudaDevice::linear`] forced onto the wgmma kernel, launched plainly: for benchmarks
+    /// and tests. Fails with [`CudaError::InvalidArgument`] where the kernel cannot run (a
+    /// device other than compute capability 9.0, f32, `n` above 64, `k` or `m` not a multiple
+    /// of 64, `x`, `w`, `bias`, `residual` or `out` not 16-byte aligned).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_wgmma<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w: &impl DevicePtr<T>,
+        m: usize,
+        bias: Option<&CudaView<T>>,
+        residual: Option<&CudaView<T>>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let route = Route::forced(Path::Wgmma);
         self.linear_on(route, x, n, k, w, m, bias, residual, out)
     }
 
@@ -742,10 +926,17 @@ impl CudaDevice {
             return Ok(());
         }
 
+        let wgmma_rows = n > Self::LINEAR_SKINNY_MAX_TOKENS && n <= Self::LINEAR_WGMMA_MAX_TOKENS;
         let path = match route.path {
             Some(path) => path,
             None if n <= Self::LINEAR_SKINNY_MAX_TOKENS && ops.skinny_obstacle::<T>().is_none() => {
                 Path::Skinny(SkinnyConfig::choose(n, k, m))
+            }
+            None if wgmma_rows
+                && ops.wgmma_obstacle::<T>(self.capability()?).is_none()
+                && wgmma_split(k, m) > 1 =>
+            {
+                Path::Wgmma
             }
             None => Path::CublasLt,
         };
@@ -755,6 +946,14 @@ impl CudaDevice {
                     return Err(invalid_argument(OP, argument, expected, found));
                 }
                 self.launch_skinny::<T>(&ops, config, route.overlapped)
+            }
+            Path::Wgmma => {
+                if let Some((argument, expected, found)) =
+                    ops.wgmma_obstacle::<T>(self.capability()?)
+                {
+                    return Err(invalid_argument(OP, argument, expected, found));
+                }
+                self.launch_wgmma::<T>(&ops, route.overlapped)
             }
             Path::CublasLt => self.launch_cublaslt::<T>(&ops),
         }
@@ -804,6 +1003,63 @@ impl CudaDevice {
         // `skinny_obstacle` enforced the kernel's alignment and k requirements.
         unsafe { launch.launch(cfg) }.map_err(driver_error("linear"))?;
         Ok(())
+    }
+
+    /// The device's compute capability, (major, minor).
+    fn capability(&self) -> Result<(i32, i32), CudaError> {
+        self.ctx
+            .compute_capability()
+            .map_err(driver_error("compute capability query"))
+    }
+
+    /// Launches the wgmma kernel on operands `wgmma_obstacle` accepted: a cluster of `split`
+    /// blocks per 64 rows of W, with programmatic dependent launch when `overlapped`.
+    fn launch_wgmma<T: KernelFloat>(
+        &self,
+        ops: &Operands,
+        overlapped: bool,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "linear";
+        let function = self.kernel(WGMMA_MODULE, &format!("gemm_wgmma_{}", T::SUFFIX))?;
+        self.ctx.bind_to_thread().map_err(driver_error(OP))?;
+        // Always the limit of the largest launch, never a smaller one: a graph captured earlier
+        // must keep finding room for its launches.
+        self.allow_dynamic_smem(OP, &function, wgmma_shared_bytes(WGMMA_STAGES))?;
+        let split = wgmma_split(ops.k, ops.m);
+        let k_per_block = ops.k / split;
+        let tm_w = wgmma_tensor_map::<T>(ops.w, ops.m, ops.k)?;
+        let tm_x = wgmma_tensor_map::<T>(ops.x, ops.n, ops.k)?;
+        let null: CUdeviceptr = 0;
+        let bias = ops.bias.unwrap_or(null);
+        let residual = ops.residual.unwrap_or(null);
+        let (n, m, k_per_block_i) = (to_i32(ops.n), to_i32(ops.m), to_i32(k_per_block));
+        let mut params = [
+            kernel_arg(&tm_w),
+            kernel_arg(&tm_x),
+            kernel_arg(&bias),
+            kernel_arg(&residual),
+            kernel_arg(&ops.out),
+            kernel_arg(&n),
+            kernel_arg(&m),
+            kernel_arg(&k_per_block_i),
+        ];
+        let cfg = LaunchConfig {
+            grid_dim: (split as u32, (ops.m / WGMMA_TILE) as u32, 1),
+            block_dim: (WGMMA_THREADS, 1, 1),
+            shared_mem_bytes: wgmma_shared_bytes(k_per_block / WGMMA_TILE) as u32,
+        };
+        let attributes = LaunchAttributes {
+            dependency_overlap: overlapped,
+            cluster_x: Some(split as u32),
+        };
+        // SAFETY: `params` matches `gemm_wgmma_*(CUtensorMap, CUtensorMap, const T*, const T*,
+        // T*, int, int, int)` in gemm_wgmma.cu, each entry pointing at a live local of that type
+        // (the driver copies the tensor maps at launch, or at capture into a graph). The buffer
+        // lengths were checked against n, k and m, and `wgmma_obstacle` enforced the tile
+        // multiples, the alignment and the device; the grid, cluster and shared memory follow
+        // the kernel's launch contract, `wgmma_split` keeping k a multiple of 64 · split. The
+        // kernel waits for the previous one before it touches anything but `w`.
+        unsafe { self.launch_with_attributes(OP, &function, cfg, attributes, &mut params) }
     }
 
     fn launch_cublaslt<T: KernelFloat>(&self, ops: &Operands) -> Result<(), CudaError> {
@@ -1308,12 +1564,19 @@ fn check_aligned(
 }
 
 impl CudaDevice {
-    /// Largest batch `linear` sends to the skinny kernel; larger batches go to cuBLASLt, which
-    /// was as fast or faster from 32 rows on for every Qwen3-0.6B decode shape on an H100.
+    /// Largest batch `linear` sends to the skinny kernel; larger batches go to the wgmma kernel
+    /// or cuBLASLt. From 32 rows on, cuBLASLt alone was as fast as the skinny kernel or faster
+    /// for every Qwen3-0.6B decode shape on an H100.
     pub const LINEAR_SKINNY_MAX_TOKENS: usize = 16;
+
+    /// Largest batch `linear` sends to the wgmma kernel (from
+    /// [`CudaDevice::LINEAR_SKINNY_MAX_TOKENS`] + 1 rows on, on a device of compute capability
+    /// 9.0); larger batches go to cuBLASLt. One 64-row tile of x per block.
+    pub const LINEAR_WGMMA_MAX_TOKENS: usize = WGMMA_TOKEN_LIMIT;
 }
 
 const _: () = assert!(CudaDevice::LINEAR_SKINNY_MAX_TOKENS <= SKINNY_TOKEN_LIMIT);
+const _: () = assert!(CudaDevice::LINEAR_SKINNY_MAX_TOKENS < CudaDevice::LINEAR_WGMMA_MAX_TOKENS);
 
 #[cfg(test)]
 mod tests {
@@ -1444,6 +1707,128 @@ mod tests {
         assert_eq!(alignment(0x1002), 2);
         assert_eq!(alignment(0x1010), 16);
         assert_eq!(alignment(0), 256);
+    }
+
+    #[test]
+    fn wgmma_splits_fill_the_grid_within_a_portable_cluster() {
+        // The Qwen3-0.6B decode shapes get the splits measured best on an H100.
+        assert_eq!(wgmma_split(1024, 4096), 1);
+        assert_eq!(wgmma_split(2048, 1024), 4);
+        assert_eq!(wgmma_split(1024, 6144), 1);
+        assert_eq!(wgmma_split(3072, 1024), 4);
+        assert_eq!(wgmma_split(1024, 151_936), 1);
+        // Capped at 8, then halved until whole slabs divide k.
+        assert_eq!(wgmma_split(3072, 64), 8);
+        assert_eq!(wgmma_split(384, 64), 2);
+        assert_eq!(wgmma_split(1088, 64), 1);
+        assert_eq!(wgmma_split(64, 64), 1);
+        for k in (64..=8192).step_by(64) {
+            for m in (64..=8192).step_by(64) {
+                let split = wgmma_split(k, m);
+                assert!(
+                    split.is_power_of_two() && split <= WGMMA_MAX_SPLIT,
+                    "{k} {m}"
+                );
+                assert!(k.is_multiple_of(WGMMA_TILE * split), "{k} {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn wgmma_shared_memory_follows_the_kernel_layout() {
+        // Alignment slack and barriers, then the ring slots used or the 64 × 68 f32 partial
+        // tile, whichever is larger.
+        assert_eq!(wgmma_shared_bytes(1), 2048 + 64 * 68 * 4);
+        assert_eq!(wgmma_shared_bytes(2), 2048 + 2 * 16384);
+        assert_eq!(wgmma_shared_bytes(8), 2048 + 8 * 16384);
+        assert_eq!(wgmma_shared_bytes(48), wgmma_shared_bytes(8));
+        // One block per SM at most: within the 227 KB an H100 grants a block.
+        assert!(wgmma_shared_bytes(WGMMA_STAGES) <= 227 * 1024);
+    }
+
+    #[test]
+    fn wgmma_obstacles_name_the_problem() {
+        let ops = |n, k, m| Operands {
+            x: 0x1000,
+            w: 0x2000,
+            bias: Some(0x3000),
+            residual: Some(0x4000),
+            out: 0x5000,
+            n,
+            k,
+            m,
+        };
+        let hopper = (9, 0);
+        let first = |o: &Operands, capability| o.wgmma_obstacle::<half::bf16>(capability);
+        assert!(first(&ops(17, 1024, 4096), hopper).is_none());
+        assert!(first(&ops(1, 64, 64), hopper).is_none());
+        assert_eq!(
+            ops(64, 64, 64).wgmma_obstacle::<f32>(hopper).map(|o| o.0),
+            Some("the dtype")
+        );
+        assert!(ops(64, 64, 64)
+            .wgmma_obstacle::<half::f16>(hopper)
+            .is_none());
+        let device = first(&ops(32, 1024, 1024), (8, 9)).unwrap();
+        assert_eq!((device.0, device.2.as_str()), ("the device", "8.9"));
+        assert_eq!(
+            first(&ops(32, 1024, 1024), (10, 0)).map(|o| o.0),
+            Some("the device")
+        );
+        assert_eq!(first(&ops(65, 1024, 1024), hopper).map(|o| o.0), Some("n"));
+        assert_eq!(first(&ops(32, 1000, 1024), hopper).map(|o| o.0), Some("k"));
+        assert_eq!(first(&ops(32, 1024, 1000), hopper).map(|o| o.0), Some("m"));
+        assert_eq!(
+            first(&ops(32, 1024, WGMMA_MAX_M + 64), hopper).map(|o| o.0),
+            Some("m")
+        );
+        assert!(first(&ops(32, 1024, WGMMA_MAX_M), hopper).is_none());
+        let misaligned = [
+            (
+                "the address of `x`",
+                Operands {
+                    x: 0x1008,
+                    ..ops(32, 64, 64)
+                },
+            ),
+            (
+                "the address of `w`",
+                Operands {
+                    w: 0x2002,
+                    ..ops(32, 64, 64)
+                },
+            ),
+            (
+                "the address of `bias`",
+                Operands {
+                    bias: Some(0x3002),
+                    ..ops(32, 64, 64)
+                },
+            ),
+            (
+                "the address of `residual`",
+                Operands {
+                    residual: Some(0x4008),
+                    ..ops(32, 64, 64)
+                },
+            ),
+            (
+                "the address of `out`",
+                Operands {
+                    out: 0x5002,
+                    ..ops(32, 64, 64)
+                },
+            ),
+        ];
+        for (name, o) in misaligned {
+            assert_eq!(first(&o, hopper).map(|o| o.0), Some(name));
+        }
+        let without_addends = Operands {
+            bias: None,
+            residual: None,
+            ..ops(32, 64, 64)
+        };
+        assert!(first(&without_addends, hopper).is_none());
     }
 
     #[test]

@@ -1,0 +1,447 @@
+// Tensor-core GEMM for 17–64 rows on Hopper: y[n, m] = x[n, k] · W[m, k]^T (+ bias[m])
+// (+ residual[n, m]), W in PyTorch Linear layout, f16/bf16 storage, f32 accumulation, bias and
+// residual added in f32 before the single rounding to the storage dtype.
+//
+// Why a kernel of its own: at 17–64 rows a projection is still a stream over W, but the skinny
+// kernel (gemv.cu) re-reads all of x for every 16 rows of W (at 64 rows that is several times more
+// x than W traffic), and cuBLASLt pays a per-call floor of about 5.5 µs on the decode shapes
+// whatever the row count. Here a block stages each 64-wide k-slab of x once in shared memory next
+// to the matching W tile, one warpgroup multiplies them with wgmma, and a producer warp keeps the
+// following slabs in flight with TMA, so the W stream runs at close to full bandwidth.
+//
+// * Swap-AB: a block computes D^T[64 features, 64 tokens] = W[m0 : m0 + 64, k-slice] ·
+//   x[0 : 64, k-slice]^T with wgmma.m64n64k16 (A = 64 rows of W, B = the 64 token rows of x, both
+//   K-major in shared memory), so m fills the instruction's fixed 64-row side and the tokens its
+//   N side. Token rows ≥ n of the 64-row x box are zero-filled by TMA and never stored.
+// * Pipeline: one lane of warp 4 streams (W, x) tile pairs of 64 k with TMA (128-byte swizzle) into
+//   a ring of kStages slots guarded by mbarriers; warps 0–3 (one warpgroup) consume them, keeping
+//   one group of wgmma in flight while they release the slot of the one before.
+// * Split-k over a thread-block cluster: grid (split, m / 64), cluster (split, 1, 1); block r of a
+//   cluster covers k ∈ [r·k/split, (r+1)·k/split). Each block leaves its f32 partial tile in
+//   shared memory; after a cluster barrier each block reduces 1/split of the valid token rows by
+//   reading every partial tile through distributed shared memory in rank order (deterministic),
+//   adds bias and residual, rounds once and stores 16-byte packs. No workspace, no atomics, no
+//   second kernel; split = 1 runs the same path as a cluster of one.
+// * Programmatic dependent launch: the block lets the next kernel launch at entry and loads the W
+//   tiles of the whole ring before griddepcontrol.wait (W is constant); x, bias, residual and out
+//   are touched only after the wait. Launched plainly, those instructions do nothing.
+//
+// Launch contract (src/cuda/linear.rs): 160 threads per block, dynamic shared memory as
+// `wgmma_shared_bytes` there computes it, tensor maps W = [m rows][k] and x = [n rows][k] of T with
+// a 64 × 64 box and CU_TENSOR_MAP_SWIZZLE_128B; 1 ≤ n ≤ 64, m % 64 == 0, k % (64 · split) == 0,
+// split ≤ 8 (the portable cluster size); bias, residual and out 16-byte aligned, bias and residual
+// may be null.
+//
+// wgmma and TMA exist only on sm_90a. The module's compute_80 PTX keeps the kernels' names with a
+// body that traps; the launcher sends only compute-capability-9.0 devices here.
+#include <cooperative_groups.h>
+#include <cuda.h>  // CUtensorMap
+
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BRAID_HAS_WGMMA 1
+#else
+#define BRAID_HAS_WGMMA 0
+#endif
+
+namespace braid {
+namespace wgmma_gemm {
+
+// These must match the constants of the same names in src/cuda/linear.rs.
+// Warps 0–3: the consumer warpgroup (wgmma needs a warpgroup to start at a warp index divisible
+// by 4); warp 4: the producer.
+constexpr int kThreads = 160;
+// Ring slots: the prototype's sweep on an H100 found 8 better than 2, 4 or 6 on every decode shape.
+constexpr int kStages = 8;
+// Rows of a W or x tile, and k per slab: 64 elements of 2 bytes are one 128-byte swizzle row.
+constexpr int kTile = 64;
+constexpr int kTileBytes = kTile * 128;
+// A slot holds the W tile, then the x tile; every tile stays 1024-byte aligned (the swizzle period).
+constexpr int kStageBytes = 2 * kTileBytes;
+// The mbarriers sit at the start of the (1024-aligned) dynamic shared memory, the ring after them.
+constexpr int kBarrierBytes = 1024;
+// f32 pitch of the partial tile P[token][feature]: bank (4·token + feature) % 32 differs across
+// the lanes of a fragment store.
+constexpr int kPitch = kTile + 4;
+constexpr int kPartialBytes = kTile * kPitch * 4;
+
+// Dynamic shared memory of a block whose k-slice is `slabs` slabs: slack to align the base to
+// 1024, the barriers, then the ring slots it uses (small k-slices leave room for more blocks per
+// SM) or the partial tile, whichever is larger. `wgmma_shared_bytes` in linear.rs mirrors it.
+__host__ __device__ constexpr int shared_bytes(int slabs) {
+    const int ring = (slabs < kStages ? slabs : kStages) * kStageBytes;
+    return 1024 + kBarrierBytes + (ring > kPartialBytes ? ring : kPartialBytes);
+}
+
+static_assert(kStages >= 2, "the producer waits for a slot's release by the next consumer trip");
+static_assert(2 * kStages * 8 <= kBarrierBytes, "full and empty barriers fit their area");
+static_assert(kThreads == 5 * BRAID_WARP_SIZE, "one warpgroup and one producer warp");
+
+#if BRAID_HAS_WGMMA
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes the initialised barriers visible to the async proxy (TMA's complete_tx) and the cluster.
+__device__ __forceinline__ void fence_mbar_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Waits for the phase of `bar` with the given parity. A wait that never ends (a tensor map or
+// byte count that does not match the launch) traps after 4 s, so the launch fails with an error
+// at the next synchronisation instead of hanging the process. Under PDL the consumers' first wait
+// also spans the rest of the previous kernel, which at these sizes takes microseconds.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const uint64_t start = globaltimer_ns();
+    while (!mbar_try_wait(bar, parity)) {
+        if (globaltimer_ns() - start > 4000000000ull) __trap();
+    }
+}
+
+// W is streamed once: evict it first. x is re-read by every block of the grid: keep it.
+__device__ __forceinline__ uint64_t policy_evict_first() {
+    uint64_t p;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
+__device__ __forceinline__ uint64_t policy_evict_last() {
+    uint64_t p;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// 2-D TMA load of the box at (k = c0, row = c1) into shared memory, completing its bytes on
+// `bar`. A shared::cta address of this block is a valid shared::cluster address.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                            uint32_t bar, uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(policy)
+        : "memory");
+}
+
+// Cluster barrier halves. arrive.release + wait.acquire order every block's partial tile before
+// its peers read it; the exit barrier only needs "the peers are done reading", for which a relaxed
+// arrive suffices (their loads have returned before they arrive).
+__device__ __forceinline__ void cluster_arrive_release() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait_acquire() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Compiler-only barrier on the accumulators (CUTLASS's warpgroup_fence_operand): keeps reads and
+// copies of them from moving across the points where wgmma issues or completes.
+__device__ __forceinline__ void fence_accumulators(float (&d)[32]) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0–13 the start
+// address >> 4, 16–29 the leading-dimension byte offset >> 4, 32–45 the stride-dimension byte
+// offset >> 4, 49–51 the base offset, 62–63 the swizzle mode (1 = 128-byte).
+//
+// TMA with CU_TENSOR_MAP_SWIZZLE_128B writes row r of a tile (64 elements = 128 bytes) at r·128
+// with its 16-byte chunk c at chunk c ^ (r % 8): the canonical K-major 128-byte-swizzle operand
+// layout. One wgmma K step (16 elements, 32 bytes) lies inside one 128-byte row, so the K-direction
+// offset is implied by the swizzle (set to the conventional 1); the next group of 8 rows starts
+// 1024 bytes on (SBO = 1024); every tile is 1024-byte aligned, so the base offset is 0. The hardware
+// applies the swizzle to the final address, so K step kk is reached by adding 32·kk bytes to the
+// start address (2·kk in the encoded field, which cannot carry out of it: starts stay below 0x3900).
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t smem_addr) {
+    uint64_t d = 0;
+    d |= static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);
+    d |= static_cast<uint64_t>(1) << 16;
+    d |= static_cast<uint64_t>(1024 >> 4) << 32;
+    d |= static_cast<uint64_t>(1) << 62;
+    return d;
+}
+
+// D[64 x 64] += A[64 x 16] · B[16 x 64], A and B K-major in shared memory (no transposes), f32
+// accumulators. Thread t of the warpgroup (w = t / 32, l = t % 32) holds in d[4j + 2i + c] row
+// 16w + l/4 + 8i and column 8j + 2(l % 4) + c of D. The last argument selects the input type.
+#define BRAID_WGMMA_M64N64K16(TYPE)                                                               \
+    asm volatile(                                                                                 \
+        "{\n\t.reg .pred p;\n\t"                                                                  \
+        "setp.ne.b32 p, %34, 0;\n\t"                                                              \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                           \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "       \
+        "%32, %33, p, 1, 1, 0, 0;\n\t}"                                                           \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),              \
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),           \
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),           \
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),           \
+          "+f"(d[31])                                                                             \
+        : "l"(desc_a), "l"(desc_b), "r"(1))
+
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                __nv_bfloat16) {
+    BRAID_WGMMA_M64N64K16("bf16");
+}
+
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                __half) {
+    BRAID_WGMMA_M64N64K16("f16");
+}
+
+#undef BRAID_WGMMA_M64N64K16
+
+// Streams the (W, x) tile pairs of this block's k-slice through the ring. One lane runs it.
+__device__ __forceinline__ void produce(const CUtensorMap& tm_w, const CUtensorMap& tm_x,
+                                        uint32_t full, uint32_t empty, uint32_t ring, int slabs,
+                                        int k0, int m0) {
+    prefetch_tensor_map(&tm_w);
+    prefetch_tensor_map(&tm_x);
+    const uint64_t keep_w = policy_evict_first();
+    const uint64_t keep_x = policy_evict_last();
+    const int first = slabs < kStages ? slabs : kStages;
+    // W does not depend on the previous kernel: fill the whole ring with it before the wait.
+    // Each slot expects its W and x bytes at once; x rows past n count as zero-filled box rows.
+    for (int i = 0; i < first; ++i) {
+        mbar_arrive_expect_tx(full + 8 * i, kStageBytes);
+        tma_load_2d(ring + i * kStageBytes, &tm_w, k0 + i * kTile, m0, full + 8 * i, keep_w);
+    }
+    wait_for_previous();
+    for (int i = 0; i < first; ++i) {
+        tma_load_2d(ring + i * kStageBytes + kTileBytes, &tm_x, k0 + i * kTile, 0, full + 8 * i,
+                    keep_x);
+    }
+    for (int i = first; i < slabs; ++i) {
+        const int s = i % kStages;
+        const uint32_t slot = ring + s * kStageBytes;
+        // Use i / kStages of slot s: wait for the consumers to release use i / kStages - 1.
+        mbar_wait(empty + 8 * s, (i / kStages - 1) & 1);
+        mbar_arrive_expect_tx(full + 8 * s, kStageBytes);
+        tma_load_2d(slot, &tm_w, k0 + i * kTile, m0, full + 8 * s, keep_w);
+        tma_load_2d(slot + kTileBytes, &tm_x, k0 + i * kTile, 0, full + 8 * s, keep_x);
+    }
+}
+
+// The warpgroup's main loop: accumulates this block's k-slice into `acc`.
+template <typename T>
+__device__ __forceinline__ void consume(float (&acc)[32], uint32_t full, uint32_t empty,
+                                        uint32_t ring, int slabs) {
+    const int lane = threadIdx.x % BRAID_WARP_SIZE;
+#pragma unroll
+    for (int r = 0; r < 32; ++r) acc[r] = 0.0f;
+    fence_accumulators(acc);
+    for (int i = 0; i < slabs; ++i) {
+        const int s = i % kStages;
+        mbar_wait(full + 8 * s, (i / kStages) & 1);
+        const uint32_t slot = ring + s * kStageBytes;
+        const uint64_t desc_w = smem_descriptor(slot);
+        const uint64_t desc_x = smem_descriptor(slot + kTileBytes);
+        fence_accumulators(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kTile / 16; ++kk) {
+            wgmma_m64n64k16(acc, desc_w + 2 * kk, desc_x + 2 * kk, T());
+        }
+        wgmma_commit();
+        fence_accumulators(acc);
+        if (i > 0) {
+            // The group before this one has finished reading its slot: hand it back.
+            wgmma_wait<1>();
+            if (lane == 0) mbar_arrive(empty + 8 * ((i - 1) % kStages));
+        }
+    }
+    wgmma_wait<0>();
+    fence_accumulators(acc);
+}
+
+#endif  // BRAID_HAS_WGMMA
+
+template <typename T>
+__device__ __forceinline__ void gemm(const CUtensorMap& tm_w, const CUtensorMap& tm_x,
+                                     const T* __restrict__ bias, const T* __restrict__ residual,
+                                     T* __restrict__ out, int n, int m, int k_per_block) {
+    static_assert(sizeof(T) == 2, "a 64-element k-slab is one 128-byte swizzle row");
+#if BRAID_HAS_WGMMA
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    const uint32_t full = base;
+    const uint32_t empty = base + 8 * kStages;
+    const uint32_t ring = base + kBarrierBytes;
+    float* partial = reinterpret_cast<float*>(smem_raw + (base - raw) + kBarrierBytes);
+
+    const int warp = threadIdx.x / BRAID_WARP_SIZE;
+    const int lane = threadIdx.x % BRAID_WARP_SIZE;
+    const int slabs = k_per_block / kTile;
+    const int k0 = blockIdx.x * k_per_block;
+    const int m0 = blockIdx.y * kTile;
+
+    // A launch with less shared memory than this layout needs would overrun it: fail instead.
+    uint32_t granted;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(granted));
+    if (granted < static_cast<uint32_t>(shared_bytes(slabs))) __trap();
+
+    allow_next_launch();
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(full + 8 * s, 1);   // the producer's arrive, plus the TMA bytes
+            mbar_init(empty + 8 * s, 4);  // lane 0 of each consumer warp
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+
+    float acc[32];
+    if (warp == 4) {
+        if (lane == 0) produce(tm_w, tm_x, full, empty, ring, slabs, k0, m0);
+        __syncwarp();
+    } else {
+        consume<T>(acc, full, empty, ring, slabs);
+    }
+
+    // Every wgmma of the block has completed and every TMA write has landed (the consumers waited
+    // on each slot), so the ring can hold the f32 partial tile.
+    __syncthreads();
+    if (warp < 4) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int token = 8 * j + 2 * (lane % 4) + c;
+                    const int feature = 16 * warp + lane / 4 + 8 * i;
+                    partial[token * kPitch + feature] = acc[4 * j + 2 * i + c];
+                }
+    }
+
+    // bias, residual and out belong to the dependency chain.
+    wait_for_previous();
+
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster_arrive_release();
+    cluster_wait_acquire();
+
+    // This block's share of the token rows, in 8-feature (16-byte) groups.
+    const int split = static_cast<int>(cluster.num_blocks());
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int rows_per_block = (n + split - 1) / split;
+    const int t_begin = rank * rows_per_block;
+    const int t_end = min(n, t_begin + rows_per_block);
+    constexpr int kGroups = kTile / 8;
+    const int items = t_end > t_begin ? (t_end - t_begin) * kGroups : 0;
+    for (int it = threadIdx.x; it < items; it += kThreads) {
+        const int token = t_begin + it / kGroups;
+        const int feature = m0 + 8 * (it % kGroups);
+        const size_t o = static_cast<size_t>(token) * m + feature;
+        // Global loads first, so their latency overlaps the distributed shared-memory reads.
+        Pack<T> res{}, b{};
+        if (residual != nullptr) res = *reinterpret_cast<const Pack<T>*>(residual + o);
+        if (bias != nullptr) b = *reinterpret_cast<const Pack<T>*>(bias + feature);
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = 0.0f;
+        for (int q = 0; q < split; ++q) {
+            const float* src =
+                cluster.map_shared_rank(partial, q) + token * kPitch + (feature - m0);
+            const float4 lo = reinterpret_cast<const float4*>(src)[0];
+            const float4 hi = reinterpret_cast<const float4*>(src)[1];
+            v[0] += lo.x;
+            v[1] += lo.y;
+            v[2] += lo.z;
+            v[3] += lo.w;
+            v[4] += hi.x;
+            v[5] += hi.y;
+            v[6] += hi.z;
+            v[7] += hi.w;
+        }
+        if (bias != nullptr) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] += to_float(b.v[e]);
+        }
+        if (residual != nullptr) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] += to_float(res.v[e]);
+        }
+        Pack<T> y;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y.v[e] = from_float<T>(v[e]);
+        *reinterpret_cast<Pack<T>*>(out + o) = y;
+    }
+
+    // The peers may still be reading this block's partial tile: stay resident until they are done.
+    cluster_arrive_relaxed();
+    cluster_wait_acquire();
+#else
+    __trap();
+#endif
+}
+
+}  // namespace wgmma_gemm
+}  // namespace braid
+
+#define BRAID_DEFINE_GEMM_WGMMA(T, SUFFIX)                                                          \
+    extern "C" __global__ void __launch_bounds__(braid::wgmma_gemm::kThreads, 1)                   \
+        gemm_wgmma_##SUFFIX(const __grid_constant__ CUtensorMap tm_w,                              \
+                            const __grid_constant__ CUtensorMap tm_x, const T* __restrict__ bias,  \
+                            const T* __restrict__ residual, T* __restrict__ out, int n, int m,     \
+                            int k_per_block) {                                                     \
+        braid::wgmma_gemm::gemm<T>(tm_w, tm_x, bias, residual, out, n, m, k_per_block);            \
+    }
+
+BRAID_DEFINE_GEMM_WGMMA(__half, f16)
+BRAID_DEFINE_GEMM_WGMMA(__nv_bfloat16, bf16)
