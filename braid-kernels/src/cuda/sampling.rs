@@ -15,10 +15,9 @@ const BLOCK_THREADS: u32 = 1024;
 /// Blocks per row of the cluster kernels (mirrors `SAMPLE_CLUSTER` in sampling.cu).
 const CLUSTER: usize = 8;
 /// Up to this many rows, each row gets a cluster of [`CLUSTER`] blocks on sm_90+ GPUs: one block
-/// takes ~18 µs per pass over a 151936-token row, so with one block per row a batch of fewer rows
-/// than the GPU has SMs pays that pass on a half-empty GPU; 64 clusters of 8 blocks run in about
-/// four waves of an eighth of it. Larger batches fill the GPU with one block per row.
-const CLUSTER_MAX_ROWS: usize = 64;
+/// takes ~18 µs per pass over a 151936-token row, and 16 clusters of 8 blocks still fit an H100's
+/// 132 SMs in one wave. Larger batches fill the GPU with one block per row.
+const CLUSTER_MAX_ROWS: usize = 16;
 /// Largest vocabulary [`CudaDevice::sample`] accepts: its per-row scratch lives in 44 KiB of shared
 /// memory, one entry per 128 ids (mirrors `SAMPLE_MAX_SEGMENTS * SAMPLE_SEGMENT` in sampling.cu).
 pub const SAMPLE_MAX_VOCAB: usize = 5632 * 128;
