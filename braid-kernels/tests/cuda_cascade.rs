@@ -496,36 +496,18 @@ fn cascade_rejects_bad_arguments_with_clear_errors() {
     dev.synchronize().unwrap();
 }
 
-/// Median of `runs` timings of `iters` back-to-back calls, in microseconds per call.
+/// µs per call of `iters` back-to-back calls, median of `runs` timed rounds after a warm-up.
 fn time_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnMut(usize)) -> f64 {
-    let ctx = dev.context();
     for i in 0..3 {
         call(i);
     }
-    let mut samples = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .unwrap();
-        let end = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .unwrap();
-        start.record(dev.stream()).unwrap();
+    median_us_per_call(dev, iters, runs, || {
         for i in 0..iters {
             call(i);
         }
-        end.record(dev.stream()).unwrap();
-        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1000.0 / iters as f64);
-    }
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    })
 }
 
-/// One layer of a Qwen3-0.6B shape (16/8 heads, head_dim 128, block 16, bf16): 64 sequences
-/// sharing a prefix, each with its own suffix, through plain decode and through cascade decode.
-/// Two disjoint copies of the batch alternate so consecutive calls do not run from L2. Cascade is
-/// timed launched on streams and replayed from a CUDA graph. With `BRAID_CASCADE_SWEEP` set, it
-/// also times partition counts around the defaults on every shape.
 /// µs per call of `iters` calls captured into one CUDA graph, median of `runs` replays after a
 /// warm-up replay: the two passes then run as parallel branches, as in the CUDA model's graphs.
 fn time_graph_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnMut(usize)) -> f64 {
@@ -537,6 +519,12 @@ fn time_graph_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnM
         }
     });
     graph.launch().unwrap();
+    median_us_per_call(dev, iters, runs, || graph.launch().unwrap())
+}
+
+/// Times `round` (which enqueues `calls` calls) with stream events `runs` times: the median µs
+/// per call.
+fn median_us_per_call(dev: &CudaDevice, calls: usize, runs: usize, mut round: impl FnMut()) -> f64 {
     let ctx = dev.context();
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -547,9 +535,9 @@ fn time_graph_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnM
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .unwrap();
         start.record(dev.stream()).unwrap();
-        graph.launch().unwrap();
+        round();
         end.record(dev.stream()).unwrap();
-        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1000.0 / iters as f64);
+        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1000.0 / calls as f64);
     }
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]

@@ -369,9 +369,9 @@ impl CudaDevice {
         // The two passes are independent and differently bound: the prefix pass is a latency-bound
         // tensor-core loop on about one block per SM, the suffix pass streams each sequence's own
         // keys. On two streams (two branches of a captured graph) the suffix blocks fill the rest
-        // of each SM beside the prefix blocks instead of waiting for the whole prefix grid.
-        if grid.prefix_slots > 0 {
-            let prefix_stream = self.fork_side_stream(OP)?;
+        // of each SM beside the prefix blocks instead of waiting for the whole prefix grid. The
+        // side stream forks before either launch, so it waits only for what came before the call.
+        let prefix_pass = if grid.prefix_slots > 0 {
             let prefix = self.kernel(
                 "attention_cascade",
                 &format!("cascade_prefix_d{}_{}", p.head_dim, T::SUFFIX),
@@ -387,7 +387,27 @@ impl CudaDevice {
                 block_dim: (PREFIX_THREADS, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let mut launch = prefix_stream.launch_builder(&prefix);
+            Some((self.fork_side_stream(OP)?, prefix, cfg))
+        } else {
+            None
+        };
+        let chunk = suffix_group_chunk(p.num_heads / p.num_kv_heads);
+        let suffix = self.kernel(
+            "attention_cascade",
+            &format!("cascade_suffix_d{}_g{chunk}_{}", p.head_dim, T::SUFFIX),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid.suffix_slots as u32,
+                p.num_kv_heads as u32,
+                num_seqs as u32,
+            ),
+            block_dim: (SUFFIX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let suffix_pass = Some((&*self.stream, suffix, cfg));
+        for (stream, function, cfg) in [prefix_pass, suffix_pass].into_iter().flatten() {
+            let mut launch = stream.launch_builder(&function);
             launch
                 .arg(&q_ptr)
                 .arg(&k_ptr)
@@ -408,52 +428,14 @@ impl CudaDevice {
                 .arg(&window)
                 .arg(&slots_i)
                 .arg(&prefix_slots);
-            // SAFETY: the arguments match `cascade_prefix_d*_*` in attention_cascade.cu. Group
-            // ranges are clamped to `num_seqs` rows, prefix and context lengths to the tables'
-            // capacity; the kernel writes slots `0..prefix_slots` of its groups' rows, inside
-            // the workspace checked above.
+            // SAFETY: the arguments match `cascade_prefix_d*_*` and `cascade_suffix_d*_g*_*` in
+            // attention_cascade.cu (the same list). Both clamp group ranges to `num_seqs` rows and
+            // context and prefix lengths to the tables' capacity, reading only table entries below
+            // it; the prefix pass writes slots `0..prefix_slots` of its groups' rows, the suffix
+            // pass slots `prefix_slots..slots` of every (sequence, head) row, all inside the
+            // workspace checked above.
             unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         }
-        let chunk = suffix_group_chunk(p.num_heads / p.num_kv_heads);
-        let suffix = self.kernel(
-            "attention_cascade",
-            &format!("cascade_suffix_d{}_g{chunk}_{}", p.head_dim, T::SUFFIX),
-        )?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid.suffix_slots as u32,
-                p.num_kv_heads as u32,
-                num_seqs as u32,
-            ),
-            block_dim: (SUFFIX_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = self.stream.launch_builder(&suffix);
-        launch
-            .arg(&q_ptr)
-            .arg(&k_ptr)
-            .arg(&v_ptr)
-            .arg(&bt_ptr)
-            .arg(&cl_ptr)
-            .arg(&gs_ptr)
-            .arg(&pl_ptr)
-            .arg(&ws_o)
-            .arg(&ws_ml)
-            .arg(&num_seqs_i)
-            .arg(&num_groups_i)
-            .arg(&num_heads)
-            .arg(&num_kv_heads)
-            .arg(&geo.block_size_log2)
-            .arg(&max_blocks)
-            .arg(&p.scale)
-            .arg(&window)
-            .arg(&slots_i)
-            .arg(&prefix_slots);
-        // SAFETY: the arguments match `cascade_suffix_d*_g*_*` in attention_cascade.cu. The
-        // kernel clamps context and prefix lengths to the block tables' capacity and reads only
-        // table entries below it; it writes slots `prefix_slots..slots` of its (sequence, head)
-        // rows, which the workspace length checked above covers.
-        unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
 
         if grid.prefix_slots > 0 {
             self.join_side_stream(OP)?;
