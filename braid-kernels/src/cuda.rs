@@ -240,6 +240,8 @@ pub struct CudaDevice {
     /// A second stream and its fork and join events, created on first use (see
     /// [`CudaDevice::fork_side_stream`]).
     side: std::sync::OnceLock<SideStream>,
+    /// Compute capability (major, minor), read once at open: kernel choices depend on it.
+    capability: (i32, i32),
 }
 
 /// A stream for kernels that run beside the main stream's, and the two events that order it
@@ -285,6 +287,9 @@ impl CudaDevice {
             return Err(CudaError::KernelsNotBuilt);
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_error("context creation"))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(driver_error("compute capability query"))?;
         // Every op of this device runs on its one stream, so cudarc's cross-stream events are not
         // needed; they would also cost ~1 µs per buffer per launch and cannot sit inside a
         // CUDA graph capture.
@@ -332,6 +337,7 @@ impl CudaDevice {
             modules,
             named: Default::default(),
             side: Default::default(),
+            capability,
         })
     }
 
@@ -384,7 +390,6 @@ impl CudaDevice {
         self.ctx.name().map_err(driver_error("device name query"))
     }
 
-    /// The stream every op of this device is enqueued on.
     /// The side stream, after making it wait for everything enqueued on the main stream so far.
     /// Kernels launched on it run beside the main stream's later work until
     /// [`CudaDevice::join_side_stream`]. Under a stream capture of the main stream the pair is
@@ -417,6 +422,12 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// The device's compute capability, (major, minor).
+    pub(crate) fn capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// The stream every op of this device is enqueued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

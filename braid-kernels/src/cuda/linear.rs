@@ -933,7 +933,7 @@ impl CudaDevice {
                 Path::Skinny(SkinnyConfig::choose(n, k, m))
             }
             None if wgmma_rows
-                && ops.wgmma_obstacle::<T>(self.capability()?).is_none()
+                && ops.wgmma_obstacle::<T>(self.capability()).is_none()
                 && wgmma_split(k, m) > 1 =>
             {
                 Path::Wgmma
@@ -949,7 +949,7 @@ impl CudaDevice {
             }
             Path::Wgmma => {
                 if let Some((argument, expected, found)) =
-                    ops.wgmma_obstacle::<T>(self.capability()?)
+                    ops.wgmma_obstacle::<T>(self.capability())
                 {
                     return Err(invalid_argument(OP, argument, expected, found));
                 }
@@ -1003,13 +1003,6 @@ impl CudaDevice {
         // `skinny_obstacle` enforced the kernel's alignment and k requirements.
         unsafe { launch.launch(cfg) }.map_err(driver_error("linear"))?;
         Ok(())
-    }
-
-    /// The device's compute capability, (major, minor).
-    fn capability(&self) -> Result<(i32, i32), CudaError> {
-        self.ctx
-            .compute_capability()
-            .map_err(driver_error("compute capability query"))
     }
 
     /// Launches the wgmma kernel on operands `wgmma_obstacle` accepted: a cluster of `split`

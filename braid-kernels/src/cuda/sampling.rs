@@ -229,10 +229,7 @@ impl CudaDevice {
         family: &str,
         rows: usize,
     ) -> Result<(CudaFunction, LaunchConfig), CudaError> {
-        let (major, _) = self
-            .ctx
-            .compute_capability()
-            .map_err(driver_error("compute capability query"))?;
+        let (major, _) = self.capability();
         let blocks_per_row = if rows <= CLUSTER_MAX_ROWS && major >= 9 {
             CLUSTER
         } else {
