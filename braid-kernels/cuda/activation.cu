@@ -3,12 +3,6 @@
 
 namespace braid {
 
-// Precise expf on purpose: the fast-math __expf loses accuracy for large |g| and this kernel is
-// memory-bound, so the exact version costs nothing measurable.
-__device__ __forceinline__ float silu_times(float gate, float up) {
-    return gate / (1.0f + expf(-gate)) * up;
-}
-
 // Grid: x covers the 16-byte chunks of one output row, y walks rows (looping past the grid-y
 // limit). A chunk uses 128-bit accesses when gate, up and out rows are all aligned. Launched with
 // programmatic dependent launch: the next kernel (the down projection) may be scheduled at once,

@@ -31,6 +31,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
     return __float2bfloat16_rn(v);
 }
 
+// silu(gate) * up in f32, the gated activation of activation.cu's silu_mul and of the projections
+// that fold it in (gemv.cu's silu_mul_gemm, gemm_wgmma.cu's gemm_wgmma_silu): one definition, so
+// every path rounds the same values. Precise expf on purpose: the fast-math __expf loses accuracy
+// for large |gate|, and every user is memory-bound, so the exact version costs nothing measurable.
+__device__ __forceinline__ float silu_times(float gate, float up) {
+    return gate / (1.0f + expf(-gate)) * up;
+}
+
 // One 16-byte pack of T: 4 floats or 8 halves. Loads and stores of a whole pack compile to a
 // single 128-bit memory instruction, which is what lets these memory-bound kernels approach
 // full bandwidth.

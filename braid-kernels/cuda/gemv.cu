@@ -254,11 +254,6 @@ static_assert(kSumSlots >= kMaxWarps, "one slot per warp when a single row is sp
 
 __host__ __device__ constexpr int stage_stride(int k) { return (k + 63) / 64 * 64 + 32; }
 
-// Precise expf, as in activation.cu (kept identical so both paths round the same values).
-__device__ __forceinline__ float silu_times(float gate, float up) {
-    return gate / (1.0f + expf(-gate)) * up;
-}
-
 template <typename T> __device__ __forceinline__ Pack<T> as_pack(const uint4& v) {
     Pack<T> p;
     *reinterpret_cast<uint4*>(&p) = v;

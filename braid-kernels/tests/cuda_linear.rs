@@ -1,17 +1,17 @@
-//! The GPU linear layer (skinny kernel, wgmma kernel, cuBLASLt, and the dispatch between them)
-//! and the fused projections (residual add + RMSNorm, or SiLU·mul, computed in the projection's
-//! prologue) against the f32 CPU references in `braid_kernels::cpu`, over random odd shapes with
-//! NaN-poisoned outputs; their graph-capture behaviour; and timing reports on the decode shapes
-//! of a Qwen3-0.6B-sized model. Without a device every test says "skipped: no CUDA device" and
-//! passes; the wgmma kernel's own tests say they skipped on a device of another compute
-//! capability than 9.0.
+//! The GPU linear layer (skinny kernel, wgmma kernel, cuBLASLt, and the dispatch between them),
+//! the fused projections (residual add + RMSNorm, or SiLU·mul, computed in the projection's
+//! prologue) and the gate|up projection with SiLU·mul in its epilogue, against the f32 CPU
+//! references in `braid_kernels::cpu`, over random odd shapes with NaN-poisoned outputs; their
+//! graph-capture behaviour; and timing reports on the decode shapes of a Qwen3-0.6B-sized model.
+//! Without a device every test says "skipped: no CUDA device" and passes; the wgmma kernel's own
+//! tests say they skipped on a device of another compute capability than 9.0.
 
 use std::io::Write as _;
 
 use braid_kernels::cpu;
 use std::cell::RefCell;
 
-use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView, DevicePtrMut};
+use braid_kernels::cuda::{CudaDevice, CudaError, CudaSlice, CudaView, CudaViewMut, DevicePtrMut};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
 
@@ -1353,6 +1353,487 @@ fn fused_chain_replays_in_a_cuda_graph() {
     }
 }
 
+// ---- gate|up projection with SiLU·mul --------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GateUpRoute {
+    Auto,
+    Fused,
+    Unfused,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn call_gate_up<T: TestFloat>(
+    dev: &CudaDevice,
+    route: GateUpRoute,
+    x: &CudaView<T>,
+    n: usize,
+    k: usize,
+    w: &CudaView<T>,
+    inter: usize,
+    gate_up: &mut CudaViewMut<T>,
+    out: &mut CudaViewMut<T>,
+) -> Result<(), CudaError> {
+    match route {
+        GateUpRoute::Auto => dev.linear_gate_up_silu(x, n, k, w, inter, gate_up, out),
+        GateUpRoute::Fused => dev.linear_gate_up_silu_fused(x, n, k, w, inter, gate_up, out),
+        GateUpRoute::Unfused => dev.linear_gate_up_silu_unfused(x, n, k, w, inter, gate_up, out),
+    }
+}
+
+/// CPU reference of `linear_gate_up_silu`: the gate|up product rounded to `T` (what the unfused
+/// path stores), then SiLU·mul in f32, rounded.
+fn gate_up_silu_reference<T: TestFloat>(
+    x: &[T],
+    n: usize,
+    k: usize,
+    w: &[T],
+    inter: usize,
+) -> Vec<f32> {
+    let gate_up = linear_reference(&to_f32(x), n, k, &to_f32(w), 2 * inter, None);
+    let gate_up: Vec<T> = gate_up.iter().map(|v| T::from_f32(*v)).collect();
+    silu_reference(&gate_up, n, inter)
+}
+
+/// One random case of `linear_gate_up_silu` with its reference.
+struct GateUpCase<T> {
+    n: usize,
+    k: usize,
+    inter: usize,
+    x: Vec<T>,
+    w: Vec<T>,
+    want: Vec<f32>,
+}
+
+impl<T: TestFloat> GateUpCase<T> {
+    fn new(rng: &mut Rng, n: usize, k: usize, inter: usize) -> Self {
+        // Gate and up values of a few units, so SiLU's curved part and both signs show.
+        let scale = 1.0 / (k as f32).sqrt();
+        let x: Vec<T> = rng.vec(n * k, -1.0, 1.0);
+        let w: Vec<T> = rng.vec(2 * inter * k, -4.0 * scale, 4.0 * scale);
+        let want = gate_up_silu_reference(&x, n, k, &w, inter);
+        GateUpCase {
+            n,
+            k,
+            inter,
+            x,
+            w,
+            want,
+        }
+    }
+
+    fn describe(&self, route: GateUpRoute) -> String {
+        format!(
+            "linear_gate_up_silu_{} {route:?} n={} k={} inter={}",
+            T::SUFFIX,
+            self.n,
+            self.k,
+            self.inter
+        )
+    }
+
+    /// Runs the case through `route` into NaN-poisoned outputs and returns `out`.
+    fn run(&self, dev: &CudaDevice, route: GateUpRoute) -> Vec<T> {
+        let what = self.describe(route);
+        let (n, k, inter) = (self.n, self.k, self.inter);
+        let x = dev.upload(&self.x).unwrap();
+        let w = dev.upload(&self.w).unwrap();
+        let mut gate_up = poisoned::<T>(dev, n * 2 * inter);
+        let mut out = poisoned::<T>(dev, n * inter);
+        call_gate_up(
+            dev,
+            route,
+            &x.as_view(),
+            n,
+            k,
+            &w.as_view(),
+            inter,
+            &mut gate_up.as_view_mut(),
+            &mut out.as_view_mut(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        dev.download(&out).unwrap()
+    }
+
+    fn check(&self, dev: &CudaDevice, route: GateUpRoute) -> Vec<T> {
+        let got = self.run(dev, route);
+        assert_rel_l2(&self.describe(route), &got, &self.want);
+        got
+    }
+}
+
+fn bits<T: TestFloat>(values: &[T]) -> Vec<u32> {
+    values.iter().map(|v| v.to_f32().to_bits()).collect()
+}
+
+/// Clusters of 1, 2 and 8 blocks, k-slices of 1 to 24 slabs (17: the first ring slot filled
+/// three times, so both barrier phases recur), one to 48 tiles of output features, and token
+/// counts that leave the last block of a cluster with fewer rows or none.
+const GATE_UP_NS: [usize; 5] = [5, 17, 32, 33, 64];
+const GATE_UP_KS: [usize; 4] = [64, 1024, 1088, 3072];
+const GATE_UP_INTERS: [usize; 3] = [64, 320, 3072];
+
+fn check_gate_up_shapes<T: TestFloat>(dev: &CudaDevice, seed: u64) {
+    let mut rng = Rng(seed);
+    for n in GATE_UP_NS {
+        for k in GATE_UP_KS {
+            for inter in GATE_UP_INTERS {
+                let case = GateUpCase::<T>::new(&mut rng, n, k, inter);
+                let fused = case.check(dev, GateUpRoute::Fused);
+                case.check(dev, GateUpRoute::Unfused);
+                let auto = case.check(dev, GateUpRoute::Auto);
+                // 17–64 rows take the fused kernel (deterministic, so bit for bit); fewer take
+                // the two steps.
+                let expect = if n > CudaDevice::LINEAR_SKINNY_MAX_TOKENS {
+                    (fused, GateUpRoute::Fused)
+                } else {
+                    (case.run(dev, GateUpRoute::Unfused), GateUpRoute::Unfused)
+                };
+                assert!(
+                    bits(&auto) == bits(&expect.0),
+                    "{}: output differs from the {:?} route's",
+                    case.describe(GateUpRoute::Auto),
+                    expect.1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gate_up_silu_bf16_matches_cpu_reference() {
+    let Some(dev) = wgmma_device("gate_up_silu_bf16_matches_cpu_reference") else {
+        return;
+    };
+    check_gate_up_shapes::<bf16>(&dev, 41);
+}
+
+#[test]
+fn gate_up_silu_f16_matches_cpu_reference() {
+    let Some(dev) = wgmma_device("gate_up_silu_f16_matches_cpu_reference") else {
+        return;
+    };
+    check_gate_up_shapes::<f16>(&dev, 42);
+}
+
+/// Operands the fused kernel cannot take run the two steps (still right) under
+/// `linear_gate_up_silu`, and make the forced fused route fail with an error naming the
+/// argument; on a device other than compute capability 9.0 every call takes the two steps and
+/// the forced route names the device. Buffer lengths are checked on every route.
+#[test]
+fn gate_up_silu_falls_back_where_the_fused_kernel_cannot_run() {
+    let Some(dev) = device("gate_up_silu_falls_back_where_the_fused_kernel_cannot_run") else {
+        return;
+    };
+    let hopper = wgmma_runs(&dev);
+    let mut rng = Rng(43);
+    let fused_error = |case: &GateUpCase<bf16>| {
+        let (n, k, inter) = (case.n, case.k, case.inter);
+        let x = dev.upload(&case.x).unwrap();
+        let w = dev.upload(&case.w).unwrap();
+        let mut gate_up = poisoned::<bf16>(&dev, n * 2 * inter);
+        let mut out = poisoned::<bf16>(&dev, n * inter);
+        dev.linear_gate_up_silu_fused(&x, n, k, &w, inter, &mut gate_up, &mut out)
+            .unwrap_err()
+            .to_string()
+    };
+    // At most 16 rows (the skinny kernel's) and more than 64 stay on the two steps: the output
+    // equals the two-step route's bit for bit.
+    for (n, k, inter) in [(16usize, 1024usize, 3072usize), (65, 1024, 3072)] {
+        let case = GateUpCase::<bf16>::new(&mut rng, n, k, inter);
+        let auto = case.check(&dev, GateUpRoute::Auto);
+        let unfused = case.run(&dev, GateUpRoute::Unfused);
+        assert!(
+            bits(&auto) == bits(&unfused),
+            "{}: left the two-step path",
+            case.describe(GateUpRoute::Auto)
+        );
+    }
+    let (major, minor) = dev.context().compute_capability().unwrap();
+    for (n, k, inter, message) in [
+        (
+            32,
+            1024,
+            96,
+            "linear_gate_up_silu: inter must be a multiple of 64 for the wgmma kernel's tiles, \
+             found 96"
+                .to_string(),
+        ),
+        (
+            32,
+            1000,
+            320,
+            "linear_gate_up_silu: k must be a multiple of 64 for the wgmma kernel's tiles, found \
+             1000"
+                .to_string(),
+        ),
+        (
+            65,
+            1024,
+            320,
+            "linear_gate_up_silu: n must be at most 64 for the wgmma kernel, found 65".to_string(),
+        ),
+        (
+            32,
+            1024,
+            320,
+            format!(
+                "linear_gate_up_silu: the device must be of compute capability 9.0 for the wgmma \
+                 kernel, found {major}.{minor}"
+            ),
+        ),
+    ] {
+        let case = GateUpCase::<bf16>::new(&mut rng, n, k, inter);
+        case.check(&dev, GateUpRoute::Auto);
+        case.check(&dev, GateUpRoute::Unfused);
+        let device_case = message.contains("the device");
+        if hopper != device_case {
+            assert_eq!(fused_error(&case), message);
+        }
+    }
+
+    // f32 runs the two steps; the fused kernel refuses it.
+    let (n, k, inter) = (32usize, 64usize, 64usize);
+    let x32: Vec<f32> = rng.vec(n * k, -1.0, 1.0);
+    let w32: Vec<f32> = rng.vec(2 * inter * k, -0.5, 0.5);
+    let want = gate_up_silu_reference(&x32, n, k, &w32, inter);
+    let x = dev.upload(&x32).unwrap();
+    let w = dev.upload(&w32).unwrap();
+    let mut gate_up = poisoned::<f32>(&dev, n * 2 * inter);
+    let mut out = poisoned::<f32>(&dev, n * inter);
+    dev.linear_gate_up_silu(&x, n, k, &w, inter, &mut gate_up, &mut out)
+        .unwrap();
+    assert_rel_l2(
+        "linear_gate_up_silu_f32",
+        &dev.download(&out).unwrap(),
+        &want,
+    );
+    if hopper {
+        let err = dev
+            .linear_gate_up_silu_fused(&x, n, k, &w, inter, &mut gate_up, &mut out)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "linear_gate_up_silu: the dtype must be f16 or bf16, found f32"
+        );
+    }
+
+    // Every operand 8 elements (16 bytes) into its buffer, then each in turn 1 element in.
+    let (n, k, inter) = (33usize, 1024usize, 320usize);
+    let case = GateUpCase::<bf16>::new(&mut rng, n, k, inter);
+    let padded = |values: &[bf16], pad: usize| {
+        let mut v = vec![bf16::from_f32(7.0); pad];
+        v.extend_from_slice(values);
+        dev.upload(&v).unwrap()
+    };
+    let names = ["x", "w_gate_up", "gate_up", "out"];
+    for odd in [None, Some(0), Some(1), Some(2), Some(3)] {
+        let pad = |i: usize| if odd == Some(i) { 1 } else { 8 };
+        let x = padded(&case.x, pad(0));
+        let w = padded(&case.w, pad(1));
+        for route in [GateUpRoute::Fused, GateUpRoute::Auto] {
+            let what = format!(
+                "{} with views {:?} elements in",
+                case.describe(route),
+                [0, 1, 2, 3].map(pad)
+            );
+            let mut gate_up = poisoned::<bf16>(&dev, pad(2) + n * 2 * inter);
+            let mut out = poisoned::<bf16>(&dev, pad(3) + n * inter);
+            let result = call_gate_up(
+                &dev,
+                route,
+                &x.slice(pad(0)..),
+                n,
+                k,
+                &w.slice(pad(1)..),
+                inter,
+                &mut gate_up.slice_mut(pad(2)..),
+                &mut out.slice_mut(pad(3)..),
+            );
+            match (route, odd) {
+                (GateUpRoute::Fused, _) if !hopper => assert!(result.is_err(), "{what}"),
+                // The fused kernel never touches the scratch, whatever its alignment.
+                (GateUpRoute::Fused, Some(i)) if names[i] != "gate_up" => {
+                    let err = result.unwrap_err().to_string();
+                    let expected = format!(
+                        "linear_gate_up_silu: the address of `{}` must be 16-byte aligned for \
+                         the wgmma kernel, found 0x",
+                        names[i]
+                    );
+                    assert!(err.starts_with(&expected), "{what}: {err}");
+                }
+                _ => {
+                    result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let got = dev.download(&out.slice(pad(3)..)).unwrap();
+                    assert_rel_l2(&what, &got, &case.want);
+                }
+            }
+        }
+    }
+
+    // Lengths are checked before any route is chosen.
+    let (n, k, inter) = (32usize, 64usize, 64usize);
+    let x = dev.upload(&vec![bf16::ONE; n * k]).unwrap();
+    let w = dev.upload(&vec![bf16::ONE; 2 * inter * k]).unwrap();
+    let mut gate_up = poisoned::<bf16>(&dev, n * 2 * inter);
+    let mut out = poisoned::<bf16>(&dev, n * inter);
+    let err = dev
+        .linear_gate_up_silu(
+            &x,
+            n,
+            k,
+            &w.slice(..inter * k),
+            inter,
+            &mut gate_up,
+            &mut out,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "linear_gate_up_silu: `w_gate_up` holds 4096 elements, expected 8192"
+    );
+    let err = dev
+        .linear_gate_up_silu_fused(
+            &x,
+            n,
+            k,
+            &w,
+            inter,
+            &mut gate_up.slice_mut(..n * inter),
+            &mut out,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "linear_gate_up_silu: `gate_up` holds 2048 elements, expected 4096"
+    );
+    let err = dev
+        .linear_gate_up_silu(&x, n, k, &w, inter, &mut gate_up, &mut out.slice_mut(1..))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "linear_gate_up_silu: `out` holds 2047 elements, expected 2048"
+    );
+    // No rows is nothing to do.
+    let mut empty = poisoned::<bf16>(&dev, 0);
+    let mut empty_gate_up = poisoned::<bf16>(&dev, 0);
+    dev.linear_gate_up_silu(
+        &x.slice(0..0),
+        0,
+        k,
+        &w,
+        inter,
+        &mut empty_gate_up,
+        &mut empty,
+    )
+    .unwrap();
+    dev.synchronize().unwrap();
+}
+
+/// The layer's MLP front half as a decode step runs it at 17–64 rows, each kernel reading what
+/// the one before wrote: h = x·W0ᵀ (`linear_overlapped`), act = `linear_gate_up_silu(h)`,
+/// y = act·W_downᵀ (`linear_overlapped`), every kernel under programmatic dependent launch, so a
+/// fused kernel that read h before its producer finished, or a down projection that read act
+/// before the fused kernel finished, shows as a wrong result: h, the gate|up scratch, act and y
+/// are NaN-poisoned every round. 20 rounds on the stream, then the chain captured once and
+/// replayed 20 times, the second half of the replays with new x and W_gate|up.
+#[test]
+fn gate_up_silu_waits_for_the_previous_kernel_and_replays_in_a_graph() {
+    let Some(dev) = device("gate_up_silu_waits_for_the_previous_kernel_and_replays_in_a_graph")
+    else {
+        return;
+    };
+    single_stream_mode(&dev);
+    dev.prepare_linear().unwrap();
+    let mut rng = Rng(44);
+    for (n, k0, hidden, inter) in [
+        (64usize, 512usize, 1024usize, 3072usize),
+        (17, 512, 1024, 320),
+    ] {
+        gate_up_chain(&dev, &mut rng, n, k0, hidden, inter);
+    }
+}
+
+fn gate_up_chain(
+    dev: &CudaDevice,
+    rng: &mut Rng,
+    n: usize,
+    k0: usize,
+    hidden: usize,
+    inter: usize,
+) {
+    type T = bf16;
+    let s0 = 1.0 / (k0 as f32).sqrt();
+    let sh = 1.0 / (hidden as f32).sqrt();
+    let si = 1.0 / (inter as f32).sqrt();
+    let w0: Vec<T> = rng.vec(hidden * k0, -2.0 * s0, 2.0 * s0);
+    let w_down: Vec<T> = rng.vec(hidden * inter, -2.0 * si, 2.0 * si);
+    let inputs: Vec<(Vec<T>, Vec<T>)> = (0..2)
+        .map(|_| {
+            (
+                rng.vec(n * k0, -1.0, 1.0),
+                rng.vec(2 * inter * hidden, -4.0 * sh, 4.0 * sh),
+            )
+        })
+        .collect();
+    let reference = |x: &[T], w_gu: &[T]| -> Vec<f32> {
+        let h = rounded::<T>(&linear_reference(
+            &to_f32(x),
+            n,
+            k0,
+            &to_f32(&w0),
+            hidden,
+            None,
+        ));
+        let h: Vec<T> = h.iter().map(|v| T::from_f32(*v)).collect();
+        let act = gate_up_silu_reference(&h, n, hidden, w_gu, inter);
+        linear_reference(&act, n, inter, &to_f32(&w_down), hidden, None)
+    };
+    let wants: Vec<Vec<f32>> = inputs.iter().map(|(x, w)| reference(x, w)).collect();
+
+    let mut x = dev.upload(&inputs[0].0).unwrap();
+    let mut w_gu = dev.upload(&inputs[0].1).unwrap();
+    let w0_dev = dev.upload(&w0).unwrap();
+    let w_down_dev = dev.upload(&w_down).unwrap();
+    let mut bufs = [
+        poisoned::<T>(dev, n * hidden),
+        poisoned::<T>(dev, n * 2 * inter),
+        poisoned::<T>(dev, n * inter),
+        poisoned::<T>(dev, n * hidden),
+    ];
+    let stream = dev.stream().clone();
+    let poison = |bufs: &mut [CudaSlice<T>; 4]| {
+        for buf in bufs.iter_mut() {
+            stream.memcpy_htod(&vec![T::NAN; buf.len()], buf).unwrap();
+        }
+    };
+    let chain = |x: &CudaSlice<T>, w_gu: &CudaSlice<T>, bufs: &mut [CudaSlice<T>; 4]| {
+        let [h, gate_up, act, y] = bufs;
+        dev.linear_overlapped(x, n, k0, &w0_dev, hidden, None, None, h)
+            .unwrap();
+        dev.linear_gate_up_silu(&*h, n, hidden, w_gu, inter, gate_up, act)
+            .unwrap();
+        dev.linear_overlapped(&*act, n, inter, &w_down_dev, hidden, None, None, y)
+            .unwrap();
+    };
+    for round in 0..20 {
+        poison(&mut bufs);
+        chain(&x, &w_gu, &mut bufs);
+        let what = format!("gate|up + SiLU·mul chain n={n} inter={inter}, stream round {round}");
+        assert_rel_l2(&what, &dev.download(&bufs[3]).unwrap(), &wants[0]);
+    }
+    let graph = capture(dev, || chain(&x, &w_gu, &mut bufs));
+    for round in 0..20 {
+        let i = round / 10;
+        stream.memcpy_htod(&inputs[i].0, &mut x).unwrap();
+        stream.memcpy_htod(&inputs[i].1, &mut w_gu).unwrap();
+        poison(&mut bufs);
+        graph.launch().unwrap();
+        let what = format!("gate|up + SiLU·mul chain n={n} inter={inter}, graph round {round}");
+        assert_rel_l2(&what, &dev.download(&bufs[3]).unwrap(), &wants[i]);
+    }
+}
+
 // ---- timing -------------------------------------------------------------------------------
 
 /// Decode shapes of a Qwen3-0.6B-sized model: (name, k, m).
@@ -1505,8 +1986,9 @@ fn rate(n: usize, k: usize, m: usize, us: f64) -> String {
 /// calls over weights that do not fit in L2. Columns: the skinny kernel launched plainly; the
 /// wgmma kernel launched plainly (17–64 rows, compute capability 9.0 only); `linear_overlapped`
 /// (the dispatch, with our kernels under programmatic dependent launch), also as bandwidth net
-/// of the harness's per-call floor; cuBLASLt. Prints a table; asserts only that every call
-/// succeeds.
+/// of the harness's per-call floor; cuBLASLt. Then the gate|up projection with SiLU·mul at 32
+/// and 64 rows on the Qwen3-0.6B shape: the two steps against the fused kernel. Prints the
+/// tables; asserts only that every call succeeds.
 #[test]
 fn timing_report() {
     let Some(dev) = device("timing_report") else {
@@ -1564,7 +2046,54 @@ fn timing_report() {
         "harness floor (skinny kernel, n=1 k=64 m=8): {floor:.2} µs plain, {floor_overlapped:.2} µs overlapped; \
          net = bytes / (time - overlapped floor)\n"
     ));
+
+    // The gate|up projection with SiLU·mul: the two steps it replaces (`linear_overlapped`, which
+    // sends this wide output to cuBLASLt, then the silu_mul kernel) against the fused wgmma
+    // kernel, under programmatic dependent launch (`linear_gate_up_silu`) and plainly.
+    let (k, inter) = (1024usize, 3072usize);
+    let scratch = RefCell::new(bench.dev.alloc_zeros::<bf16>(64 * 2 * inter).unwrap());
+    table.push_str(&format!(
+        "\ngate|up projection + SiLU·mul on {name}: bf16, µs per call as above\n{:<27} {:>3} {:>9} {:>10} {:>12} {:>7}\n",
+        "shape", "n", "unfused", "fused PDL", "fused plain", "saved"
+    ));
+    for n in [32usize, 64] {
+        let label = format!("gate|up+silu {k}->2x{inter}");
+        let time = |bench: &mut Bench, route| {
+            let op = gate_up_silu_op(&scratch, route, n, k, inter);
+            bench.time(n, k, 2 * inter, &*op).unwrap()
+        };
+        let unfused = time(&mut bench, GateUpRoute::Unfused);
+        let mut row = format!("{label:<27} {n:>3} {unfused:9.2}");
+        if wgmma_here {
+            let fused = time(&mut bench, GateUpRoute::Auto);
+            let plain = time(&mut bench, GateUpRoute::Fused);
+            row.push_str(&format!(
+                " {fused:10.2} {plain:12.2} {:7.2}\n",
+                unfused - fused
+            ));
+        } else {
+            row.push_str(&format!(" {:>10} {:>12} {:>7}\n", "-", "-", "-"));
+        }
+        table.push_str(&row);
+    }
     report(&table);
+}
+
+/// `linear_gate_up_silu` through `route` for the bench: W of `2 * inter` rows, the gate|up
+/// scratch from `scratch`, `out` as `[n, inter]`.
+fn gate_up_silu_op(
+    scratch: &RefCell<CudaSlice<bf16>>,
+    route: GateUpRoute,
+    n: usize,
+    k: usize,
+    inter: usize,
+) -> Box<Op<'_>> {
+    Box::new(move |dev, w, x, out| {
+        let mut scratch = scratch.borrow_mut();
+        let gate_up = &mut scratch.slice_mut(..n * 2 * inter);
+        let out = &mut out.slice_mut(..n * inter);
+        call_gate_up(dev, route, x, n, k, w, inter, gate_up, out)
+    })
 }
 
 /// Buffers the fused-projection timings need besides the bench's x, W and out.

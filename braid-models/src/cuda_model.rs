@@ -7,8 +7,9 @@
 //! before it) into the projection that follows, and SiLU·mul into the down projection, saving
 //! three kernels per layer. Loading checks those fused kernels against the
 //! unfused ones on every layer and keeps the unfused path if any layer disagrees
-//! ([`CudaModel::fused_norm_status`]). Plain decode steps (no cascade groups) of up to 64
-//! sequences also fold the RoPE step into decode attention.
+//! ([`CudaModel::fused_norm_status`]). Larger steps of 17–64 tokens on Hopper fold SiLU·mul into
+//! the gate|up projection instead ([`CudaDevice::linear_gate_up_silu`]). Plain decode steps (no
+//! cascade groups) of up to 64 sequences also fold the RoPE step into decode attention.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -271,7 +272,8 @@ enum Projection {
     Qkv,
     /// `proj = attn · W_oᵀ`
     O,
-    /// `gate_up = normed · W_gate|upᵀ`
+    /// `gate_up = normed · W_gate|upᵀ`. Steps run it inside [`CudaDevice::linear_gate_up_silu`]
+    /// (its two-step path); on its own it only warms up the cuBLASLt plans that path uses.
     GateUp,
     /// `proj = act · W_downᵀ`
     Down,
@@ -1020,12 +1022,16 @@ where
                 h,
                 eps,
             )?;
-            b.project(d, layer, Projection::GateUp, n, widths)?;
-            d.silu_mul(
-                &b.gate_up.slice(..n * 2 * inter),
-                &mut b.act.slice_mut(..n * inter),
+            // One kernel with SiLU·mul in its epilogue at 17–64 rows on Hopper; elsewhere the
+            // gate|up projection into `gate_up`, then the activation kernel.
+            d.linear_gate_up_silu(
+                &b.normed.slice(..n * h),
                 n,
+                h,
+                &layer.gate_up,
                 inter,
+                &mut b.gate_up.slice_mut(..n * 2 * inter),
+                &mut b.act.slice_mut(..n * inter),
             )?;
             b.project(d, layer, Projection::Down, n, widths)?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);

@@ -2,7 +2,8 @@
 //! (`cuda/gemv.cu`) for decode-sized batches of up to 16 rows, our Hopper wgmma GEMM
 //! (`cuda/gemm_wgmma.cu`) for 17–64 rows of narrow outputs, cuBLASLt for everything else, and
 //! the dispatch between them; plus the decode-sized projections that compute their own x first
-//! (residual add and RMSNorm, or SiLU·mul) so that op needs no kernel of its own.
+//! (residual add and RMSNorm, or SiLU·mul) so that op needs no kernel of its own, and the gate|up
+//! projection of 17–64 rows with SiLU·mul in the wgmma kernel's epilogue.
 //!
 //! Every path reads W in PyTorch's `[out_features, in_features]` row-major layout, computes in
 //! f32 and rounds once to the storage dtype, after the bias and residual were added. None
@@ -63,9 +64,9 @@ const WGMMA_TILE: usize = 64;
 const WGMMA_THREADS: u32 = 160;
 /// `kStages` in gemm_wgmma.cu.
 const WGMMA_STAGES: usize = 8;
-/// `kStageBytes` in gemm_wgmma.cu: a 64 × 64 tile of W and one of x, 2-byte elements.
-const WGMMA_STAGE_BYTES: usize = 2 * WGMMA_TILE * 128;
-/// `kPartialBytes` in gemm_wgmma.cu: the f32 partial tile, 64 tokens × (64 + 4) features.
+/// `kTileBytes` in gemm_wgmma.cu: a 64 × 64 tile of W or x, 2-byte elements.
+const WGMMA_TILE_BYTES: usize = WGMMA_TILE * 128;
+/// `kPartialBytes` in gemm_wgmma.cu: one f32 partial tile, 64 tokens × (64 + 4) features.
 const WGMMA_PARTIAL_BYTES: usize = WGMMA_TILE * (WGMMA_TILE + 4) * 4;
 /// `kBarrierBytes` in gemm_wgmma.cu, plus the slack that aligns the base to 1024 bytes.
 const WGMMA_FIXED_BYTES: usize = 1024 + 1024;
@@ -74,11 +75,50 @@ const WGMMA_MAX_SPLIT: usize = 8;
 /// The grid's y extent (one block row per 64 rows of W) is limited to 65,535.
 const WGMMA_MAX_M: usize = 65_535 * WGMMA_TILE;
 
-/// `shared_bytes` in gemm_wgmma.cu: dynamic shared memory of a block whose k-slice is `slabs`
-/// 64-wide slabs.
-fn wgmma_shared_bytes(slabs: usize) -> usize {
-    WGMMA_FIXED_BYTES + (slabs.min(WGMMA_STAGES) * WGMMA_STAGE_BYTES).max(WGMMA_PARTIAL_BYTES)
+/// What the wgmma kernel does with its product (`kSiluMul` in gemm_wgmma.cu): the linear
+/// layer's bias and residual (`gemm_wgmma_*`), or SiLU·mul of the gate and up halves of a gate|up
+/// projection (`gemm_wgmma_silu_*`, two W tiles and two accumulators per block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WgmmaEpilogue {
+    Linear,
+    SiluMul,
 }
+
+impl WgmmaEpilogue {
+    /// `Layout::kWTiles` in gemm_wgmma.cu: W tiles a block streams per k-slab.
+    fn w_tiles(self) -> usize {
+        match self {
+            WgmmaEpilogue::Linear => 1,
+            WgmmaEpilogue::SiluMul => 2,
+        }
+    }
+
+    fn op(self) -> &'static str {
+        match self {
+            WgmmaEpilogue::Linear => "linear",
+            WgmmaEpilogue::SiluMul => GATE_UP_SILU_OP,
+        }
+    }
+
+    fn kernel_name<T: KernelFloat>(self) -> String {
+        match self {
+            WgmmaEpilogue::Linear => format!("gemm_wgmma_{}", T::SUFFIX),
+            WgmmaEpilogue::SiluMul => format!("gemm_wgmma_silu_{}", T::SUFFIX),
+        }
+    }
+
+    /// `Layout::shared_bytes` in gemm_wgmma.cu: dynamic shared memory of a block whose k-slice
+    /// is `slabs` 64-wide slabs, the ring slots it uses (W tiles and an x tile each) or its
+    /// partial tiles, whichever is larger.
+    fn shared_bytes(self, slabs: usize) -> usize {
+        let stage = (self.w_tiles() + 1) * WGMMA_TILE_BYTES;
+        let partials = self.w_tiles() * WGMMA_PARTIAL_BYTES;
+        WGMMA_FIXED_BYTES + (slabs.min(WGMMA_STAGES) * stage).max(partials)
+    }
+}
+
+/// The op name of [`CudaDevice::linear_gate_up_silu`] and its forced routes, in their errors.
+const GATE_UP_SILU_OP: &str = "linear_gate_up_silu";
 
 /// Blocks per cluster splitting k for a `[m, k]` weight (k and m multiples of 64): the smallest
 /// power of two that puts at least 64 blocks in the grid (the best configurations of the
@@ -953,7 +993,7 @@ impl CudaDevice {
                 {
                     return Err(invalid_argument(OP, argument, expected, found));
                 }
-                self.launch_wgmma::<T>(&ops, route.overlapped)
+                self.launch_wgmma::<T>(&ops, WgmmaEpilogue::Linear, route.overlapped)
             }
             Path::CublasLt => self.launch_cublaslt::<T>(&ops),
         }
@@ -1005,28 +1045,31 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Launches the wgmma kernel on operands `wgmma_obstacle` accepted: a cluster of `split`
-    /// blocks per 64 rows of W, with programmatic dependent launch when `overlapped`.
+    /// Launches the wgmma kernel of `epilogue` on operands `wgmma_obstacle` accepted: a cluster
+    /// of `split` blocks per 64 output features, with programmatic dependent launch when
+    /// `overlapped`. For [`WgmmaEpilogue::SiluMul`], `ops.m` is the output width I and `ops.w`
+    /// holds 2I rows (gate, then up); bias and residual are not read.
     fn launch_wgmma<T: KernelFloat>(
         &self,
         ops: &Operands,
+        epilogue: WgmmaEpilogue,
         overlapped: bool,
     ) -> Result<(), CudaError> {
-        const OP: &str = "linear";
-        let function = self.kernel(WGMMA_MODULE, &format!("gemm_wgmma_{}", T::SUFFIX))?;
-        self.ctx.bind_to_thread().map_err(driver_error(OP))?;
+        let op = epilogue.op();
+        let function = self.kernel(WGMMA_MODULE, &epilogue.kernel_name::<T>())?;
+        self.ctx.bind_to_thread().map_err(driver_error(op))?;
         // Always the limit of the largest launch, never a smaller one: a graph captured earlier
         // must keep finding room for its launches.
-        self.allow_dynamic_smem(OP, &function, wgmma_shared_bytes(WGMMA_STAGES))?;
+        self.allow_dynamic_smem(op, &function, epilogue.shared_bytes(WGMMA_STAGES))?;
         let split = wgmma_split(ops.k, ops.m);
         let k_per_block = ops.k / split;
-        let tm_w = wgmma_tensor_map::<T>(ops.w, ops.m, ops.k)?;
+        let tm_w = wgmma_tensor_map::<T>(ops.w, epilogue.w_tiles() * ops.m, ops.k)?;
         let tm_x = wgmma_tensor_map::<T>(ops.x, ops.n, ops.k)?;
         let null: CUdeviceptr = 0;
         let bias = ops.bias.unwrap_or(null);
         let residual = ops.residual.unwrap_or(null);
         let (n, m, k_per_block_i) = (to_i32(ops.n), to_i32(ops.m), to_i32(k_per_block));
-        let mut params = [
+        let mut linear_params = [
             kernel_arg(&tm_w),
             kernel_arg(&tm_x),
             kernel_arg(&bias),
@@ -1036,23 +1079,37 @@ impl CudaDevice {
             kernel_arg(&m),
             kernel_arg(&k_per_block_i),
         ];
+        let mut silu_params = [
+            kernel_arg(&tm_w),
+            kernel_arg(&tm_x),
+            kernel_arg(&ops.out),
+            kernel_arg(&n),
+            kernel_arg(&m),
+            kernel_arg(&k_per_block_i),
+        ];
+        let params: &mut [*mut c_void] = match epilogue {
+            WgmmaEpilogue::Linear => &mut linear_params,
+            WgmmaEpilogue::SiluMul => &mut silu_params,
+        };
         let cfg = LaunchConfig {
             grid_dim: (split as u32, (ops.m / WGMMA_TILE) as u32, 1),
             block_dim: (WGMMA_THREADS, 1, 1),
-            shared_mem_bytes: wgmma_shared_bytes(k_per_block / WGMMA_TILE) as u32,
+            shared_mem_bytes: epilogue.shared_bytes(k_per_block / WGMMA_TILE) as u32,
         };
         let attributes = LaunchAttributes {
             dependency_overlap: overlapped,
             cluster_x: Some(split as u32),
         };
         // SAFETY: `params` matches `gemm_wgmma_*(CUtensorMap, CUtensorMap, const T*, const T*,
-        // T*, int, int, int)` in gemm_wgmma.cu, each entry pointing at a live local of that type
-        // (the driver copies the tensor maps at launch, or at capture into a graph). The buffer
-        // lengths were checked against n, k and m, and `wgmma_obstacle` enforced the tile
-        // multiples, the alignment and the device; the grid, cluster and shared memory follow
-        // the kernel's launch contract, `wgmma_split` keeping k a multiple of 64 · split. The
-        // kernel waits for the previous one before it touches anything but `w`.
-        unsafe { self.launch_with_attributes(OP, &function, cfg, attributes, &mut params) }
+        // T*, int, int, int)` or `gemm_wgmma_silu_*(CUtensorMap, CUtensorMap, T*, int, int, int)`
+        // in gemm_wgmma.cu, whichever `epilogue` names, each entry pointing at a live local of
+        // that type (the driver copies the tensor maps at launch, or at capture into a graph).
+        // The buffer lengths were checked against n, k and m (2m rows of W for SiLU·mul, which
+        // the W tensor map covers), and `wgmma_obstacle` enforced the tile multiples, the
+        // alignment and the device; the grid, cluster and shared memory follow the kernel's
+        // launch contract, `wgmma_split` keeping k a multiple of 64 · split. The kernel waits
+        // for the previous one before it touches anything but `w`.
+        unsafe { self.launch_with_attributes(op, &function, cfg, attributes, params) }
     }
 
     fn launch_cublaslt<T: KernelFloat>(&self, ops: &Operands) -> Result<(), CudaError> {
@@ -1193,6 +1250,182 @@ impl CudaDevice {
         }));
         table.push((key, state.clone()));
         Ok(state)
+    }
+}
+
+/// How [`CudaDevice::linear_gate_up_silu`] was asked to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GateUpRoute {
+    /// The fused wgmma kernel where it can run and the rows are its (17–64), else the two steps;
+    /// launched with programmatic dependent launch.
+    Auto,
+    /// The fused wgmma kernel, launched plainly; an error where it cannot run.
+    Fused,
+    /// `linear_overlapped` into the gate|up scratch, then `silu_mul`.
+    Unfused,
+}
+
+/// Why the fused gate|up + SiLU·mul kernel cannot take `ops` (W of `2 * ops.m` rows, output
+/// width `ops.m`), if it cannot: the wgmma kernel's obstacles, named as the op's arguments.
+fn gate_up_silu_obstacle<T: KernelFloat>(
+    ops: &Operands,
+    capability: (i32, i32),
+) -> Option<(&'static str, &'static str, String)> {
+    ops.wgmma_obstacle::<T>(capability)
+        .map(|(argument, expected, found)| {
+            let argument = match argument {
+                "m" => "inter",
+                "the address of `w`" => "the address of `w_gate_up`",
+                other => other,
+            };
+            (argument, expected, found)
+        })
+}
+
+impl CudaDevice {
+    /// `out[n, inter] = silu(g) · u` with `[g | u] = x[n, k] · w_gate_upᵀ`: the gate|up
+    /// projection of a gated MLP and its activation. `w_gate_up` is `[2 * inter, k]` in PyTorch
+    /// Linear layout, the gate rows first, then the up rows, as [`CudaDevice::silu_mul`] reads
+    /// the projection's output.
+    ///
+    /// Batches of 17 to [`CudaDevice::LINEAR_WGMMA_MAX_TOKENS`] rows run one kernel, the wgmma
+    /// GEMM with SiLU·mul in its epilogue, where that kernel can take the operands (a device of
+    /// compute capability 9.0, f16 or bf16, `k` and `inter` multiples of 64, `x`, `w_gate_up`
+    /// and `out` 16-byte aligned). Everything else runs the two steps it replaces:
+    /// [`CudaDevice::linear_overlapped`] into `gate_up`, then [`CudaDevice::silu_mul`] into
+    /// `out`. Either way g and u are rounded to `T` before the activation and the activation
+    /// once after it, so the paths differ only in the order of the k sums.
+    ///
+    /// `x` holds `n * k` elements, `w_gate_up` `2 * inter * k`, `gate_up` `n * 2 * inter`
+    /// (scratch for the two-step path; the fused kernel leaves it untouched, so its contents
+    /// after the call are unspecified), `out` `n * inter`. Both kernels of either path are
+    /// launched with programmatic dependent launch, as [`CudaDevice::linear_overlapped`]: no
+    /// kernel that may still be running may write `w_gate_up` (model weights qualify). Nothing
+    /// is allocated or synchronised: the call can be captured into a CUDA graph (after
+    /// [`CudaDevice::prepare_linear`], for the two-step path's cuBLASLt).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_gate_up_silu<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w_gate_up: &impl DevicePtr<T>,
+        inter: usize,
+        gate_up: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let route = GateUpRoute::Auto;
+        self.gate_up_silu_on(route, x, n, k, w_gate_up, inter, gate_up, out)
+    }
+
+    /// [`CudaDevice::linear_gate_up_silu`] forced onto the fused wgmma kernel, launched plainly
+    /// (`gate_up` is checked but not used): for benchmarks and tests. Takes 1–64 rows; fails
+    /// with [`CudaError::InvalidArgument`] where the kernel cannot run (a device other than
+    /// compute capability 9.0, f32, `n` above 64, `k` or `inter` not a multiple of 64, `x`,
+    /// `w_gate_up` or `out` not 16-byte aligned).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_gate_up_silu_fused<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w_gate_up: &impl DevicePtr<T>,
+        inter: usize,
+        gate_up: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let route = GateUpRoute::Fused;
+        self.gate_up_silu_on(route, x, n, k, w_gate_up, inter, gate_up, out)
+    }
+
+    /// [`CudaDevice::linear_gate_up_silu`] forced onto the two steps the fused kernel replaces
+    /// ([`CudaDevice::linear_overlapped`] into `gate_up`, then [`CudaDevice::silu_mul`]): for
+    /// benchmarks and tests.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_gate_up_silu_unfused<T: KernelFloat>(
+        &self,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w_gate_up: &impl DevicePtr<T>,
+        inter: usize,
+        gate_up: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        let route = GateUpRoute::Unfused;
+        self.gate_up_silu_on(route, x, n, k, w_gate_up, inter, gate_up, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_silu_on<T: KernelFloat>(
+        &self,
+        route: GateUpRoute,
+        x: &impl DevicePtr<T>,
+        n: usize,
+        k: usize,
+        w_gate_up: &impl DevicePtr<T>,
+        inter: usize,
+        gate_up: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        const OP: &str = GATE_UP_SILU_OP;
+        let x_len = self.check_matrix(OP, n, k)?;
+        let wide = inter.saturating_mul(2);
+        let w_len = self.check_matrix(OP, wide, k)?;
+        let gate_up_len = self.check_matrix(OP, n, wide)?;
+        let out_len = self.check_matrix(OP, n, inter)?;
+        check_nonzero(OP, "k", k)?;
+        self.check_buffer(OP, "x", x, x_len)?;
+        self.check_buffer(OP, "w_gate_up", w_gate_up, w_len)?;
+        self.check_buffer(OP, "gate_up", gate_up, gate_up_len)?;
+        self.check_buffer(OP, "out", out, out_len)?;
+        if out_len == 0 {
+            return Ok(());
+        }
+
+        let operands = |x: CUdeviceptr, w: CUdeviceptr, out: CUdeviceptr| Operands {
+            x,
+            w,
+            bias: None,
+            residual: None,
+            out,
+            n,
+            k,
+            m: inter,
+        };
+        let fused = match route {
+            GateUpRoute::Fused => true,
+            GateUpRoute::Unfused => false,
+            GateUpRoute::Auto => {
+                n > Self::LINEAR_SKINNY_MAX_TOKENS && n <= Self::LINEAR_WGMMA_MAX_TOKENS && {
+                    let capability = self.capability();
+                    let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+                    let (w_ptr, _w_sync) = w_gate_up.device_ptr(&self.stream);
+                    let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+                    let ops = operands(x_ptr, w_ptr, out_ptr);
+                    gate_up_silu_obstacle::<T>(&ops, capability).is_none()
+                }
+            }
+        };
+        if !fused {
+            let linear = Route {
+                path: None,
+                overlapped: true,
+            };
+            self.linear_on(linear, x, n, k, w_gate_up, wide, None, None, gate_up)?;
+            return self.silu_mul(&*gate_up, out, n, inter);
+        }
+
+        let capability = self.capability();
+        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+        let (w_ptr, _w_sync) = w_gate_up.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let ops = operands(x_ptr, w_ptr, out_ptr);
+        if let Some((argument, expected, found)) = gate_up_silu_obstacle::<T>(&ops, capability) {
+            return Err(invalid_argument(OP, argument, expected, found));
+        }
+        let overlapped = route == GateUpRoute::Auto;
+        self.launch_wgmma::<T>(&ops, WgmmaEpilogue::SiluMul, overlapped)
     }
 }
 
@@ -1731,12 +1964,62 @@ mod tests {
     fn wgmma_shared_memory_follows_the_kernel_layout() {
         // Alignment slack and barriers, then the ring slots used or the 64 × 68 f32 partial
         // tile, whichever is larger.
-        assert_eq!(wgmma_shared_bytes(1), 2048 + 64 * 68 * 4);
-        assert_eq!(wgmma_shared_bytes(2), 2048 + 2 * 16384);
-        assert_eq!(wgmma_shared_bytes(8), 2048 + 8 * 16384);
-        assert_eq!(wgmma_shared_bytes(48), wgmma_shared_bytes(8));
+        let linear = WgmmaEpilogue::Linear;
+        assert_eq!(linear.shared_bytes(1), 2048 + 64 * 68 * 4);
+        assert_eq!(linear.shared_bytes(2), 2048 + 2 * 16384);
+        assert_eq!(linear.shared_bytes(8), 2048 + 8 * 16384);
+        assert_eq!(linear.shared_bytes(48), linear.shared_bytes(8));
+        // SiLU·mul: slots of two W tiles and an x tile, two partial tiles.
+        let silu = WgmmaEpilogue::SiluMul;
+        assert_eq!(silu.shared_bytes(1), 2048 + 2 * 64 * 68 * 4);
+        assert_eq!(silu.shared_bytes(2), 2048 + 2 * 24576);
+        assert_eq!(silu.shared_bytes(8), 2048 + 8 * 24576);
+        assert_eq!(silu.shared_bytes(48), silu.shared_bytes(8));
         // One block per SM at most: within the 227 KB an H100 grants a block.
-        assert!(wgmma_shared_bytes(WGMMA_STAGES) <= 227 * 1024);
+        for epilogue in [linear, silu] {
+            assert!(
+                epilogue.shared_bytes(WGMMA_STAGES) <= 227 * 1024,
+                "{epilogue:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn gate_up_silu_takes_the_measured_split_and_names_its_arguments() {
+        // Qwen3-0.6B: I = 3072 is 48 tiles of 64 output features, so k = 1024 splits in 2.
+        assert_eq!(wgmma_split(1024, 3072), 2);
+        assert_eq!(
+            WgmmaEpilogue::SiluMul.kernel_name::<half::bf16>(),
+            "gemm_wgmma_silu_bf16"
+        );
+        assert_eq!(
+            WgmmaEpilogue::Linear.kernel_name::<half::f16>(),
+            "gemm_wgmma_f16"
+        );
+        let ops = |w, inter| Operands {
+            x: 0x1000,
+            w,
+            bias: None,
+            residual: None,
+            out: 0x5000,
+            n: 32,
+            k: 1024,
+            m: inter,
+        };
+        let hopper = (9, 0);
+        assert!(gate_up_silu_obstacle::<half::bf16>(&ops(0x2000, 3072), hopper).is_none());
+        assert_eq!(
+            gate_up_silu_obstacle::<half::bf16>(&ops(0x2000, 3000), hopper).map(|o| o.0),
+            Some("inter")
+        );
+        assert_eq!(
+            gate_up_silu_obstacle::<half::bf16>(&ops(0x2002, 3072), hopper).map(|o| o.0),
+            Some("the address of `w_gate_up`")
+        );
+        assert_eq!(
+            gate_up_silu_obstacle::<half::bf16>(&ops(0x2000, 3072), (8, 0)).map(|o| o.0),
+            Some("the device")
+        );
     }
 
     #[test]
