@@ -44,15 +44,8 @@
 // wgmma and TMA exist only on sm_90a. The module's compute_80 PTX keeps the kernels' names with a
 // body that traps; the launcher sends only compute-capability-9.0 devices here.
 #include <cooperative_groups.h>
-#include <cuda.h>  // CUtensorMap
 
-#include "common.cuh"
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define BRAID_HAS_WGMMA 1
-#else
-#define BRAID_HAS_WGMMA 0
-#endif
+#include "hopper.cuh"
 
 namespace braid {
 namespace wgmma_gemm {
@@ -99,137 +92,7 @@ static_assert(Layout<true>::shared_bytes(kStages) <= 227 * 1024, "a full SiLU·m
 
 #if BRAID_HAS_WGMMA
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-// Makes the initialised barriers visible to the async proxy (TMA's complete_tx) and the cluster.
-__device__ __forceinline__ void fence_mbar_init() {
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return done != 0;
-}
-
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-// Waits for the phase of `bar` with the given parity. A wait that never ends (a tensor map or
-// byte count that does not match the launch) traps after 4 s, so the launch fails with an error
-// at the next synchronisation instead of hanging the process. Under PDL the consumers' first wait
-// also spans the rest of the previous kernel, which at these sizes takes microseconds.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    if (mbar_try_wait(bar, parity)) return;
-    const uint64_t start = globaltimer_ns();
-    while (!mbar_try_wait(bar, parity)) {
-        if (globaltimer_ns() - start > 4000000000ull) __trap();
-    }
-}
-
-// W is streamed once: evict it first. x is re-read by every block of the grid: keep it.
-__device__ __forceinline__ uint64_t policy_evict_first() {
-    uint64_t p;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-    return p;
-}
-
-__device__ __forceinline__ uint64_t policy_evict_last() {
-    uint64_t p;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-    return p;
-}
-
-__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
-
-// 2-D TMA load of the box at (k = c0, row = c1) into shared memory, completing its bytes on
-// `bar`. A shared::cta address of this block is a valid shared::cluster address.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
-                                            uint32_t bar, uint64_t policy) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-        " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(policy)
-        : "memory");
-}
-
-// Cluster barrier halves. arrive.release + wait.acquire order every block's partial tile before
-// its peers read it; the exit barrier only needs "the peers are done reading", for which a relaxed
-// arrive suffices (their loads have returned before they arrive).
-__device__ __forceinline__ void cluster_arrive_release() {
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_wait_acquire() {
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-
-// Compiler-only barrier on the accumulators (CUTLASS's warpgroup_fence_operand): keeps reads and
-// copies of them from moving across the points where wgmma issues or completes.
-__device__ __forceinline__ void fence_accumulators(float (&d)[32]) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0–13 the start
-// address >> 4, 16–29 the leading-dimension byte offset >> 4, 32–45 the stride-dimension byte
-// offset >> 4, 49–51 the base offset, 62–63 the swizzle mode (1 = 128-byte).
-//
-// TMA with CU_TENSOR_MAP_SWIZZLE_128B writes row r of a tile (64 elements = 128 bytes) at r·128
-// with its 16-byte chunk c at chunk c ^ (r % 8): the canonical K-major 128-byte-swizzle operand
-// layout. One wgmma K step (16 elements, 32 bytes) lies inside one 128-byte row, so the K-direction
-// offset is implied by the swizzle (set to the conventional 1); the next group of 8 rows starts
-// 1024 bytes on (SBO = 1024); every tile is 1024-byte aligned, so the base offset is 0. The hardware
-// applies the swizzle to the final address, so K step kk is reached by adding 32·kk bytes to the
-// start address (2·kk in the encoded field, which cannot carry out of it: starts stay below 0x3900).
-__device__ __forceinline__ uint64_t smem_descriptor(uint32_t smem_addr) {
-    uint64_t d = 0;
-    d |= static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);
-    d |= static_cast<uint64_t>(1) << 16;
-    d |= static_cast<uint64_t>(1024 >> 4) << 32;
-    d |= static_cast<uint64_t>(1) << 62;
-    return d;
-}
+using namespace hopper;
 
 // D[64 x 64] += A[64 x 16] · B[16 x 64], A and B K-major in shared memory (no transposes), f32
 // accumulators. Thread t of the warpgroup (w = t / 32, l = t % 32) holds in d[4j + 2i + c] row

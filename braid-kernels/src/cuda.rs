@@ -831,7 +831,7 @@ fn check_limit(
 
 /// What [`CudaDevice::launch_with_attributes`] adds to a launch besides its grid, block and
 /// shared memory: the launch attributes cudarc's launch builder cannot set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct LaunchAttributes {
     /// Programmatic dependent launch, as [`CudaDevice::launch_with_dependency_overlap`]
     /// describes it.
@@ -946,6 +946,52 @@ impl CudaDevice {
 /// to the live value of a kernel parameter.
 pub(crate) fn kernel_arg<T>(value: &T) -> *mut c_void {
     (value as *const T).cast_mut().cast()
+}
+
+/// A TMA descriptor of the row-major `[rows, cols]` matrix of `T` at `ptr`, read in boxes of
+/// `box_dims` = (rows, columns) with the 128-byte swizzle that the wgmma kernels' shared-memory
+/// descriptors assume (`cuda/hopper.cuh`), promoted to L2 in 256-byte lines. Box rows past `rows`
+/// read as zeros. Only f16 and bf16 reach the wgmma kernels; the caller has checked the pointer's
+/// 16-byte alignment and that a row is a multiple of 16 bytes.
+pub(crate) fn tensor_map_2d<T: KernelFloat>(
+    op: &'static str,
+    ptr: CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    box_dims: (u32, u32),
+) -> Result<driver_sys::CUtensorMap, CudaError> {
+    use driver_sys::CUtensorMapDataType as DataType;
+    let data_type = if T::SUFFIX == "f16" {
+        DataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    } else {
+        DataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    };
+    let mut map = driver_sys::CUtensorMap { opaque: [0; 16] };
+    let dims = [cols as u64, rows as u64];
+    let row_stride = [(cols * std::mem::size_of::<T>()) as u64];
+    let box_sizes = [box_dims.1, box_dims.0];
+    let element_strides = [1u32; 2];
+    // SAFETY: every array holds the rank's entries (the stride array one fewer), and the call
+    // only writes `map`; the address is recorded, not dereferenced.
+    unsafe {
+        driver_sys::cuTensorMapEncodeTiled(
+            &mut map,
+            data_type,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            row_stride.as_ptr(),
+            box_sizes.as_ptr(),
+            element_strides.as_ptr(),
+            driver_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            driver_sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            driver_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            driver_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(driver_error(op))?;
+    Ok(map)
 }
 
 /// Wraps a failed driver call of `op`, for `map_err`.

@@ -398,17 +398,28 @@ fn check_prefill<T: TestFloat>(
     let qs_d = dev.upload(&q_starts).unwrap();
     let cl_d = dev.upload(&ctx_u32).unwrap();
     // With the full workspace the launch splits the keys where the shape calls for it; with a
-    // one-element workspace it never does. Both must give the reference result.
+    // one-element workspace it never does, and on Hopper it then takes the wgmma kernel where
+    // that kernel runs; the forced mma.sync route covers what the dispatch no longer sends
+    // there. All must give the reference result.
     let full = CudaDevice::paged_attention_prefill_workspace_len(p.head_dim);
     let mut outputs = Vec::new();
-    for ws_len in [full, 1] {
+    for (route, ws_len) in [("auto", full), ("auto", 1), ("mma.sync", 1)] {
         let mut ws = poisoned::<f32>(dev, ws_len);
         let mut out_d = poisoned::<T>(dev, total_q * row);
-        dev.paged_attention_prefill(
-            &q_d, &k_d, &v_d, &bt_d, &qs_d, &cl_d, &mut out_d, &mut ws, num_seqs, max_q_len, &p,
+        let call = if route == "auto" {
+            CudaDevice::paged_attention_prefill
+        } else {
+            CudaDevice::paged_attention_prefill_mma_sync
+        };
+        call(
+            dev, &q_d, &k_d, &v_d, &bt_d, &qs_d, &cl_d, &mut out_d, &mut ws, num_seqs, max_q_len,
+            &p,
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-        outputs.push((ws_len, dev.download(&out_d).unwrap()));
+        outputs.push((
+            format!("{route}, workspace {ws_len}"),
+            dev.download(&out_d).unwrap(),
+        ));
     }
 
     let (k, v, qf) = (to_f32(&cache.k), to_f32(&cache.v), to_f32(&q));
@@ -426,8 +437,8 @@ fn check_prefill<T: TestFloat>(
             &v,
         ));
     }
-    for (ws_len, got) in outputs {
-        assert_rel_l2(&format!("{what} workspace {ws_len}"), &got, &want);
+    for (how, got) in outputs {
+        assert_rel_l2(&format!("{what} {how}"), &got, &want);
     }
 }
 
@@ -576,6 +587,69 @@ fn prefill_matches_reference() {
     let mut rng = Rng(12);
     prefill_suite::<bf16>(&dev, &mut rng);
     prefill_suite::<f16>(&dev, &mut rng);
+}
+
+/// On Hopper, unsplit prefill calls with head_dim 128 and cache blocks of 16 or more tokens take
+/// the wgmma kernel (`prefill_matches_reference` checks its results); others, and other GPUs,
+/// the mma.sync kernel. A 4,096-token prompt (GQA 16/8, the Qwen3-0.6B shape, plus a window and
+/// a 2,000-token cached prefix) is compared between the two kernels, which the shorter cases
+/// above have each checked against the CPU.
+#[test]
+fn prefill_takes_the_wgmma_kernel_on_hopper() {
+    let Some(dev) = device("prefill_takes_the_wgmma_kernel_on_hopper") else {
+        return;
+    };
+    let hopper = dev.context().compute_capability().unwrap() == (9, 0);
+    let qwen = params(8, 2, 128, 16, 0);
+    assert_eq!(dev.prefill_takes_wgmma::<bf16>(&qwen), hopper);
+    assert_eq!(dev.prefill_takes_wgmma::<f16>(&qwen), hopper);
+    assert!(!dev.prefill_takes_wgmma::<f32>(&qwen));
+    assert!(!dev.prefill_takes_wgmma::<bf16>(&params(8, 2, 64, 16, 0)));
+    assert!(!dev.prefill_takes_wgmma::<bf16>(&params(8, 2, 128, 8, 0)));
+    assert!(!dev.prefill_takes_wgmma::<bf16>(&params(1, 256, 128, 16, 0)));
+    if !hopper {
+        eprintln!("prefill_takes_the_wgmma_kernel_on_hopper: wgmma part skipped (not sm_90)");
+        return;
+    }
+    let mut rng = Rng(31);
+    for (p, q_len, cached) in [
+        (qwen, 4096usize, 0usize),
+        (params(8, 2, 128, 16, 1000), 3000, 0),
+        (params(4, 4, 128, 32, 0), 1000, 2000),
+    ] {
+        let ctx = q_len + cached;
+        let p = AttentionParams {
+            max_blocks_per_seq: ctx.div_ceil(p.block_size) + 1,
+            ..p
+        };
+        let cache = paged_cache::<bf16>(&mut rng, &p, &[ctx]);
+        let row = p.num_heads * p.head_dim;
+        let q: Vec<bf16> = rng.vec(q_len * row, -2.0, 2.0);
+        let q_d = dev.upload(&q).unwrap();
+        let k_d = dev.upload(&cache.k).unwrap();
+        let v_d = dev.upload(&cache.v).unwrap();
+        let bt_d = dev.upload(&cache.block_tables).unwrap();
+        let qs_d = dev.upload(&[0u32, q_len as u32]).unwrap();
+        let cl_d = dev.upload(&[ctx as u32]).unwrap();
+        let mut ws = poisoned::<f32>(&dev, 1);
+        let mut outs = Vec::new();
+        for call in [
+            CudaDevice::paged_attention_prefill::<bf16>,
+            CudaDevice::paged_attention_prefill_mma_sync::<bf16>,
+        ] {
+            let mut out_d = poisoned::<bf16>(&dev, q_len * row);
+            call(
+                &dev, &q_d, &k_d, &v_d, &bt_d, &qs_d, &cl_d, &mut out_d, &mut ws, 1, q_len, &p,
+            )
+            .unwrap();
+            outs.push(dev.download(&out_d).unwrap());
+        }
+        let what = format!(
+            "wgmma against mma.sync, {q_len} tokens after {cached}, heads {}/{}, block {}, window {}",
+            p.num_heads, p.num_kv_heads, p.block_size, p.sliding_window
+        );
+        assert_rel_l2(&what, &outs[0], &to_f32(&outs[1]));
+    }
 }
 
 /// The device buffers of one graph bucket (`num_seqs` sequences, tables
@@ -1212,6 +1286,22 @@ fn attention_rejects_bad_arguments_with_clear_errors() {
     dev.synchronize().unwrap();
 }
 
+/// The signature of `paged_attention_prefill` and its forced-route twin, over device slices.
+type PrefillCall = fn(
+    &CudaDevice,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<u32>,
+    &CudaSlice<u32>,
+    &CudaSlice<u32>,
+    &mut CudaSlice<bf16>,
+    &mut CudaSlice<f32>,
+    usize,
+    usize,
+    &AttentionParams,
+) -> Result<(), braid_kernels::cuda::CudaError>;
+
 /// Median of `runs` timings of `iters` back-to-back calls, in microseconds per call.
 fn time_us(dev: &CudaDevice, iters: usize, runs: usize, mut call: impl FnMut(usize)) -> f64 {
     let ctx = dev.context();
@@ -1373,20 +1463,26 @@ fn timing_report() {
             sliding_window: 0,
         };
         let iters = if tokens > 1024 { 20 } else { 100 };
-        let us = time_us(&dev, iters, 5, |_| {
-            dev.paged_attention_prefill(
-                &q, &k, &v, &table, &q_starts, &lens, &mut out, &mut ws, 1, tokens, &p,
-            )
-            .unwrap()
-        });
+        // The dispatch (wgmma where it runs), then the mma.sync kernel alone.
+        let mut time_route = |call: PrefillCall| {
+            time_us(&dev, iters, 5, |_| {
+                call(
+                    &dev, &q, &k, &v, &table, &q_starts, &lens, &mut out, &mut ws, 1, tokens, &p,
+                )
+                .unwrap()
+            })
+        };
+        let us = time_route(CudaDevice::paged_attention_prefill::<bf16>);
+        let mma_us = time_route(CudaDevice::paged_attention_prefill_mma_sync::<bf16>);
         // Causal: query i attends to cached + i + 1 keys; QK^T and PV each cost 2 * head_dim
         // per pair.
         let pairs = tokens * cached + tokens * (tokens + 1) / 2;
         let flops = 4.0 * (heads * d) as f64 * pairs as f64;
         let split = if ws_len > 1 { "" } else { " (no split)" };
         lines.push(format!(
-            "prefill {tokens:>4} tokens after {cached:>4}{split}: {us:>8.1} us  {:>7.1} TFLOP/s",
-            flops / us / 1e6
+            "prefill {tokens:>4} tokens after {cached:>4}{split}: {us:>8.1} us  {:>7.1} TFLOP/s | mma.sync {mma_us:>8.1} us  {:>7.1} TFLOP/s",
+            flops / us / 1e6,
+            flops / mma_us / 1e6
         ));
     }
     let report = lines.join("\n") + "\n";

@@ -17,8 +17,8 @@ use cudarc::driver::{
 };
 
 use super::{
-    check_eps, check_limit, check_nonzero, driver_error, invalid_argument, kernel_arg, to_i32,
-    CudaDevice, CudaError, KernelFloat,
+    check_eps, check_limit, check_nonzero, driver_error, invalid_argument, kernel_arg,
+    tensor_map_2d, to_i32, CudaDevice, CudaError, KernelFloat, LaunchAttributes,
 };
 
 /// Geometry and options of one attention call, shared by decode and prefill.
@@ -87,6 +87,17 @@ const DECODE_MAX_PARTITION: usize = 512;
 const PREFILL_THREADS: u32 = 128;
 /// attention_prefill.cu `BM`: query rows per block.
 const PREFILL_BLOCK_M: usize = 64;
+
+/// attention_prefill_wgmma.cu `kThreads`: two consumer warpgroups and a producer warp.
+const PREFILL_WGMMA_THREADS: u32 = 288;
+/// attention_prefill_wgmma.cu rows per block (`kBM`): query tokens × the heads of a KV group.
+const PREFILL_WGMMA_ROWS: usize = 128;
+/// attention_prefill_wgmma.cu `kSharedBytes`: alignment slack, barriers, 4 ring slots of a
+/// 64-key K and V tile (32 KB), and the two warpgroups' Q tiles (16 KB each).
+const PREFILL_WGMMA_SHARED_BYTES: usize = 1024 + 1024 + 4 * 32 * 1024 + 2 * 16 * 1024;
+/// The wgmma prefill kernel's head size, and its TMA box: 16 cache slots × 64 dims.
+const PREFILL_WGMMA_HEAD_DIM: usize = 128;
+const PREFILL_WGMMA_BOX: (u32, u32) = (16, 64);
 
 /// A prefill launch with fewer (query tile, head, sequence) blocks than this splits the keys of
 /// each query tile over more blocks (split KV); and the blocks it aims for when it does.
@@ -277,6 +288,39 @@ fn prefill_splits(blocks: usize, key_tiles: usize, unit_elems: usize, workspace:
 /// Dynamic shared memory of a prefill block: Q, then two stages of K and V, rows padded by 8.
 fn prefill_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
     (PREFILL_BLOCK_M + 4 * prefill_block_n(head_dim)) * (head_dim + 8) * elem_bytes
+}
+
+/// Which kernel a prefill call may take.
+#[derive(Clone, Copy, PartialEq)]
+enum PrefillRoute {
+    /// The wgmma kernel where it can run (Hopper, head_dim 128, blocks of ≥ 16 tokens, no key
+    /// split), else the mma.sync kernel.
+    Auto,
+    /// Always the mma.sync kernel.
+    MmaSync,
+}
+
+/// Why the wgmma prefill kernel cannot take a call on a device of compute capability
+/// `capability`, or `None` when it can: it needs sm_90, f16/bf16, head_dim 128, cache blocks of
+/// at least 16 tokens (a TMA box reads 16 slots of one block) and at most 128 query heads per
+/// KV head (one block's rows).
+fn prefill_wgmma_obstacle<T: KernelFloat>(
+    capability: (i32, i32),
+    p: &AttentionParams,
+) -> Option<&'static str> {
+    if capability != (9, 0) {
+        Some("a compute-capability-9.0 GPU")
+    } else if std::mem::size_of::<T>() != 2 {
+        Some("f16 or bf16")
+    } else if p.head_dim != PREFILL_WGMMA_HEAD_DIM {
+        Some("head_dim 128")
+    } else if p.block_size < PREFILL_WGMMA_BOX.0 as usize {
+        Some("cache blocks of at least 16 tokens")
+    } else if p.num_heads / p.num_kv_heads > PREFILL_WGMMA_ROWS {
+        Some("at most 128 query heads per KV head")
+    } else {
+        None
+    }
 }
 
 /// Checks the 16-byte alignment the kernels' vector loads need, of `q`, `k_cache`, `v_cache`
@@ -624,6 +668,10 @@ impl CudaDevice {
     /// ([`CudaDevice::paged_attention_prefill_workspace_len`] elements allow any split). The
     /// split count is chosen from the shapes and the block tables' width, not from the context
     /// lengths on the device.
+    ///
+    /// On an H100-class GPU (compute capability 9.0), calls with head_dim 128, cache blocks of
+    /// at least 16 tokens and no key split run a wgmma/TMA kernel; everything else the
+    /// mma.sync one. Both compute the same attention; they differ in the order of f32 sums.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_prefill<T: KernelFloat>(
         &self,
@@ -638,6 +686,79 @@ impl CudaDevice {
         num_seqs: usize,
         max_q_len: usize,
         p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        self.prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            q_starts,
+            context_lens,
+            out,
+            workspace,
+            num_seqs,
+            max_q_len,
+            p,
+            PrefillRoute::Auto,
+        )
+    }
+
+    /// [`CudaDevice::paged_attention_prefill`] always on the mma.sync kernel, for comparing the
+    /// two kernels in tests and timings.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_prefill_mma_sync<T: KernelFloat>(
+        &self,
+        q: &impl DevicePtr<T>,
+        k_cache: &impl DevicePtr<T>,
+        v_cache: &impl DevicePtr<T>,
+        block_tables: &impl DevicePtr<u32>,
+        q_starts: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+        num_seqs: usize,
+        max_q_len: usize,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        self.prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            q_starts,
+            context_lens,
+            out,
+            workspace,
+            num_seqs,
+            max_q_len,
+            p,
+            PrefillRoute::MmaSync,
+        )
+    }
+
+    /// Whether [`CudaDevice::paged_attention_prefill`] would run a call of these parameters,
+    /// without a key split, on the wgmma kernel.
+    #[doc(hidden)]
+    pub fn prefill_takes_wgmma<T: KernelFloat>(&self, p: &AttentionParams) -> bool {
+        prefill_wgmma_obstacle::<T>(self.capability(), p).is_none()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_attention<T: KernelFloat>(
+        &self,
+        q: &impl DevicePtr<T>,
+        k_cache: &impl DevicePtr<T>,
+        v_cache: &impl DevicePtr<T>,
+        block_tables: &impl DevicePtr<u32>,
+        q_starts: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+        num_seqs: usize,
+        max_q_len: usize,
+        p: &AttentionParams,
+        route: PrefillRoute,
     ) -> Result<(), CudaError> {
         const OP: &str = "paged_attention_prefill";
         let geo = p.validate::<T>(OP)?;
@@ -677,6 +798,24 @@ impl CudaDevice {
             total_q * p.num_heads * (p.head_dim + 2),
             workspace.len(),
         );
+
+        if splits == 1
+            && route == PrefillRoute::Auto
+            && prefill_wgmma_obstacle::<T>(self.capability(), p).is_none()
+        {
+            return self.prefill_wgmma(
+                q,
+                k_cache,
+                v_cache,
+                block_tables,
+                q_starts,
+                context_lens,
+                out,
+                num_seqs,
+                max_q_len,
+                p,
+            );
+        }
 
         let name = format!("paged_attention_prefill_d{}_{}", p.head_dim, T::SUFFIX);
         let kernel = self.kernel("attention_prefill", &name)?;
@@ -766,6 +905,81 @@ impl CudaDevice {
         // (row, head) of `out` and one thread per element, reading the partials written above.
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
+    }
+
+    /// Launches the wgmma prefill kernel on a call `paged_attention_prefill` validated and
+    /// `prefill_wgmma_obstacle` accepted.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_wgmma<T: KernelFloat>(
+        &self,
+        q: &impl DevicePtr<T>,
+        k_cache: &impl DevicePtr<T>,
+        v_cache: &impl DevicePtr<T>,
+        block_tables: &impl DevicePtr<u32>,
+        q_starts: &impl DevicePtr<u32>,
+        context_lens: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<T>,
+        num_seqs: usize,
+        max_q_len: usize,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "paged_attention_prefill";
+        let name = format!("paged_attention_prefill_wgmma_d128_{}", T::SUFFIX);
+        let kernel = self.kernel("attention_prefill_wgmma", &name)?;
+        self.allow_dynamic_smem(OP, &kernel, PREFILL_WGMMA_SHARED_BYTES)?;
+        let row = p.num_kv_heads * p.head_dim;
+        let total_slots = k_cache.len() / row;
+        let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
+        let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
+        let (v_ptr, _v_sync) = v_cache.device_ptr(&self.stream);
+        let (bt_ptr, _bt_sync) = block_tables.device_ptr(&self.stream);
+        let (qs_ptr, _qs_sync) = q_starts.device_ptr(&self.stream);
+        let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let tm_k = tensor_map_2d::<T>(OP, k_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
+        let tm_v = tensor_map_2d::<T>(OP, v_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
+        let tokens_per_tile = PREFILL_WGMMA_ROWS / (p.num_heads / p.num_kv_heads);
+        let total_q = to_i32(q.len() / p.q_row());
+        let num_heads = to_i32(p.num_heads);
+        let num_kv_heads = to_i32(p.num_kv_heads);
+        let block_size_log2 = to_i32(p.block_size.trailing_zeros() as usize);
+        let max_blocks = to_i32(p.max_blocks_per_seq);
+        let window = to_i32(p.sliding_window);
+        let mut params = [
+            kernel_arg(&tm_k),
+            kernel_arg(&tm_v),
+            kernel_arg(&q_ptr),
+            kernel_arg(&bt_ptr),
+            kernel_arg(&qs_ptr),
+            kernel_arg(&cl_ptr),
+            kernel_arg(&out_ptr),
+            kernel_arg(&total_q),
+            kernel_arg(&num_heads),
+            kernel_arg(&num_kv_heads),
+            kernel_arg(&block_size_log2),
+            kernel_arg(&max_blocks),
+            kernel_arg(&p.scale),
+            kernel_arg(&window),
+        ];
+        let cfg = LaunchConfig {
+            grid_dim: (
+                max_q_len.div_ceil(tokens_per_tile) as u32,
+                p.num_kv_heads as u32,
+                num_seqs as u32,
+            ),
+            block_dim: (PREFILL_WGMMA_THREADS, 1, 1),
+            shared_mem_bytes: PREFILL_WGMMA_SHARED_BYTES as u32,
+        };
+        // SAFETY: `params` matches `paged_attention_prefill_wgmma_d128_*(CUtensorMap,
+        // CUtensorMap, const T*, const u32*, const u32*, const u32*, T*, int, int, int, int, int,
+        // float, int)` in attention_prefill_wgmma.cu, each entry pointing at a live local of that
+        // type (the driver copies the tensor maps at launch or capture). The tensor maps cover
+        // the whole caches, whose 16-byte alignment `check_aligned` enforced; the kernel reads
+        // block-table entries only below each sequence's clamped context, and writes rows of
+        // `out` only inside its `q_starts` range clamped to `total_q`.
+        unsafe {
+            self.launch_with_attributes(OP, &kernel, cfg, LaunchAttributes::default(), &mut params)
+        }
     }
 
     /// Checks that the block tables have one `max_blocks_per_seq` row per sequence, and that K

@@ -18,16 +18,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys as lt_sys;
-use cudarc::driver::sys::{
-    self as driver_sys, CUdevice_attribute, CUdeviceptr, CUfunction_attribute, CUtensorMap,
-};
+use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
 use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::{
-    check_eps, check_nonzero, consts, driver_error, invalid_argument, kernel_arg, to_i32,
-    CudaDevice, CudaError, KernelFloat, LaunchAttributes,
+    check_eps, check_nonzero, consts, driver_error, invalid_argument, kernel_arg, tensor_map_2d,
+    to_i32, CudaDevice, CudaError, KernelFloat, LaunchAttributes,
 };
 
 /// The kernel module built from `cuda/gemv.cu`.
@@ -356,50 +354,6 @@ impl Operands {
         }
         None
     }
-}
-
-/// A TMA descriptor of the row-major `[rows, k]` matrix of `T` at `ptr`, read in 64 × 64 boxes
-/// with the 128-byte swizzle that the wgmma kernel's shared-memory descriptors assume, and
-/// promoted to L2 in 256-byte lines. Box rows past `rows` read as zeros (the tokens past n of
-/// the kernel's 64-row x tile). The caller has checked the operands with `wgmma_obstacle`.
-fn wgmma_tensor_map<T: KernelFloat>(
-    ptr: CUdeviceptr,
-    rows: usize,
-    k: usize,
-) -> Result<CUtensorMap, CudaError> {
-    use driver_sys::CUtensorMapDataType as DataType;
-    // f32 never gets here.
-    let data_type = if T::SUFFIX == "f16" {
-        DataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-    } else {
-        DataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-    };
-    let mut map = CUtensorMap { opaque: [0; 16] };
-    let dims = [k as u64, rows as u64];
-    let row_stride = [(k * std::mem::size_of::<T>()) as u64];
-    let box_dims = [WGMMA_TILE as u32; 2];
-    let element_strides = [1u32; 2];
-    // SAFETY: every array holds the rank's entries (the stride array one fewer), and the call
-    // only writes `map`; the address is recorded, not dereferenced.
-    unsafe {
-        driver_sys::cuTensorMapEncodeTiled(
-            &mut map,
-            data_type,
-            2,
-            ptr as *mut c_void,
-            dims.as_ptr(),
-            row_stride.as_ptr(),
-            box_dims.as_ptr(),
-            element_strides.as_ptr(),
-            driver_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            driver_sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            driver_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            driver_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    }
-    .result()
-    .map_err(driver_error("linear"))?;
-    Ok(map)
 }
 
 /// Largest power of two (up to 256) dividing `ptr`: the alignment cuBLASLt may assume.
@@ -1063,8 +1017,20 @@ impl CudaDevice {
         self.allow_dynamic_smem(op, &function, epilogue.shared_bytes(WGMMA_STAGES))?;
         let split = wgmma_split(ops.k, ops.m);
         let k_per_block = ops.k / split;
-        let tm_w = wgmma_tensor_map::<T>(ops.w, epilogue.w_tiles() * ops.m, ops.k)?;
-        let tm_x = wgmma_tensor_map::<T>(ops.x, ops.n, ops.k)?;
+        let tm_w = tensor_map_2d::<T>(
+            op,
+            ops.w,
+            epilogue.w_tiles() * ops.m,
+            ops.k,
+            (WGMMA_TILE as u32, WGMMA_TILE as u32),
+        )?;
+        let tm_x = tensor_map_2d::<T>(
+            op,
+            ops.x,
+            ops.n,
+            ops.k,
+            (WGMMA_TILE as u32, WGMMA_TILE as u32),
+        )?;
         let null: CUdeviceptr = 0;
         let bias = ops.bias.unwrap_or(null);
         let residual = ops.residual.unwrap_or(null);
