@@ -67,35 +67,6 @@ using attn_mma::fast_exp2;
 using attn_mma::LOG2E;
 using attn_mma::pack2;
 
-// S[64 x 64] (+)= Q[64 x 16] · K[16 x 64]ᵀ, both K-major in shared memory; the first k-step
-// overwrites (scale_d = 0). Accumulator layout as gemm_wgmma.cu's: d[4j + 2i + c] holds row
-// 16w + l/4 + 8i, column 8j + 2(l % 4) + c (w the warp in the warpgroup, l the lane).
-#define BRAID_WGMMA_S(TYPE)                                                                       \
-    asm volatile(                                                                                 \
-        "{\n\t.reg .pred p;\n\t"                                                                  \
-        "setp.ne.b32 p, %34, 0;\n\t"                                                              \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                           \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "       \
-        "%32, %33, p, 1, 1, 0, 0;\n\t}"                                                           \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
-          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),              \
-          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),           \
-          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),           \
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),           \
-          "+f"(d[31])                                                                             \
-        : "l"(desc_q), "l"(desc_k), "r"(scale_d))
-
-__device__ __forceinline__ void wgmma_s(float (&d)[32], uint64_t desc_q, uint64_t desc_k,
-                                        int scale_d, __nv_bfloat16) {
-    BRAID_WGMMA_S("bf16");
-}
-__device__ __forceinline__ void wgmma_s(float (&d)[32], uint64_t desc_q, uint64_t desc_k,
-                                        int scale_d, __half) {
-    BRAID_WGMMA_S("f16");
-}
-#undef BRAID_WGMMA_S
-
 // O[64 x 128] += P[64 x 16] · V[16 x 128]: P from registers (the m16n8k16 A layout per warp),
 // V from shared memory transposed (imm-trans-b = 1: its rows are keys, the GEMM's K dimension).
 #define BRAID_WGMMA_PV(TYPE)                                                                      \
@@ -160,7 +131,7 @@ __device__ __forceinline__ void issue_s(float (&s)[32], uint32_t q_tile, uint32_
     const uint64_t dk = smem_descriptor(k_tile);
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
-        wgmma_s(s, dq + (kstep_offset(ks) >> 4), dk + (kstep_offset(ks) >> 4), ks > 0, T());
+        wgmma_m64n64k16(s, dq + (kstep_offset(ks) >> 4), dk + (kstep_offset(ks) >> 4), ks > 0, T());
     }
 }
 

@@ -1,6 +1,7 @@
 // Hopper (sm_90a) building blocks shared by the wgmma kernels (gemm_wgmma.cu,
-// attention_prefill_wgmma.cu): mbarriers, TMA loads, cluster barriers, wgmma issue/commit/wait
-// and the shared-memory matrix descriptor of a 128-byte-swizzled K-major tile. Everything here
+// attention_prefill_wgmma.cu): mbarriers, TMA loads, cluster barriers, wgmma fence/commit/wait,
+// the shared-memory matrix descriptor of a 128-byte-swizzled K-major tile and the m64n64k16
+// instruction on two such tiles. Everything here
 // exists only where BRAID_HAS_WGMMA is 1; the kernels' compute_80 PTX keeps their names with a
 // body that traps, and the launchers send only compute-capability-9.0 devices to them.
 #pragma once
@@ -161,6 +162,38 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t smem_addr) {
     d |= static_cast<uint64_t>(1) << 62;
     return d;
 }
+
+// D[64 x 64] (+)= A[64 x 16] · B[16 x 64], A and B K-major in shared memory (no transposes), f32
+// accumulators; scale_d = 0 overwrites D instead of adding to it. Thread t of the warpgroup
+// (w = t / 32, l = t % 32) holds in d[4j + 2i + c] row 16w + l/4 + 8i and column 8j + 2(l % 4) + c
+// of D. The last argument selects the input type.
+#define BRAID_WGMMA_M64N64K16(TYPE)                                                               \
+    asm volatile(                                                                                 \
+        "{\n\t.reg .pred p;\n\t"                                                                  \
+        "setp.ne.b32 p, %34, 0;\n\t"                                                              \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                           \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "       \
+        "%32, %33, p, 1, 1, 0, 0;\n\t}"                                                           \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),              \
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),           \
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),           \
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),           \
+          "+f"(d[31])                                                                             \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                int scale_d, __nv_bfloat16) {
+    BRAID_WGMMA_M64N64K16("bf16");
+}
+
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                int scale_d, __half) {
+    BRAID_WGMMA_M64N64K16("f16");
+}
+
+#undef BRAID_WGMMA_M64N64K16
 
 }  // namespace hopper
 }  // namespace braid
