@@ -300,27 +300,16 @@ enum PrefillRoute {
     MmaSync,
 }
 
-/// Why the wgmma prefill kernel cannot take a call on a device of compute capability
-/// `capability`, or `None` when it can: it needs sm_90, f16/bf16, head_dim 128, cache blocks of
-/// at least 16 tokens (a TMA box reads 16 slots of one block) and at most 128 query heads per
-/// KV head (one block's rows).
-fn prefill_wgmma_obstacle<T: KernelFloat>(
-    capability: (i32, i32),
-    p: &AttentionParams,
-) -> Option<&'static str> {
-    if capability != (9, 0) {
-        Some("a compute-capability-9.0 GPU")
-    } else if std::mem::size_of::<T>() != 2 {
-        Some("f16 or bf16")
-    } else if p.head_dim != PREFILL_WGMMA_HEAD_DIM {
-        Some("head_dim 128")
-    } else if p.block_size < PREFILL_WGMMA_BOX.0 as usize {
-        Some("cache blocks of at least 16 tokens")
-    } else if p.num_heads / p.num_kv_heads > PREFILL_WGMMA_ROWS {
-        Some("at most 128 query heads per KV head")
-    } else {
-        None
-    }
+/// Whether the wgmma prefill kernel can take a call on a device of compute capability
+/// `capability`: it needs sm_90, f16/bf16, head_dim 128, cache blocks of at least 16 tokens (a
+/// TMA box reads 16 slots of one block) and at most 128 query heads per KV head (one block's
+/// rows).
+fn prefill_wgmma_runs<T: KernelFloat>(capability: (i32, i32), p: &AttentionParams) -> bool {
+    capability == (9, 0)
+        && std::mem::size_of::<T>() == 2
+        && p.head_dim == PREFILL_WGMMA_HEAD_DIM
+        && p.block_size >= PREFILL_WGMMA_BOX.0 as usize
+        && p.num_heads / p.num_kv_heads <= PREFILL_WGMMA_ROWS
 }
 
 /// Checks the 16-byte alignment the kernels' vector loads need, of `q`, `k_cache`, `v_cache`
@@ -741,7 +730,7 @@ impl CudaDevice {
     /// without a key split, on the wgmma kernel.
     #[doc(hidden)]
     pub fn prefill_takes_wgmma<T: KernelFloat>(&self, p: &AttentionParams) -> bool {
-        prefill_wgmma_obstacle::<T>(self.capability(), p).is_none()
+        prefill_wgmma_runs::<T>(self.capability(), p)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -799,10 +788,7 @@ impl CudaDevice {
             workspace.len(),
         );
 
-        if splits == 1
-            && route == PrefillRoute::Auto
-            && prefill_wgmma_obstacle::<T>(self.capability(), p).is_none()
-        {
+        if splits == 1 && route == PrefillRoute::Auto && self.prefill_takes_wgmma::<T>(p) {
             return self.prefill_wgmma(
                 q,
                 k_cache,
@@ -811,6 +797,7 @@ impl CudaDevice {
                 q_starts,
                 context_lens,
                 out,
+                total_q,
                 num_seqs,
                 max_q_len,
                 p,
@@ -908,7 +895,7 @@ impl CudaDevice {
     }
 
     /// Launches the wgmma prefill kernel on a call `paged_attention_prefill` validated and
-    /// `prefill_wgmma_obstacle` accepted.
+    /// `prefill_wgmma_runs` accepted, `total_q` query rows in all.
     #[allow(clippy::too_many_arguments)]
     fn prefill_wgmma<T: KernelFloat>(
         &self,
@@ -919,6 +906,7 @@ impl CudaDevice {
         q_starts: &impl DevicePtr<u32>,
         context_lens: &impl DevicePtr<u32>,
         out: &mut impl DevicePtrMut<T>,
+        total_q: usize,
         num_seqs: usize,
         max_q_len: usize,
         p: &AttentionParams,
@@ -939,7 +927,7 @@ impl CudaDevice {
         let tm_k = tensor_map_2d::<T>(OP, k_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
         let tm_v = tensor_map_2d::<T>(OP, v_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
         let tokens_per_tile = PREFILL_WGMMA_ROWS / (p.num_heads / p.num_kv_heads);
-        let total_q = to_i32(q.len() / p.q_row());
+        let total_q = to_i32(total_q);
         let num_heads = to_i32(p.num_heads);
         let num_kv_heads = to_i32(p.num_kv_heads);
         let block_size_log2 = to_i32(p.block_size.trailing_zeros() as usize);
