@@ -1,8 +1,7 @@
 // Paged prefill attention on Hopper tensor cores: paged_attention_prefill_wgmma_d128_{f16,bf16}.
 // Same inputs and results as attention_prefill.cu's paged_attention_prefill (causal, sliding
 // window, GQA, cached prefixes), for head_dim 128 and cache blocks of at least 16 tokens; the
-// launcher (src/cuda/attention.rs) sends every other call, and calls whose keys it splits, to the
-// mma.sync kernel.
+// launcher (src/cuda/attention.rs) sends every other call to the mma.sync kernel.
 //
 // Why a kernel of its own: mma.sync re-reads each K/V tile from shared memory once per 16 query
 // rows, which caps the old kernel at ≈185 TFLOP/s on an H100 at 4,096 tokens. wgmma reads a K or
@@ -25,6 +24,14 @@
 // * Numerics as the mma.sync kernel: f32 scores and sums, P rounded to the storage dtype for P·V,
 //   the max kept raw and exponentiated as 2^(s·scale·log2e − m·scale·log2e), one rounding of the
 //   normalised output. A row that sees no key (an invalid context length) comes out as zeros.
+// * Split keys (paged_attention_prefill_wgmma_split_d128_*): a few new tokens after a long cached
+//   context make too few blocks for the GPU, so the launcher cuts each query tile's key tiles into
+//   `splits` contiguous ranges, one block each (grid x = query tiles × splits). A block's range
+//   starts on a tile boundary of the unsplit kernel's walk, so the masks and the TMA pieces are the
+//   same. Instead of `out` it writes its rows' unnormalised output and softmax state (max in the
+//   log2 domain, sum) as f32 partials [split][total_q][num_heads], the layout attention_prefill.cu's
+//   prefill_merge combines; a range with no visible key writes (−inf, 0) and zeros. A template
+//   parameter, so the unsplit kernel keeps its registers.
 //
 // Launch contract: kThreads threads, kSharedBytes of dynamic shared memory, tensor maps of the K
 // and V caches as 2-D [total_slots][num_kv_heads·128] tensors of T, box 64 × 16, 128-byte swizzle;
@@ -205,19 +212,22 @@ __device__ __forceinline__ void to_fragments(uint32_t (&p)[4][4], const float (&
 
 #endif  // BRAID_HAS_WGMMA
 
-template <typename T>
+template <typename T, bool kSplit>
 __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorMap& tm_v,
                                         const T* __restrict__ q,
                                         const uint32_t* __restrict__ block_tables,
                                         const uint32_t* __restrict__ q_starts,
                                         const uint32_t* __restrict__ context_lens,
-                                        T* __restrict__ out, int total_q, int num_heads,
-                                        int num_kv_heads, int block_size_log2,
+                                        T* __restrict__ out, float* __restrict__ partial_o,
+                                        float* __restrict__ partial_ml, int splits, int total_q,
+                                        int num_heads, int num_kv_heads, int block_size_log2,
                                         int max_blocks_per_seq, float scale, int sliding_window) {
 #if BRAID_HAS_WGMMA
     const int group = num_heads / num_kv_heads;
     const int tokens_per_tile = kBM / group;
-    const int q_tile = gridDim.x - 1 - blockIdx.x;
+    const int split = kSplit ? static_cast<int>(blockIdx.x) % splits : 0;
+    const int q_tile = kSplit ? static_cast<int>(gridDim.x) / splits - 1 - static_cast<int>(blockIdx.x) / splits
+                              : gridDim.x - 1 - blockIdx.x;
     const int kv_head = blockIdx.y;
     const int seq = blockIdx.z;
     const uint32_t q_first = q_starts[seq];
@@ -237,10 +247,19 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
     const int pos_first = static_cast<int>(max(-1LL, min(pos_first_ll, static_cast<long long>(capacity))));
     const int pos_last = static_cast<int>(
         max(-1LL, min(pos_first_ll + tokens - 1, static_cast<long long>(capacity) - 1)));
-    const int kv_end = pos_last + 1;
+    int kv_end = pos_last + 1;
     const int kv_lo = sliding_window > 0 ? max(0, pos_first - sliding_window + 1) : 0;
-    const int kv_begin = min(kv_lo, kv_end) & ~(kPiece - 1);
-    const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + kBN - 1) / kBN : 0;
+    int kv_begin = min(kv_lo, kv_end) & ~(kPiece - 1);
+    int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + kBN - 1) / kBN : 0;
+    if constexpr (kSplit) {
+        // This block's tiles of the walk above: [first, first + num_tiles), as keys.
+        const int per_split = (num_tiles + splits - 1) / splits;
+        const int first = min(num_tiles, split * per_split);
+        const int last = min(num_tiles, first + per_split);
+        kv_begin += first * kBN;
+        kv_end = min(kv_end, kv_begin + (last - first) * kBN);
+        num_tiles = last - first;
+    }
 
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
@@ -449,7 +468,7 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
         release(last);
     }
 
-    // ---- rows g and g + 8 of this warp: normalise and store ----
+    // ---- rows g and g + 8 of this warp: normalise and store, or store the partials ----
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         float sum = l[i];
@@ -457,9 +476,24 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const int row = r0 + wq * 16 + g + 8 * i;
         if (row >= rows) continue;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         const size_t token = q_first + i0 + row / group;
         const int head = kv_head * group + row % group;
+        if constexpr (kSplit) {
+            // Recomputed rather than kept live through the loop, which runs at the register cap.
+            const int my_split = static_cast<int>(blockIdx.x) % splits;
+            const size_t unit = (static_cast<size_t>(my_split) * total_q + token) * num_heads + head;
+            float* dst = partial_o + unit * kD + 2 * t4;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
+            }
+            if (t4 == 0) {
+                const float max_log2 = m[i] == -INFINITY ? -INFINITY : m[i] * sl2;
+                *reinterpret_cast<float2*>(partial_ml + unit * 2) = make_float2(max_log2, sum);
+            }
+            continue;
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         T* dst = out + token * row_stride + static_cast<size_t>(head) * kD + 2 * t4;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
@@ -483,10 +517,22 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
             const uint32_t* __restrict__ q_starts, const uint32_t* __restrict__ context_lens,       \
             T* __restrict__ out, int total_q, int num_heads, int num_kv_heads, int block_size_log2, \
             int max_blocks_per_seq, float scale, int sliding_window) {                              \
-        braid::attn_prefill_wgmma::prefill<T>(tm_k, tm_v, q, block_tables, q_starts, context_lens,  \
-                                              out, total_q, num_heads, num_kv_heads,                \
-                                              block_size_log2, max_blocks_per_seq, scale,           \
-                                              sliding_window);                                      \
+        braid::attn_prefill_wgmma::prefill<T, false>(                                               \
+            tm_k, tm_v, q, block_tables, q_starts, context_lens, out, nullptr, nullptr, 1, total_q, \
+            num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq, scale, sliding_window);   \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(braid::attn_prefill_wgmma::kThreads, 1)            \
+        paged_attention_prefill_wgmma_split_d128_##SUFFIX(                                            \
+            const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,     \
+            const T* __restrict__ q, const uint32_t* __restrict__ block_tables,                     \
+            const uint32_t* __restrict__ q_starts, const uint32_t* __restrict__ context_lens,       \
+            float* __restrict__ partial_o, float* __restrict__ partial_ml, int splits, int total_q, \
+            int num_heads, int num_kv_heads, int block_size_log2, int max_blocks_per_seq,           \
+            float scale, int sliding_window) {                                                      \
+        braid::attn_prefill_wgmma::prefill<T, true>(                                                \
+            tm_k, tm_v, q, block_tables, q_starts, context_lens, nullptr, partial_o, partial_ml,    \
+            splits, total_q, num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq, scale,   \
+            sliding_window);                                                                        \
     }
 
 BRAID_DEFINE_PREFILL_WGMMA(__half, f16)

@@ -398,9 +398,9 @@ fn check_prefill<T: TestFloat>(
     let qs_d = dev.upload(&q_starts).unwrap();
     let cl_d = dev.upload(&ctx_u32).unwrap();
     // With the full workspace the launch splits the keys where the shape calls for it; with a
-    // one-element workspace it never does, and on Hopper it then takes the wgmma kernel where
-    // that kernel runs; the forced mma.sync route covers what the dispatch no longer sends
-    // there. All must give the reference result.
+    // one-element workspace it never does. On Hopper both take the wgmma kernel where it runs
+    // (its split and unsplit variants); the forced mma.sync route covers what the dispatch no
+    // longer sends there. All must give the reference result.
     let full = CudaDevice::paged_attention_prefill_workspace_len(p.head_dim);
     let mut outputs = Vec::new();
     for (route, ws_len) in [("auto", full), ("auto", 1), ("mma.sync", 1)] {
@@ -548,6 +548,15 @@ fn prefill_suite<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     // A short message after a long conversation: few query tiles, so the keys are split (the
     // split ranges fall on and off the causal diagonal, the window edge and the context's end).
     check_prefill::<T>(dev, rng, params(8, 2, 128, 16, 0), &[70], &[2000], 0);
+    check_prefill::<T>(dev, rng, params(8, 2, 128, 16, 900), &[100], &[2500], 0);
+    check_prefill::<T>(
+        dev,
+        rng,
+        params(4, 4, 128, 32, 0),
+        &[40, 3],
+        &[3000, 1200],
+        0,
+    );
     check_prefill::<T>(
         dev,
         rng,
@@ -589,11 +598,12 @@ fn prefill_matches_reference() {
     prefill_suite::<f16>(&dev, &mut rng);
 }
 
-/// On Hopper, unsplit prefill calls with head_dim 128 and cache blocks of 16 or more tokens take
-/// the wgmma kernel (`prefill_matches_reference` checks its results); others, and other GPUs,
-/// the mma.sync kernel. A 4,096-token prompt (GQA 16/8, the Qwen3-0.6B shape, plus a window and
-/// a 2,000-token cached prefix) is compared between the two kernels, which the shorter cases
-/// above have each checked against the CPU.
+/// On Hopper, prefill calls with head_dim 128 and cache blocks of 16 or more tokens take the
+/// wgmma kernel (`prefill_matches_reference` checks its results); others, and other GPUs, the
+/// mma.sync kernel. A 4,096-token prompt (GQA 16/8, the Qwen3-0.6B shape, plus a window and a
+/// 2,000-token cached prefix), and short messages after long contexts whose keys both kernels
+/// split, are compared between the two kernels, which the shorter cases above have each checked
+/// against the CPU.
 #[test]
 fn prefill_takes_the_wgmma_kernel_on_hopper() {
     let Some(dev) = device("prefill_takes_the_wgmma_kernel_on_hopper") else {
@@ -612,10 +622,13 @@ fn prefill_takes_the_wgmma_kernel_on_hopper() {
         return;
     }
     let mut rng = Rng(31);
-    for (p, q_len, cached) in [
-        (qwen, 4096usize, 0usize),
-        (params(8, 2, 128, 16, 1000), 3000, 0),
-        (params(4, 4, 128, 32, 0), 1000, 2000),
+    let full = CudaDevice::paged_attention_prefill_workspace_len(128);
+    for (p, q_len, cached, ws_len) in [
+        (qwen, 4096usize, 0usize, 1usize),
+        (params(8, 2, 128, 16, 1000), 3000, 0, 1),
+        (params(4, 4, 128, 32, 0), 1000, 2000, 1),
+        (qwen, 80, 4000, full),
+        (params(8, 2, 128, 16, 1500), 33, 6000, full),
     ] {
         let ctx = q_len + cached;
         let p = AttentionParams {
@@ -631,7 +644,7 @@ fn prefill_takes_the_wgmma_kernel_on_hopper() {
         let bt_d = dev.upload(&cache.block_tables).unwrap();
         let qs_d = dev.upload(&[0u32, q_len as u32]).unwrap();
         let cl_d = dev.upload(&[ctx as u32]).unwrap();
-        let mut ws = poisoned::<f32>(&dev, 1);
+        let mut ws = poisoned::<f32>(&dev, ws_len);
         let mut outs = Vec::new();
         for call in [
             CudaDevice::paged_attention_prefill::<bf16>,
@@ -645,7 +658,7 @@ fn prefill_takes_the_wgmma_kernel_on_hopper() {
             outs.push(dev.download(&out_d).unwrap());
         }
         let what = format!(
-            "wgmma against mma.sync, {q_len} tokens after {cached}, heads {}/{}, block {}, window {}",
+            "wgmma against mma.sync, {q_len} tokens after {cached}, heads {}/{}, block {}, window {}, workspace {ws_len}",
             p.num_heads, p.num_kv_heads, p.block_size, p.sliding_window
         );
         assert_rel_l2(&what, &outs[0], &to_f32(&outs[1]));
@@ -1436,6 +1449,7 @@ fn timing_report() {
         (4096, 0, full_ws),
         (80, 2048, full_ws),
         (80, 2048, 1),
+        (80, 4096, full_ws),
     ] {
         let ctx = tokens + cached;
         let blocks = ctx.div_ceil(bs);

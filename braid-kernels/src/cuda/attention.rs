@@ -293,8 +293,8 @@ fn prefill_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
 /// Which kernel a prefill call may take.
 #[derive(Clone, Copy, PartialEq)]
 enum PrefillRoute {
-    /// The wgmma kernel where it can run (Hopper, head_dim 128, blocks of ≥ 16 tokens, no key
-    /// split), else the mma.sync kernel.
+    /// The wgmma kernel where it can run (Hopper, head_dim 128, blocks of ≥ 16 tokens), else
+    /// the mma.sync kernel.
     Auto,
     /// Always the mma.sync kernel.
     MmaSync,
@@ -310,6 +310,32 @@ fn prefill_wgmma_runs<T: KernelFloat>(capability: (i32, i32), p: &AttentionParam
         && p.head_dim == PREFILL_WGMMA_HEAD_DIM
         && p.block_size >= PREFILL_WGMMA_BOX.0 as usize
         && p.num_heads / p.num_kv_heads <= PREFILL_WGMMA_ROWS
+}
+
+/// Query tiles of the wgmma prefill kernel's grid: each block holds 128 rows of one KV head,
+/// so 128 / group query tokens.
+fn prefill_wgmma_q_tiles(max_q_len: usize, p: &AttentionParams) -> usize {
+    max_q_len.div_ceil(PREFILL_WGMMA_ROWS / (p.num_heads / p.num_kv_heads))
+}
+
+/// A validated prefill call as its kernels take it: device pointers, the key split and its
+/// partials (null without a split), and the sizes the grids derive from.
+struct PrefillCall {
+    q: CUdeviceptr,
+    k_cache: CUdeviceptr,
+    v_cache: CUdeviceptr,
+    block_tables: CUdeviceptr,
+    q_starts: CUdeviceptr,
+    context_lens: CUdeviceptr,
+    out: CUdeviceptr,
+    partial_o: CUdeviceptr,
+    partial_ml: CUdeviceptr,
+    splits: usize,
+    total_q: usize,
+    num_seqs: usize,
+    max_q_len: usize,
+    total_slots: usize,
+    block_size_log2: i32,
 }
 
 /// Checks the 16-byte alignment the kernels' vector loads need, of `q`, `k_cache`, `v_cache`
@@ -638,7 +664,8 @@ impl CudaDevice {
     /// chooses. A smaller buffer (even an empty one) is accepted: the call then splits less or not
     /// at all.
     pub fn paged_attention_prefill_workspace_len(head_dim: usize) -> usize {
-        PREFILL_SPLIT_TARGET_BLOCKS * PREFILL_BLOCK_M * (head_dim + 2)
+        // The larger of the two kernels' blocks: 128 (token, head) rows for the wgmma kernel.
+        PREFILL_SPLIT_TARGET_BLOCKS * PREFILL_BLOCK_M.max(PREFILL_WGMMA_ROWS) * (head_dim + 2)
     }
 
     /// Causal attention of a variable-length batch of new tokens over the paged KV cache, whose
@@ -651,16 +678,18 @@ impl CudaDevice {
     /// every sequence's `q_len` (it sizes the grid). `q`, both caches and `out` must start
     /// 16-byte aligned.
     ///
-    /// When the batch makes few blocks of 64 query rows per head (a short message after a long
-    /// cached conversation), the keys of each query tile are split over several blocks whose
+    /// When the batch makes few blocks (a short message after a long cached conversation), the
+    /// keys of each query tile are split over several blocks whose
     /// partial results a second kernel merges by log-sum-exp; `workspace` holds those partials
     /// ([`CudaDevice::paged_attention_prefill_workspace_len`] elements allow any split). The
     /// split count is chosen from the shapes and the block tables' width, not from the context
     /// lengths on the device.
     ///
-    /// On an H100-class GPU (compute capability 9.0), calls with head_dim 128, cache blocks of
-    /// at least 16 tokens and no key split run a wgmma/TMA kernel; everything else the
-    /// mma.sync one. Both compute the same attention; they differ in the order of f32 sums.
+    /// On an H100-class GPU (compute capability 9.0), calls with head_dim 128 and cache blocks
+    /// of at least 16 tokens run a wgmma/TMA kernel (a block holds 128 query tokens × heads of
+    /// one KV head), split or not; everything else the mma.sync one (a block holds 64 query
+    /// tokens of one head). Both compute the same attention; they differ in the order of f32
+    /// sums.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_prefill<T: KernelFloat>(
         &self,
@@ -726,8 +755,8 @@ impl CudaDevice {
         )
     }
 
-    /// Whether [`CudaDevice::paged_attention_prefill`] would run a call of these parameters,
-    /// without a key split, on the wgmma kernel.
+    /// Whether [`CudaDevice::paged_attention_prefill`] would run a call of these parameters on
+    /// the wgmma kernel.
     #[doc(hidden)]
     pub fn prefill_takes_wgmma<T: KernelFloat>(&self, p: &AttentionParams) -> bool {
         prefill_wgmma_runs::<T>(self.capability(), p)
@@ -781,33 +810,23 @@ impl CudaDevice {
         if num_seqs == 0 || q_tiles == 0 {
             return Ok(());
         }
+        // The split rule counts blocks of 64 (query token, head) rows, the mma.sync kernel's
+        // block: a wgmma block holds 128 rows of one KV head (query tokens × the group's heads)
+        // and counts twice. Measured on an H100, counting wgmma blocks once split 512-token
+        // prompts (64 blocks) in two and made them slower (19.3 against 15.4 µs a layer).
+        let wgmma = route == PrefillRoute::Auto && self.prefill_takes_wgmma::<T>(p);
+        let blocks = if wgmma {
+            let per_block = PREFILL_WGMMA_ROWS / PREFILL_BLOCK_M;
+            prefill_wgmma_q_tiles(max_q_len, p) * p.num_kv_heads * num_seqs * per_block
+        } else {
+            q_tiles * p.num_heads * num_seqs
+        };
         let splits = prefill_splits(
-            q_tiles * p.num_heads * num_seqs,
+            blocks,
             geo.capacity.div_ceil(prefill_block_n(p.head_dim)),
             total_q * p.num_heads * (p.head_dim + 2),
             workspace.len(),
         );
-
-        if splits == 1 && route == PrefillRoute::Auto && self.prefill_takes_wgmma::<T>(p) {
-            return self.prefill_wgmma(
-                q,
-                k_cache,
-                v_cache,
-                block_tables,
-                q_starts,
-                context_lens,
-                out,
-                total_q,
-                num_seqs,
-                max_q_len,
-                p,
-            );
-        }
-
-        let name = format!("paged_attention_prefill_d{}_{}", p.head_dim, T::SUFFIX);
-        let kernel = self.kernel("attention_prefill", &name)?;
-        let smem = prefill_smem_bytes(p.head_dim, std::mem::size_of::<T>());
-        self.allow_dynamic_smem(OP, &kernel, smem)?;
 
         let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
         let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
@@ -825,50 +844,97 @@ impl CudaDevice {
         } else {
             (0, 0)
         };
+        let call = PrefillCall {
+            q: q_ptr,
+            k_cache: k_ptr,
+            v_cache: v_ptr,
+            block_tables: bt_ptr,
+            q_starts: qs_ptr,
+            context_lens: cl_ptr,
+            out: out_ptr,
+            partial_o,
+            partial_ml,
+            splits,
+            total_q,
+            num_seqs,
+            max_q_len,
+            total_slots: k_cache.len() / (p.num_kv_heads * p.head_dim),
+            block_size_log2: geo.block_size_log2,
+        };
+        if wgmma {
+            self.prefill_wgmma::<T>(&call, p)?;
+        } else {
+            self.prefill_mma_sync::<T>(&call, p)?;
+        }
+        if splits > 1 {
+            self.prefill_merge::<T>(&call, p)?;
+        }
+        Ok(())
+    }
 
-        let total_q = to_i32(total_q);
+    /// Launches the mma.sync prefill kernel on a call `prefill_attention` validated.
+    fn prefill_mma_sync<T: KernelFloat>(
+        &self,
+        c: &PrefillCall,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "paged_attention_prefill";
+        let name = format!("paged_attention_prefill_d{}_{}", p.head_dim, T::SUFFIX);
+        let kernel = self.kernel("attention_prefill", &name)?;
+        let smem = prefill_smem_bytes(p.head_dim, std::mem::size_of::<T>());
+        self.allow_dynamic_smem(OP, &kernel, smem)?;
+        let total_q = to_i32(c.total_q);
         let num_heads = to_i32(p.num_heads);
         let num_kv_heads = to_i32(p.num_kv_heads);
         let max_blocks = to_i32(p.max_blocks_per_seq);
         let window = to_i32(p.sliding_window);
-        let splits_i = to_i32(splits);
+        let splits_i = to_i32(c.splits);
+        let q_tiles = c.max_q_len.div_ceil(PREFILL_BLOCK_M);
         let cfg = LaunchConfig {
             grid_dim: (
-                (q_tiles * splits) as u32,
+                (q_tiles * c.splits) as u32,
                 p.num_heads as u32,
-                num_seqs as u32,
+                c.num_seqs as u32,
             ),
             block_dim: (PREFILL_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut launch = self.stream.launch_builder(&kernel);
         launch
-            .arg(&q_ptr)
-            .arg(&k_ptr)
-            .arg(&v_ptr)
-            .arg(&bt_ptr)
-            .arg(&qs_ptr)
-            .arg(&cl_ptr)
-            .arg(&out_ptr)
-            .arg(&partial_o)
-            .arg(&partial_ml)
+            .arg(&c.q)
+            .arg(&c.k_cache)
+            .arg(&c.v_cache)
+            .arg(&c.block_tables)
+            .arg(&c.q_starts)
+            .arg(&c.context_lens)
+            .arg(&c.out)
+            .arg(&c.partial_o)
+            .arg(&c.partial_ml)
             .arg(&splits_i)
             .arg(&total_q)
             .arg(&num_heads)
             .arg(&num_kv_heads)
-            .arg(&geo.block_size_log2)
+            .arg(&c.block_size_log2)
             .arg(&max_blocks)
             .arg(&p.scale)
             .arg(&window);
         // SAFETY: the arguments match `paged_attention_prefill_d*_*` in attention_prefill.cu;
         // the kernel clamps query ranges to `total_q` rows and key positions to the block tables'
-        // capacity, so with the lengths checked above every access stays inside the buffers; with
-        // splits the workspace holds `splits * total_q * num_heads * (head_dim + 2)` floats
-        // (`prefill_splits` never picks more).
+        // capacity, so with the lengths checked by `prefill_attention` every access stays inside
+        // the buffers; with splits the workspace holds `splits * total_q * num_heads *
+        // (head_dim + 2)` floats (`prefill_splits` never picks more).
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
-        if splits == 1 {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// Combines the partials of a split call into `out`: one block per (row, head), one thread
+    /// per element.
+    fn prefill_merge<T: KernelFloat>(
+        &self,
+        c: &PrefillCall,
+        p: &AttentionParams,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "paged_attention_prefill";
         let name = format!(
             "paged_attention_prefill_merge_d{}_{}",
             p.head_dim,
@@ -876,97 +942,109 @@ impl CudaDevice {
         );
         let merge = self.kernel("attention_prefill", &name)?;
         let cfg = LaunchConfig {
-            grid_dim: ((total_q as usize * p.num_heads) as u32, 1, 1),
+            grid_dim: ((c.total_q * p.num_heads) as u32, 1, 1),
             block_dim: (p.head_dim as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (splits, total_q, num_heads) =
+            (to_i32(c.splits), to_i32(c.total_q), to_i32(p.num_heads));
         let mut launch = self.stream.launch_builder(&merge);
         launch
-            .arg(&partial_o)
-            .arg(&partial_ml)
-            .arg(&out_ptr)
-            .arg(&splits_i)
+            .arg(&c.partial_o)
+            .arg(&c.partial_ml)
+            .arg(&c.out)
+            .arg(&splits)
             .arg(&total_q)
             .arg(&num_heads);
         // SAFETY: the arguments match `paged_attention_prefill_merge_d*_*`; one block per
-        // (row, head) of `out` and one thread per element, reading the partials written above.
+        // (row, head) of `out` and one thread per element, reading the partials the split
+        // kernel wrote for every (split, row, head).
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
 
-    /// Launches the wgmma prefill kernel on a call `paged_attention_prefill` validated and
-    /// `prefill_wgmma_runs` accepted, `total_q` query rows in all.
-    #[allow(clippy::too_many_arguments)]
+    /// Launches the wgmma prefill kernel (its split variant when `c.splits > 1`) on a call
+    /// `prefill_attention` validated and `prefill_wgmma_runs` accepted.
     fn prefill_wgmma<T: KernelFloat>(
         &self,
-        q: &impl DevicePtr<T>,
-        k_cache: &impl DevicePtr<T>,
-        v_cache: &impl DevicePtr<T>,
-        block_tables: &impl DevicePtr<u32>,
-        q_starts: &impl DevicePtr<u32>,
-        context_lens: &impl DevicePtr<u32>,
-        out: &mut impl DevicePtrMut<T>,
-        total_q: usize,
-        num_seqs: usize,
-        max_q_len: usize,
+        c: &PrefillCall,
         p: &AttentionParams,
     ) -> Result<(), CudaError> {
         const OP: &str = "paged_attention_prefill";
-        let name = format!("paged_attention_prefill_wgmma_d128_{}", T::SUFFIX);
+        let split = if c.splits > 1 { "split_" } else { "" };
+        let name = format!("paged_attention_prefill_wgmma_{split}d128_{}", T::SUFFIX);
         let kernel = self.kernel("attention_prefill_wgmma", &name)?;
         self.allow_dynamic_smem(OP, &kernel, PREFILL_WGMMA_SHARED_BYTES)?;
         let row = p.num_kv_heads * p.head_dim;
-        let total_slots = k_cache.len() / row;
-        let (q_ptr, _q_sync) = q.device_ptr(&self.stream);
-        let (k_ptr, _k_sync) = k_cache.device_ptr(&self.stream);
-        let (v_ptr, _v_sync) = v_cache.device_ptr(&self.stream);
-        let (bt_ptr, _bt_sync) = block_tables.device_ptr(&self.stream);
-        let (qs_ptr, _qs_sync) = q_starts.device_ptr(&self.stream);
-        let (cl_ptr, _cl_sync) = context_lens.device_ptr(&self.stream);
-        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let tm_k = tensor_map_2d::<T>(OP, k_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
-        let tm_v = tensor_map_2d::<T>(OP, v_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
-        let tokens_per_tile = PREFILL_WGMMA_ROWS / (p.num_heads / p.num_kv_heads);
-        let total_q = to_i32(total_q);
+        let tm_k = tensor_map_2d::<T>(OP, c.k_cache, c.total_slots, row, PREFILL_WGMMA_BOX)?;
+        let tm_v = tensor_map_2d::<T>(OP, c.v_cache, c.total_slots, row, PREFILL_WGMMA_BOX)?;
+        let splits = to_i32(c.splits);
+        let total_q = to_i32(c.total_q);
         let num_heads = to_i32(p.num_heads);
         let num_kv_heads = to_i32(p.num_kv_heads);
-        let block_size_log2 = to_i32(p.block_size.trailing_zeros() as usize);
         let max_blocks = to_i32(p.max_blocks_per_seq);
         let window = to_i32(p.sliding_window);
-        let mut params = [
+        let mut unsplit = [
             kernel_arg(&tm_k),
             kernel_arg(&tm_v),
-            kernel_arg(&q_ptr),
-            kernel_arg(&bt_ptr),
-            kernel_arg(&qs_ptr),
-            kernel_arg(&cl_ptr),
-            kernel_arg(&out_ptr),
+            kernel_arg(&c.q),
+            kernel_arg(&c.block_tables),
+            kernel_arg(&c.q_starts),
+            kernel_arg(&c.context_lens),
+            kernel_arg(&c.out),
             kernel_arg(&total_q),
             kernel_arg(&num_heads),
             kernel_arg(&num_kv_heads),
-            kernel_arg(&block_size_log2),
+            kernel_arg(&c.block_size_log2),
             kernel_arg(&max_blocks),
             kernel_arg(&p.scale),
             kernel_arg(&window),
         ];
+        let mut split_params = [
+            kernel_arg(&tm_k),
+            kernel_arg(&tm_v),
+            kernel_arg(&c.q),
+            kernel_arg(&c.block_tables),
+            kernel_arg(&c.q_starts),
+            kernel_arg(&c.context_lens),
+            kernel_arg(&c.partial_o),
+            kernel_arg(&c.partial_ml),
+            kernel_arg(&splits),
+            kernel_arg(&total_q),
+            kernel_arg(&num_heads),
+            kernel_arg(&num_kv_heads),
+            kernel_arg(&c.block_size_log2),
+            kernel_arg(&max_blocks),
+            kernel_arg(&p.scale),
+            kernel_arg(&window),
+        ];
+        let params: &mut [*mut c_void] = if c.splits > 1 {
+            &mut split_params
+        } else {
+            &mut unsplit
+        };
         let cfg = LaunchConfig {
             grid_dim: (
-                max_q_len.div_ceil(tokens_per_tile) as u32,
+                (prefill_wgmma_q_tiles(c.max_q_len, p) * c.splits) as u32,
                 p.num_kv_heads as u32,
-                num_seqs as u32,
+                c.num_seqs as u32,
             ),
             block_dim: (PREFILL_WGMMA_THREADS, 1, 1),
             shared_mem_bytes: PREFILL_WGMMA_SHARED_BYTES as u32,
         };
         // SAFETY: `params` matches `paged_attention_prefill_wgmma_d128_*(CUtensorMap,
         // CUtensorMap, const T*, const u32*, const u32*, const u32*, T*, int, int, int, int, int,
-        // float, int)` in attention_prefill_wgmma.cu, each entry pointing at a live local of that
-        // type (the driver copies the tensor maps at launch or capture). The tensor maps cover
-        // the whole caches, whose 16-byte alignment `check_aligned` enforced; the kernel reads
-        // block-table entries only below each sequence's clamped context, and writes rows of
-        // `out` only inside its `q_starts` range clamped to `total_q`.
+        // float, int)` or, split, `paged_attention_prefill_wgmma_split_d128_*(CUtensorMap,
+        // CUtensorMap, const T*, const u32*, const u32*, const u32*, float*, float*, int, int,
+        // int, int, int, int, float, int)` in attention_prefill_wgmma.cu, each entry pointing at
+        // a live local of that type (the driver copies the tensor maps at launch or capture). The
+        // tensor maps cover the whole caches, whose 16-byte alignment `check_aligned` enforced;
+        // the kernel reads block-table entries only below each sequence's clamped context, and
+        // writes rows of `out`, or of the partials (`splits * total_q * num_heads * (head_dim +
+        // 2)` floats of workspace, which `prefill_splits` never exceeds), only inside its
+        // `q_starts` range clamped to `total_q`.
         unsafe {
-            self.launch_with_attributes(OP, &kernel, cfg, LaunchAttributes::default(), &mut params)
+            self.launch_with_attributes(OP, &kernel, cfg, LaunchAttributes::default(), params)
         }
     }
 
@@ -1051,12 +1129,37 @@ mod tests {
         // The largest split any call can pick fits the full-size workspace.
         for blocks in 1..PREFILL_SPLIT_BELOW_BLOCKS {
             let splits = prefill_splits(blocks, 1 << 20, 0, usize::MAX);
-            // Each block covers at most 64 query rows of one head.
+            // Each block covers at most 128 (query token, head) rows: 64 tokens of one head on
+            // the mma.sync kernel, 128 / group tokens of a group's heads on the wgmma kernel.
             assert!(
-                splits * blocks * PREFILL_BLOCK_M * 130 <= full,
+                splits * blocks * PREFILL_WGMMA_ROWS * 130 <= full,
                 "{blocks} blocks"
             );
         }
+    }
+
+    #[test]
+    fn wgmma_prefill_blocks_hold_128_rows_of_one_kv_head() {
+        let p = |num_heads, num_kv_heads| AttentionParams {
+            num_heads,
+            num_kv_heads,
+            head_dim: 128,
+            block_size: 16,
+            max_blocks_per_seq: 256,
+            scale: 1.0,
+            sliding_window: 0,
+        };
+        // Qwen3-0.6B (16 / 8 heads): 64 tokens a block, so 80 new tokens make 2 query tiles and
+        // 16 blocks over the 8 KV heads (32 of the split rule's 64-row blocks), which a
+        // 4,096-token context splits 8 ways: 128 blocks, one wave on an H100.
+        assert_eq!(prefill_wgmma_q_tiles(80, &p(16, 8)), 2);
+        assert_eq!(prefill_wgmma_q_tiles(4096, &p(16, 8)), 64);
+        assert_eq!(prefill_wgmma_q_tiles(80, &p(32, 4)), 5);
+        assert_eq!(prefill_wgmma_q_tiles(1, &p(128, 1)), 1);
+        let full = CudaDevice::paged_attention_prefill_workspace_len(128);
+        assert_eq!(prefill_splits(2 * 16, 4096 / 64, 80 * 16 * 130, full), 8);
+        // A 512-token prompt: 8 query tiles × 8 KV heads, 128 rule blocks, no split.
+        assert_eq!(prefill_splits(2 * 64, 512 / 64, 512 * 16 * 130, full), 1);
     }
 
     #[test]
