@@ -452,3 +452,79 @@ fn gpu_cascade_logits_match_plain_attention() {
         }
     }
 }
+
+/// Prefill steps of one sequence of up to `GRAPH_PREFILL_MAX_TOKENS` tokens run as CUDA graphs
+/// padded to a token bucket. The token a graph chooses must be a maximum (up to the rounding of a
+/// different row count in the projections) of the same step's eager logits, for prompts of 3 to
+/// 120 tokens, buckets replayed with other lengths, and a chunk that continues a cached prefix;
+/// and the KV a graphed chunk leaves behind (its padding rows write none) must give the next
+/// chunk the logits of an eager prefill of the whole prompt.
+#[test]
+fn gpu_prefill_graphs_match_eager_prefill() {
+    if !cuda_available() {
+        return;
+    }
+    for (name, location, _) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3" || n == "mistral-sliding")
+    {
+        let loaded = braid_models::load_on(&location, Device::Cuda(0), DType::BF16).unwrap();
+        let Backend::Cuda(mut gpu) = loaded.backend else {
+            panic!("{name}: not on the GPU")
+        };
+        let vocab = loaded.info.config.vocab_size as u32;
+        gpu.allocate(braid_models::CudaCacheConfig {
+            num_blocks: 64,
+            block_size: 16,
+            max_batch_tokens: 256,
+            max_seqs: 8,
+            max_seq_len: 128,
+        })
+        .unwrap();
+        let token = |i: usize| (i as u32 * 7919 + 13) % vocab;
+        let blocks: Vec<u32> = (0..8).collect();
+        let seq = |tokens: &'static [u32], start_pos: usize| braid_models::SeqInput {
+            tokens,
+            start_pos,
+            block_table: &blocks[..(start_pos + tokens.len()).div_ceil(16)],
+        };
+        let leak = |ids: Vec<u32>| -> &'static [u32] { Box::leak(ids.into_boxed_slice()) };
+        // (cached tokens before the step, new tokens): buckets 16, 32 (twice), 64, 128 (twice).
+        for (cached, len) in [
+            (0usize, 3usize),
+            (0, 17),
+            (0, 30),
+            (0, 64),
+            (0, 65),
+            (0, 120),
+            (40, 70),
+        ] {
+            let ids = leak((0..cached + len).map(|i| token(i + 1000 * len)).collect());
+            if cached > 0 {
+                gpu.forward_logits(&[seq(&ids[..cached], 0)], &[]).unwrap();
+            }
+            let step = seq(&ids[cached..], cached);
+            let chosen = gpu.forward_sample(&[step], &[], None).unwrap()[0];
+            let eager = gpu.forward_logits(&[step], &[]).unwrap().remove(0);
+            let best = eager.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!(
+                eager[chosen as usize] >= best - 1e-2 * best.abs().max(1.0),
+                "{name}: {len} tokens after {cached}: the graph chose {chosen} (logit {}), the eager maximum is {best}",
+                eager[chosen as usize]
+            );
+        }
+        let ids = leak((0..100).map(|i| token(i + 77)).collect());
+        gpu.forward_sample(&[seq(&ids[..20], 0)], &[], None)
+            .unwrap();
+        let after_graph = gpu
+            .forward_logits(&[seq(&ids[20..], 20)], &[])
+            .unwrap()
+            .remove(0);
+        let whole = gpu.forward_logits(&[seq(ids, 0)], &[]).unwrap().remove(0);
+        let err = rel_l2(&after_graph, &whole);
+        assert!(
+            err < BF16_TOLERANCE,
+            "{name}: the chunk after a graphed prefill is off the whole prompt's logits by rel. L2 {err:.2e}"
+        );
+    }
+}
