@@ -509,31 +509,25 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
 }  // namespace attn_prefill_wgmma
 }  // namespace braid
 
-#define BRAID_DEFINE_PREFILL_WGMMA(T, SUFFIX)                                                         \
-    extern "C" __global__ void __launch_bounds__(braid::attn_prefill_wgmma::kThreads, 1)            \
-        paged_attention_prefill_wgmma_d128_##SUFFIX(                                                  \
-            const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,     \
-            const T* __restrict__ q, const uint32_t* __restrict__ block_tables,                     \
-            const uint32_t* __restrict__ q_starts, const uint32_t* __restrict__ context_lens,       \
-            T* __restrict__ out, int total_q, int num_heads, int num_kv_heads, int block_size_log2, \
-            int max_blocks_per_seq, float scale, int sliding_window) {                              \
-        braid::attn_prefill_wgmma::prefill<T, false>(                                               \
-            tm_k, tm_v, q, block_tables, q_starts, context_lens, out, nullptr, nullptr, 1, total_q, \
-            num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq, scale, sliding_window);   \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(braid::attn_prefill_wgmma::kThreads, 1)            \
-        paged_attention_prefill_wgmma_split_d128_##SUFFIX(                                            \
-            const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,     \
-            const T* __restrict__ q, const uint32_t* __restrict__ block_tables,                     \
-            const uint32_t* __restrict__ q_starts, const uint32_t* __restrict__ context_lens,       \
-            float* __restrict__ partial_o, float* __restrict__ partial_ml, int splits, int total_q, \
-            int num_heads, int num_kv_heads, int block_size_log2, int max_blocks_per_seq,           \
-            float scale, int sliding_window) {                                                      \
-        braid::attn_prefill_wgmma::prefill<T, true>(                                                \
-            tm_k, tm_v, q, block_tables, q_starts, context_lens, nullptr, partial_o, partial_ml,    \
-            splits, total_q, num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq, scale,   \
-            sliding_window);                                                                        \
+// Both variants take the same arguments: the unsplit one writes `out` and ignores the partials
+// and `splits`, the split one writes the partials and ignores `out`.
+#define BRAID_DEFINE_PREFILL_WGMMA_VARIANT(T, NAME, SPLIT)                                            \
+    extern "C" __global__ void __launch_bounds__(braid::attn_prefill_wgmma::kThreads, 1) NAME(       \
+        const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,         \
+        const T* __restrict__ q, const uint32_t* __restrict__ block_tables,                         \
+        const uint32_t* __restrict__ q_starts, const uint32_t* __restrict__ context_lens,           \
+        T* __restrict__ out, float* __restrict__ partial_o, float* __restrict__ partial_ml,         \
+        int splits, int total_q, int num_heads, int num_kv_heads, int block_size_log2,              \
+        int max_blocks_per_seq, float scale, int sliding_window) {                                  \
+        braid::attn_prefill_wgmma::prefill<T, SPLIT>(                                               \
+            tm_k, tm_v, q, block_tables, q_starts, context_lens, out, partial_o, partial_ml,        \
+            SPLIT ? splits : 1, total_q, num_heads, num_kv_heads, block_size_log2,                  \
+            max_blocks_per_seq, scale, sliding_window);                                             \
     }
+
+#define BRAID_DEFINE_PREFILL_WGMMA(T, SUFFIX)                                                       \
+    BRAID_DEFINE_PREFILL_WGMMA_VARIANT(T, paged_attention_prefill_wgmma_d128_##SUFFIX, false)       \
+    BRAID_DEFINE_PREFILL_WGMMA_VARIANT(T, paged_attention_prefill_wgmma_split_d128_##SUFFIX, true)
 
 BRAID_DEFINE_PREFILL_WGMMA(__half, f16)
 BRAID_DEFINE_PREFILL_WGMMA(__nv_bfloat16, bf16)

@@ -984,7 +984,7 @@ impl CudaDevice {
         let num_kv_heads = to_i32(p.num_kv_heads);
         let max_blocks = to_i32(p.max_blocks_per_seq);
         let window = to_i32(p.sliding_window);
-        let mut unsplit = [
+        let mut params = [
             kernel_arg(&tm_k),
             kernel_arg(&tm_v),
             kernel_arg(&c.q),
@@ -992,21 +992,6 @@ impl CudaDevice {
             kernel_arg(&c.q_starts),
             kernel_arg(&c.context_lens),
             kernel_arg(&c.out),
-            kernel_arg(&total_q),
-            kernel_arg(&num_heads),
-            kernel_arg(&num_kv_heads),
-            kernel_arg(&c.block_size_log2),
-            kernel_arg(&max_blocks),
-            kernel_arg(&p.scale),
-            kernel_arg(&window),
-        ];
-        let mut split_params = [
-            kernel_arg(&tm_k),
-            kernel_arg(&tm_v),
-            kernel_arg(&c.q),
-            kernel_arg(&c.block_tables),
-            kernel_arg(&c.q_starts),
-            kernel_arg(&c.context_lens),
             kernel_arg(&c.partial_o),
             kernel_arg(&c.partial_ml),
             kernel_arg(&splits),
@@ -1018,11 +1003,6 @@ impl CudaDevice {
             kernel_arg(&p.scale),
             kernel_arg(&window),
         ];
-        let params: &mut [*mut c_void] = if c.splits > 1 {
-            &mut split_params
-        } else {
-            &mut unsplit
-        };
         let cfg = LaunchConfig {
             grid_dim: (
                 (prefill_wgmma_q_tiles(c.max_q_len, p) * c.splits) as u32,
@@ -1032,19 +1012,18 @@ impl CudaDevice {
             block_dim: (PREFILL_WGMMA_THREADS, 1, 1),
             shared_mem_bytes: PREFILL_WGMMA_SHARED_BYTES as u32,
         };
-        // SAFETY: `params` matches `paged_attention_prefill_wgmma_d128_*(CUtensorMap,
-        // CUtensorMap, const T*, const u32*, const u32*, const u32*, T*, int, int, int, int, int,
-        // float, int)` or, split, `paged_attention_prefill_wgmma_split_d128_*(CUtensorMap,
-        // CUtensorMap, const T*, const u32*, const u32*, const u32*, float*, float*, int, int,
-        // int, int, int, int, float, int)` in attention_prefill_wgmma.cu, each entry pointing at
-        // a live local of that type (the driver copies the tensor maps at launch or capture). The
+        // SAFETY: `params` matches `paged_attention_prefill_wgmma{,_split}_d128_*(CUtensorMap,
+        // CUtensorMap, const T*, const u32*, const u32*, const u32*, T*, float*, float*, int,
+        // int, int, int, int, int, float, int)` in attention_prefill_wgmma.cu, each entry
+        // pointing at a live local of that type (the driver copies the tensor maps at launch or
+        // capture). The
         // tensor maps cover the whole caches, whose 16-byte alignment `check_aligned` enforced;
         // the kernel reads block-table entries only below each sequence's clamped context, and
         // writes rows of `out`, or of the partials (`splits * total_q * num_heads * (head_dim +
         // 2)` floats of workspace, which `prefill_splits` never exceeds), only inside its
         // `q_starts` range clamped to `total_q`.
         unsafe {
-            self.launch_with_attributes(OP, &kernel, cfg, LaunchAttributes::default(), params)
+            self.launch_with_attributes(OP, &kernel, cfg, LaunchAttributes::default(), &mut params)
         }
     }
 
