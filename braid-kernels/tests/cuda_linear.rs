@@ -1469,7 +1469,7 @@ fn bits<T: TestFloat>(values: &[T]) -> Vec<u32> {
 /// Clusters of 1, 2 and 8 blocks, k-slices of 1 to 24 slabs (17: the first ring slot filled
 /// three times, so both barrier phases recur), one to 48 tiles of output features, and token
 /// counts that leave the last block of a cluster with fewer rows or none.
-const GATE_UP_NS: [usize; 5] = [5, 17, 32, 33, 64];
+const GATE_UP_NS: [usize; 6] = [4, 5, 17, 32, 33, 64];
 const GATE_UP_KS: [usize; 4] = [64, 1024, 1088, 3072];
 const GATE_UP_INTERS: [usize; 3] = [64, 320, 3072];
 
@@ -1482,9 +1482,9 @@ fn check_gate_up_shapes<T: TestFloat>(dev: &CudaDevice, seed: u64) {
                 let fused = case.check(dev, GateUpRoute::Fused);
                 case.check(dev, GateUpRoute::Unfused);
                 let auto = case.check(dev, GateUpRoute::Auto);
-                // 17–64 rows take the fused kernel (deterministic, so bit for bit); fewer take
+                // 5–64 rows take the fused kernel (deterministic, so bit for bit); fewer take
                 // the two steps.
-                let expect = if n > CudaDevice::LINEAR_SKINNY_MAX_TOKENS {
+                let expect = if n >= CudaDevice::GATE_UP_SILU_FUSED_MIN_TOKENS {
                     (fused, GateUpRoute::Fused)
                 } else {
                     (case.run(dev, GateUpRoute::Unfused), GateUpRoute::Unfused)
@@ -1537,9 +1537,10 @@ fn gate_up_silu_falls_back_where_the_fused_kernel_cannot_run() {
             .unwrap_err()
             .to_string()
     };
-    // At most 16 rows (the skinny kernel's) and more than 64 stay on the two steps: the output
-    // equals the two-step route's bit for bit.
-    for (n, k, inter) in [(16usize, 1024usize, 3072usize), (65, 1024, 3072)] {
+    // Fewer than GATE_UP_SILU_FUSED_MIN_TOKENS rows (decode steps that take the fused GEMVs) and
+    // more than 64 stay on the two steps: the output equals the two-step route's bit for bit.
+    let below = CudaDevice::GATE_UP_SILU_FUSED_MIN_TOKENS - 1;
+    for (n, k, inter) in [(below, 1024usize, 3072usize), (65, 1024, 3072)] {
         let case = GateUpCase::<bf16>::new(&mut rng, n, k, inter);
         let auto = case.check(&dev, GateUpRoute::Auto);
         let unfused = case.run(&dev, GateUpRoute::Unfused);
@@ -1730,7 +1731,7 @@ fn gate_up_silu_falls_back_where_the_fused_kernel_cannot_run() {
     dev.synchronize().unwrap();
 }
 
-/// The layer's MLP front half as a decode step runs it at 17–64 rows, each kernel reading what
+/// The layer's MLP front half as a decode step runs it at 5–64 rows, each kernel reading what
 /// the one before wrote: h = x·W0ᵀ (`linear_overlapped`), act = `linear_gate_up_silu(h)`,
 /// y = act·W_downᵀ (`linear_overlapped`), every kernel under programmatic dependent launch, so a
 /// fused kernel that read h before its producer finished, or a down projection that read act
@@ -2056,7 +2057,7 @@ fn timing_report() {
         "\ngate|up projection + SiLU·mul on {name}: bf16, µs per call as above\n{:<27} {:>3} {:>9} {:>10} {:>12} {:>7}\n",
         "shape", "n", "unfused", "fused PDL", "fused plain", "saved"
     ));
-    for n in [32usize, 64] {
+    for n in [8usize, 12, 16, 32, 64] {
         let label = format!("gate|up+silu {k}->2x{inter}");
         let time = |bench: &mut Bench, route| {
             let op = gate_up_silu_op(&scratch, route, n, k, inter);

@@ -9,7 +9,7 @@
 //! before it) into the projection that follows, and SiLU·mul into the down projection, saving
 //! three kernels per layer. Loading checks those fused kernels against the
 //! unfused ones on every layer and keeps the unfused path if any layer disagrees
-//! ([`CudaModel::fused_norm_status`]). Larger steps of 17–64 tokens on Hopper fold SiLU·mul into
+//! ([`CudaModel::fused_norm_status`]). Larger steps of 5–64 tokens on Hopper fold SiLU·mul into
 //! the gate|up projection instead ([`CudaDevice::linear_gate_up_silu`]). Plain decode steps (no
 //! cascade groups) of up to 64 sequences also fold the RoPE step into decode attention.
 
@@ -1076,7 +1076,7 @@ where
                 h,
                 eps,
             )?;
-            // One kernel with SiLU·mul in its epilogue at 17–64 rows on Hopper; elsewhere the
+            // One kernel with SiLU·mul in its epilogue at 5–64 rows on Hopper; elsewhere the
             // gate|up projection into `gate_up`, then the activation kernel.
             d.linear_gate_up_silu(
                 &b.normed.slice(..n * h),

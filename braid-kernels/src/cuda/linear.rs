@@ -3,7 +3,7 @@
 //! (`cuda/gemm_wgmma.cu`) for 17–64 rows of narrow outputs, cuBLASLt for everything else, and
 //! the dispatch between them; plus the decode-sized projections that compute their own x first
 //! (residual add and RMSNorm, or SiLU·mul) so that op needs no kernel of its own, and the gate|up
-//! projection of 17–64 rows with SiLU·mul in the wgmma kernel's epilogue.
+//! projection of 5–64 rows with SiLU·mul in the wgmma kernel's epilogue.
 //!
 //! Every path reads W in PyTorch's `[out_features, in_features]` row-major layout, computes in
 //! f32 and rounds once to the storage dtype, after the bias and residual were added. None
@@ -1222,7 +1222,7 @@ impl CudaDevice {
 /// How [`CudaDevice::linear_gate_up_silu`] was asked to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GateUpRoute {
-    /// The fused wgmma kernel where it can run and the rows are its (17–64), else the two steps;
+    /// The fused wgmma kernel where it can run and the rows are its (5–64), else the two steps;
     /// launched with programmatic dependent launch.
     Auto,
     /// The fused wgmma kernel, launched plainly; an error where it cannot run.
@@ -1254,7 +1254,8 @@ impl CudaDevice {
     /// Linear layout, the gate rows first, then the up rows, as [`CudaDevice::silu_mul`] reads
     /// the projection's output.
     ///
-    /// Batches of 17 to [`CudaDevice::LINEAR_WGMMA_MAX_TOKENS`] rows run one kernel, the wgmma
+    /// Batches of [`CudaDevice::GATE_UP_SILU_FUSED_MIN_TOKENS`] to
+    /// [`CudaDevice::LINEAR_WGMMA_MAX_TOKENS`] rows run one kernel, the wgmma
     /// GEMM with SiLU·mul in its epilogue, where that kernel can take the operands (a device of
     /// compute capability 9.0, f16 or bf16, `k` and `inter` multiples of 64, `x`, `w_gate_up`
     /// and `out` 16-byte aligned). Everything else runs the two steps it replaces:
@@ -1363,14 +1364,15 @@ impl CudaDevice {
             GateUpRoute::Fused => true,
             GateUpRoute::Unfused => false,
             GateUpRoute::Auto => {
-                n > Self::LINEAR_SKINNY_MAX_TOKENS && n <= Self::LINEAR_WGMMA_MAX_TOKENS && {
-                    let capability = self.capability();
-                    let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
-                    let (w_ptr, _w_sync) = w_gate_up.device_ptr(&self.stream);
-                    let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-                    let ops = operands(x_ptr, w_ptr, out_ptr);
-                    gate_up_silu_obstacle::<T>(&ops, capability).is_none()
-                }
+                (Self::GATE_UP_SILU_FUSED_MIN_TOKENS..=Self::LINEAR_WGMMA_MAX_TOKENS).contains(&n)
+                    && {
+                        let capability = self.capability();
+                        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+                        let (w_ptr, _w_sync) = w_gate_up.device_ptr(&self.stream);
+                        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+                        let ops = operands(x_ptr, w_ptr, out_ptr);
+                        gate_up_silu_obstacle::<T>(&ops, capability).is_none()
+                    }
             }
         };
         if !fused {
@@ -1760,6 +1762,12 @@ impl CudaDevice {
     /// or cuBLASLt. From 32 rows on, cuBLASLt alone was as fast as the skinny kernel or faster
     /// for every Qwen3-0.6B decode shape on an H100.
     pub const LINEAR_SKINNY_MAX_TOKENS: usize = 16;
+
+    /// Fewest rows [`CudaDevice::linear_gate_up_silu`] runs as one wgmma kernel. Measured on an
+    /// H100 with the Qwen3-0.6B MLP (µs a call under PDL, against the skinny kernel plus
+    /// `silu_mul`): 7.92 against 10.21 at 8 rows, 7.53 against 10.15 at 16, 7.73 against 8.78
+    /// at 32 (cuBLASLt from 17 rows). Below 5 rows decode steps take the fused GEMVs instead.
+    pub const GATE_UP_SILU_FUSED_MIN_TOKENS: usize = 5;
 
     /// Largest batch `linear` sends to the wgmma kernel (from
     /// [`CudaDevice::LINEAR_SKINNY_MAX_TOKENS`] + 1 rows on, on a device of compute capability
