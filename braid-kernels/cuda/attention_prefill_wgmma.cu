@@ -225,9 +225,9 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
 #if BRAID_HAS_WGMMA
     const int group = num_heads / num_kv_heads;
     const int tokens_per_tile = kBM / group;
-    const int split = kSplit ? static_cast<int>(blockIdx.x) % splits : 0;
-    const int q_tile = kSplit ? static_cast<int>(gridDim.x) / splits - 1 - static_cast<int>(blockIdx.x) / splits
-                              : gridDim.x - 1 - blockIdx.x;
+    // The unsplit kernel is instantiated with splits = 1, for which these are its own indices.
+    const int split = static_cast<int>(blockIdx.x) % splits;
+    const int q_tile = static_cast<int>(gridDim.x) / splits - 1 - static_cast<int>(blockIdx.x) / splits;
     const int kv_head = blockIdx.y;
     const int seq = blockIdx.z;
     const uint32_t q_first = q_starts[seq];

@@ -483,12 +483,6 @@ fn gpu_prefill_graphs_match_eager_prefill() {
         .unwrap();
         let token = |i: usize| (i as u32 * 7919 + 13) % vocab;
         let blocks: Vec<u32> = (0..8).collect();
-        let seq = |tokens: &'static [u32], start_pos: usize| braid_models::SeqInput {
-            tokens,
-            start_pos,
-            block_table: &blocks[..(start_pos + tokens.len()).div_ceil(16)],
-        };
-        let leak = |ids: Vec<u32>| -> &'static [u32] { Box::leak(ids.into_boxed_slice()) };
         // (cached tokens before the step, new tokens): buckets 16, 32 (twice), 64, 128 (twice).
         for (cached, len) in [
             (0usize, 3usize),
@@ -499,11 +493,12 @@ fn gpu_prefill_graphs_match_eager_prefill() {
             (0, 120),
             (40, 70),
         ] {
-            let ids = leak((0..cached + len).map(|i| token(i + 1000 * len)).collect());
+            let ids: Vec<u32> = (0..cached + len).map(|i| token(i + 1000 * len)).collect();
             if cached > 0 {
-                gpu.forward_logits(&[seq(&ids[..cached], 0)], &[]).unwrap();
+                gpu.forward_logits(&[step_input(&ids[..cached], 0, &blocks, 16)], &[])
+                    .unwrap();
             }
-            let step = seq(&ids[cached..], cached);
+            let step = step_input(&ids[cached..], cached, &blocks, 16);
             let chosen = gpu.forward_sample(&[step], &[], None).unwrap()[0];
             let eager = gpu.forward_logits(&[step], &[]).unwrap().remove(0);
             let best = eager.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -513,18 +508,36 @@ fn gpu_prefill_graphs_match_eager_prefill() {
                 eager[chosen as usize]
             );
         }
-        let ids = leak((0..100).map(|i| token(i + 77)).collect());
-        gpu.forward_sample(&[seq(&ids[..20], 0)], &[], None)
+        let ids: Vec<u32> = (0..100).map(|i| token(i + 77)).collect();
+        gpu.forward_sample(&[step_input(&ids[..20], 0, &blocks, 16)], &[], None)
             .unwrap();
         let after_graph = gpu
-            .forward_logits(&[seq(&ids[20..], 20)], &[])
+            .forward_logits(&[step_input(&ids[20..], 20, &blocks, 16)], &[])
             .unwrap()
             .remove(0);
-        let whole = gpu.forward_logits(&[seq(ids, 0)], &[]).unwrap().remove(0);
+        let whole = gpu
+            .forward_logits(&[step_input(&ids, 0, &blocks, 16)], &[])
+            .unwrap()
+            .remove(0);
         let err = rel_l2(&after_graph, &whole);
         assert!(
             err < BF16_TOLERANCE,
             "{name}: the chunk after a graphed prefill is off the whole prompt's logits by rel. L2 {err:.2e}"
         );
+    }
+}
+
+/// One sequence's step: `tokens` at `start_pos`, with the blocks of `blocks` (of `block_size`
+/// tokens) its context needs.
+fn step_input<'a>(
+    tokens: &'a [u32],
+    start_pos: usize,
+    blocks: &'a [u32],
+    block_size: usize,
+) -> braid_models::SeqInput<'a> {
+    braid_models::SeqInput {
+        tokens,
+        start_pos,
+        block_table: &blocks[..(start_pos + tokens.len()).div_ceil(block_size)],
     }
 }
