@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use braid_kernels::cuda::cascade::CascadeBounds;
+use braid_kernels::cuda::cascade::{CascadeBounds, CascadeGrid};
 use braid_kernels::cuda::{
     AttentionParams, CudaDevice, CudaError, CudaGraph, CudaSlice, DecodeRope, KernelFloat,
     RopeParams, SamplingBuffers, SamplingRow, SKIP_SLOT,
@@ -363,6 +363,8 @@ struct StepShape {
 struct CascadeStep {
     num_groups: usize,
     bounds: CascadeBounds,
+    /// What the kernels' launches depend on besides the group count.
+    grid: CascadeGrid,
 }
 
 struct Runner<T: KernelFloat> {
@@ -383,15 +385,16 @@ struct Runner<T: KernelFloat> {
 
 /// What a captured graph was recorded for: the padded token count (the batch size of a decode
 /// step), the padded batch size, the block-table width, greedy or sampled choice, and for cascade
-/// steps the group count and (rounded) bounds.
+/// steps the group count and the kernels' grid (steps whose bounds differ but give the same grid
+/// launch the same work).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct GraphKey {
     tokens: usize,
     seqs: usize,
     width: usize,
     greedy: bool,
-    /// `(num_groups, max_group_size, max_prefix_tokens, max_suffix_tokens)`.
-    cascade: Option<(usize, usize, usize, usize)>,
+    /// `(num_groups, grid)`.
+    cascade: Option<(usize, CascadeGrid)>,
 }
 
 /// Largest plain decode step whose attention kernel also does the RoPE step. Measured on an
@@ -761,8 +764,8 @@ where
             .as_mut()
             .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
         // The bounds size the grids, never the results, so the suffix bound is rounded up to a
-        // power of two: a group decoding token after token then replays one graph for many steps
-        // instead of needing a new grid every step.
+        // power of two, and graphs are keyed by the grid, which changes at only a few of those:
+        // a group decoding token after token replays one graph for hundreds of steps.
         let capacity = shape.width * b.cache.block_size;
         let max_suffix = seqs
             .iter()
@@ -801,6 +804,7 @@ where
         let step = CascadeStep {
             num_groups: prefix.len(),
             bounds,
+            grid: bounds.grid(shape.seqs, prefix.len(), &params),
         };
         Ok(Some(CascadeGroups {
             starts,
@@ -1176,15 +1180,7 @@ where
                 seqs: shape.seqs,
                 width: shape.width,
                 greedy,
-                cascade: shape.cascade.map(|c| {
-                    let b = c.bounds;
-                    (
-                        c.num_groups,
-                        b.max_group_size,
-                        b.max_prefix_tokens,
-                        b.max_suffix_tokens,
-                    )
-                }),
+                cascade: shape.cascade.map(|c| (c.num_groups, c.grid)),
             };
             if !self.graphs.contains_key(&key) {
                 let graph = self.capture(shape, greedy)?;
@@ -1228,6 +1224,7 @@ where
 
     /// Record one step (forward + token choice) for `shape` as a CUDA graph.
     fn capture(&mut self, shape: StepShape, greedy: bool) -> Result<CudaGraph> {
+        let started = std::time::Instant::now();
         // Warm up outside the capture: lazy module loads and cuBLASLt heuristics must not happen inside it.
         self.enqueue_forward(shape).map_err(cuda)?;
         self.enqueue_choice(shape, greedy).map_err(cuda)?;
@@ -1252,6 +1249,7 @@ where
             greedy,
             cascade_groups = shape.cascade.map_or(0, |c| c.num_groups),
             tokens = shape.tokens,
+            ms = started.elapsed().as_secs_f64() * 1e3,
             "captured a step graph"
         );
         Ok(graph)

@@ -79,9 +79,19 @@ pub struct CascadeBounds {
     pub max_suffix_tokens: usize,
 }
 
-/// Grid shape of one cascade launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CascadeGrid {
+impl CascadeBounds {
+    /// The launch shape these bounds give a batch of `num_seqs` sequences in `num_groups` groups
+    /// with geometry `p`. The kernels take nothing else from the bounds, so two calls with the
+    /// same grid and arguments launch the same work: a graph captured with one set of bounds
+    /// replays exactly for any other that gives the same grid.
+    pub fn grid(&self, num_seqs: usize, num_groups: usize, p: &AttentionParams) -> CascadeGrid {
+        CascadeGrid::new(num_seqs, num_groups, p, self)
+    }
+}
+
+/// Grid shape of one cascade launch (see [`CascadeBounds::grid`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CascadeGrid {
     /// Partitions of each group's prefix (0: no prefix pass); workspace slots `0..prefix_slots`.
     prefix_slots: usize,
     /// Tiles of `PREFIX_BLOCK_ROWS` rows a group's rows are spread over (blocks loop over any
@@ -511,6 +521,23 @@ mod tests {
         bounds.max_suffix_tokens = 64;
         let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
         assert_eq!((grid.prefix_slots, grid.suffix_slots), (16, 1));
+    }
+
+    #[test]
+    fn a_group_decoding_its_answer_keeps_one_grid_for_hundreds_of_steps() {
+        // The shared-prefix benchmark: 64 members of 4096 shared tokens, questions of 64 tokens,
+        // answers of 256. The CUDA model rounds the suffix bound up to a power of two: 128, 256
+        // and 512 over the answer, which all give the same launches.
+        let grid = |suffix| {
+            let bounds = CascadeBounds {
+                max_group_size: 64,
+                max_prefix_tokens: 4096,
+                max_suffix_tokens: suffix,
+            };
+            bounds.grid(64, 1, &params(512))
+        };
+        assert!((128..=600).all(|s| grid(s) == grid(128)));
+        assert_ne!(grid(64), grid(128));
     }
 
     #[test]
