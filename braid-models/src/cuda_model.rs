@@ -763,10 +763,9 @@ where
             .bufs
             .as_mut()
             .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
-        // The bounds size the grids, never the results, so the suffix bound is rounded up to a
-        // power of two, and graphs are keyed by the grid, which changes at only a few of those:
-        // a group decoding token after token replays one graph for hundreds of steps.
-        let capacity = shape.width * b.cache.block_size;
+        // The bounds size the grids, never the results, and graphs are keyed by the grid, which
+        // changes at only a few suffix lengths: a group decoding token after token replays one
+        // graph for hundreds of steps.
         let max_suffix = seqs
             .iter()
             .zip(&shared)
@@ -776,7 +775,7 @@ where
         let bounds = CascadeBounds {
             max_group_size: groups.iter().map(|g| g.seqs.len()).max().unwrap_or(1),
             max_prefix_tokens: groups.iter().map(|g| g.shared_tokens).max().unwrap_or(0),
-            max_suffix_tokens: max_suffix.next_power_of_two().min(capacity).max(max_suffix),
+            max_suffix_tokens: max_suffix,
         };
         // Only the geometry sizes the scratch; scale and window do not.
         let params = AttentionParams {

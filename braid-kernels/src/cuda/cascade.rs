@@ -44,15 +44,9 @@ const MERGE_THREADS: u32 = 128;
 /// Prefix blocks the split-K partitioning aims for while the suffix pass runs beside it: about
 /// one per SM of an H100 (132 SMs), since a prefix block holds 29K of an SM's 64K registers and
 /// the rest of the SM goes to suffix blocks. Measured at the Qwen3-0.6B shape (64 sequences
-/// sharing 4096 tokens, suffixes 64..320 / 64..600): 8 prefix partitions with 2 suffix
-/// partitions took 43.5 / 57.5 µs, against 49.3 / 62.5 with 16 and 2 (H100, 2026-11-27).
+/// sharing 4096 tokens) in CUDA-graph replays, as the engine runs it, 8 prefix partitions beat
+/// 12, 16 and 24 at every suffix length tried, 1..64 included (H100, 2026-11-27; KERNELS.md).
 const PREFIX_TARGET_BLOCKS: usize = 128;
-/// Prefix blocks to aim for when the suffixes are short (at most `SHORT_SUFFIX_TOKENS`) and the
-/// prefix pass is nearly all the work: about two per SM. 16 partitions took 31.0 µs against
-/// 38.3 with 8 at suffixes 1..64 (one suffix partition each).
-const PREFIX_TARGET_BLOCKS_ALONE: usize = 256;
-/// Longest suffix bound at which the prefix pass counts as running alone.
-const SHORT_SUFFIX_TOKENS: usize = 64;
 /// Shortest prefix partition worth a block: each partition writes a partial state as large as
 /// 130 tokens of K and V, so shorter ones would move more bytes than they read.
 const PREFIX_MIN_PARTITION: usize = 128;
@@ -60,8 +54,11 @@ const PREFIX_MIN_PARTITION: usize = 128;
 const SUFFIX_PARTITION_TOKENS: usize = 320;
 /// Fewest suffix tokens per block when partitions are added to fill the GPU.
 const SUFFIX_MIN_PARTITION: usize = 64;
-/// Suffix blocks (sequence x KV head x partition) a batch should have to fill an H100's SMs.
-const SUFFIX_TARGET_BLOCKS: usize = 1024;
+/// Suffix blocks (sequence x KV head x partition) a batch should have to fill an H100's SMs
+/// beside the prefix pass: 64 sequences x 8 KV heads with suffixes of up to 320 tokens ran
+/// faster in one partition (512 blocks) than in two, e.g. 38.8 against 40.5 µs a layer at
+/// suffixes 64..320 and 31.0 against 32.5 at 128 (graph replays, H100, 2026-11-27).
+const SUFFIX_TARGET_BLOCKS: usize = 512;
 /// Largest GQA group the suffix kernel handles per pass; larger groups loop.
 const SUFFIX_MAX_GROUP_CHUNK: usize = 4;
 
@@ -124,12 +121,7 @@ impl CascadeGrid {
                 .saturating_mul(num_groups)
                 .saturating_mul(row_tiles)
                 .max(1);
-            let target = if bounds.max_suffix_tokens <= SHORT_SUFFIX_TOKENS {
-                PREFIX_TARGET_BLOCKS_ALONE
-            } else {
-                PREFIX_TARGET_BLOCKS
-            };
-            target
+            PREFIX_TARGET_BLOCKS
                 .div_ceil(per_slot)
                 .min(prefix_tokens.div_ceil(PREFIX_MIN_PARTITION))
                 .max(1)
@@ -513,21 +505,23 @@ mod tests {
             CudaDevice::cascade_attention_decode_workspace_len(64, 1, &params(300), &bounds),
             64 * 16 * 10 * 130
         );
-        // Suffixes up to 320 still get two partitions (512 blocks each would not fill the GPU).
+        // Suffixes up to 320 take one partition (512 blocks beside the prefix pass's 128), short
+        // ones too.
+        for suffix in [320, 64, 1] {
+            bounds.max_suffix_tokens = suffix;
+            let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
+            assert_eq!((grid.prefix_slots, grid.suffix_slots), (8, 1), "{suffix}");
+        }
+        // Fewer sequences split their suffixes to fill the GPU, down to 64 tokens a block.
         bounds.max_suffix_tokens = 320;
-        let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
-        assert_eq!((grid.prefix_slots, grid.suffix_slots), (8, 2));
-        // With short suffixes the prefix pass is nearly alone and takes about two blocks per SM.
-        bounds.max_suffix_tokens = 64;
-        let grid = CascadeGrid::new(64, 1, &params(300), &bounds);
-        assert_eq!((grid.prefix_slots, grid.suffix_slots), (16, 1));
+        let grid = CascadeGrid::new(16, 1, &params(300), &bounds);
+        assert_eq!(grid.suffix_slots, 4);
     }
 
     #[test]
     fn a_group_decoding_its_answer_keeps_one_grid_for_hundreds_of_steps() {
         // The shared-prefix benchmark: 64 members of 4096 shared tokens, questions of 64 tokens,
-        // answers of 256. The CUDA model rounds the suffix bound up to a power of two: 128, 256
-        // and 512 over the answer, which all give the same launches.
+        // answers of 256: every own suffix from 65 to 320 tokens gives the same launches.
         let grid = |suffix| {
             let bounds = CascadeBounds {
                 max_group_size: 64,
@@ -536,8 +530,8 @@ mod tests {
             };
             bounds.grid(64, 1, &params(512))
         };
-        assert!((128..=600).all(|s| grid(s) == grid(128)));
-        assert_ne!(grid(64), grid(128));
+        assert!((65..=320).all(|s| grid(s) == grid(65)));
+        assert_ne!(grid(321), grid(320));
     }
 
     #[test]
