@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// When decode steps read a shared prefix's KV once per group.
     pub cascade: CascadePolicy,
+    /// On the GPU, turn each step's tokens into text while the next step computes (see
+    /// [`Engine::step`]); off, every step is launched, finished and reported by one call.
+    pub overlap_steps: bool,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +53,7 @@ impl Default for EngineConfig {
             max_running: 64,
             prefix_caching: true,
             cascade: CascadePolicy::Auto,
+            overlap_steps: true,
         }
     }
 }
@@ -67,8 +71,9 @@ pub struct EngineStats {
     pub cascade_steps: u64,
     /// Tokens of KV (per layer) cascade attention did not re-read, summed over steps.
     pub cascade_saved_tokens: u64,
-    /// Wall time spent in the backend's forward passes (input upload, compute and the wait for
-    /// the result); the rest of a step is the engine's own host work, during which the GPU idles.
+    /// Wall time spent launching the backend's forward passes and waiting for their results
+    /// (input upload, compute); the rest is the engine's own host work. With overlapped steps on
+    /// the GPU part of that work (the previous step's text) runs while the GPU computes.
     pub forward_seconds: f64,
 }
 
@@ -94,6 +99,10 @@ pub struct Engine {
     /// Block copies (source, destination) the backend must run before the next forward step:
     /// copy-on-write of partly filled blocks shared with a retained output.
     pending_copies: Vec<(u32, u32)>,
+    /// The step the last [`Engine::step`] launched.
+    in_flight: Option<InFlight>,
+    /// Sequences that ended in the step being finished, until their last events are out.
+    finishing: Vec<Sequence>,
 }
 
 /// A finished request's KV, held by its own block table.
@@ -128,10 +137,24 @@ impl Decode for TokenizerDecode<'_> {
 /// What one scheduled sequence produced in a step.
 #[derive(Clone, Copy)]
 enum Outcome {
-    /// A prefill-only request's prompt is computed (index into `running`).
-    Prefilled(usize),
-    /// A new token, and whether it is an end-of-sequence token that ends the output.
-    Token { i: usize, token: u32, is_eos: bool },
+    /// A prefill-only request's prompt is computed.
+    Prefilled(RequestId),
+    /// A new token; whether it is an end-of-sequence token that ends the output, and whether
+    /// the output ends with it (end of sequence or length).
+    Token {
+        id: RequestId,
+        token: u32,
+        is_eos: bool,
+        ends: bool,
+    },
+}
+
+/// A step launched on the backend and not yet finished: each sequence's id and the tokens it
+/// runs, in step order, and the chosen ids when the backend returned them at launch (the CPU
+/// backend, or host sampling).
+struct InFlight {
+    seqs: Vec<(RequestId, usize)>,
+    ids: Option<Vec<u32>>,
 }
 
 impl Engine {
@@ -195,6 +218,8 @@ impl Engine {
             stats: EngineStats::default(),
             retained: Vec::new(),
             pending_copies: Vec::new(),
+            in_flight: None,
+            finishing: Vec::new(),
         })
     }
 
@@ -429,7 +454,7 @@ impl Engine {
 
     /// Whether any request is waiting or running.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || self.in_flight.is_some()
     }
 
     /// Drop a request wherever it is; its blocks are free for the next step. Unknown ids are ignored.
@@ -455,7 +480,51 @@ impl Engine {
     }
 
     /// Run one batched forward over everything schedulable and report each request's progress.
+    ///
+    /// On the GPU, steps are pipelined one deep ([`EngineConfig::overlap_steps`]): a call
+    /// finishes the step the previous call launched (waits for its tokens and books them),
+    /// launches the next one, and turns the finished step's tokens into text and events while
+    /// the GPU computes. So a call's events are those of the step it finished, and a sequence
+    /// that a stop string ends has one more token computed and dropped; the output is the same
+    /// as one step at a time. A step whose tokens are chosen on the host (the CPU backend, a
+    /// repetition penalty) is computed as it is launched and reported by the same call.
     pub fn step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        let outcomes = match self.in_flight.take() {
+            Some(step) => self.finish(step)?,
+            None => Vec::new(),
+        };
+        let mut events = self.launch()?;
+        events.extend(self.emit(outcomes));
+        let overlap = self.config.overlap_steps;
+        if let Some(step) = self
+            .in_flight
+            .take_if(|step| step.ids.is_some() || !overlap)
+        {
+            self.end_stopped();
+            let outcomes = self.finish(step)?;
+            events.extend(self.emit(outcomes));
+        }
+        self.end_stopped();
+        self.finishing.clear();
+        Ok(events)
+    }
+
+    /// Retires the running sequences a stop string ended.
+    fn end_stopped(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].finished.is_some() {
+                let mut s = self.running.remove(i);
+                self.retire(&mut s);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Schedules and launches the next step, leaving it in flight; events only for requests
+    /// dropped because they can never fit.
+    fn launch(&mut self) -> Result<Vec<StepEvent>, EngineError> {
         let mut scheduled = self.schedule();
         for (src, dst) in std::mem::take(&mut self.pending_copies) {
             match &mut self.executor {
@@ -518,7 +587,7 @@ impl Engine {
             .iter()
             .all(|&(i, _)| self.running[i].params.sampling.is_greedy());
         let forward_start = Instant::now();
-        let sampled: Vec<u32> = match &mut self.executor {
+        let ids = match &mut self.executor {
             Executor::Cuda(model) if on_device => {
                 let rows: Option<Vec<SamplingRow>> = (!all_greedy).then(|| {
                     scheduled
@@ -526,7 +595,8 @@ impl Engine {
                         .map(|&(i, _)| device_row(&self.running[i]))
                         .collect()
                 });
-                model.forward_sample(&inputs, &groups, rows.as_deref())?
+                model.launch_sample(&inputs, &groups, rows.as_deref())?;
+                None
             }
             executor => {
                 let logits = match executor {
@@ -543,17 +613,54 @@ impl Engine {
                         0
                     });
                 }
-                ids
+                Some(ids)
             }
         };
-        self.stats.steps += 1;
         self.stats.forward_seconds += forward_start.elapsed().as_secs_f64();
+        self.in_flight = Some(InFlight {
+            seqs: scheduled
+                .iter()
+                .map(|&(i, n)| (self.running[i].id, n))
+                .collect(),
+            ids,
+        });
+        Ok(Vec::new())
+    }
 
-        // Bookkeeping first, in step order: what each scheduled sequence produced.
+    /// Waits for the step in flight and books what each of its sequences produced, in step
+    /// order. Sequences that end here (end of sequence, length, prefill only) leave `running`
+    /// at once, their blocks released or retained before the next step is scheduled; their text
+    /// comes in [`Engine::emit`]. A sequence no longer running (aborted, or ended by a stop
+    /// string after this step was launched) drops its token.
+    fn finish(&mut self, step: InFlight) -> Result<Vec<Outcome>, EngineError> {
+        let wait_start = Instant::now();
+        let sampled = match step.ids {
+            Some(ids) => ids,
+            None => match &mut self.executor {
+                Executor::Cuda(model) => model.sampled(step.seqs.len())?,
+                Executor::Cpu { .. } => unreachable!("the CPU backend returns its ids at launch"),
+            },
+        };
+        self.stats.steps += 1;
+        self.stats.forward_seconds += wait_start.elapsed().as_secs_f64();
+
+        let index: std::collections::HashMap<RequestId, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect();
         let eos = self.tokenizer.eos_ids();
-        let mut outcomes = Vec::with_capacity(scheduled.len());
-        for (&(i, n), token) in scheduled.iter().zip(sampled) {
+        let bs = self.config.block_size;
+        let mut outcomes = Vec::with_capacity(step.seqs.len());
+        for (&(id, n), token) in step.seqs.iter().zip(sampled) {
+            let Some(&i) = index.get(&id) else {
+                continue;
+            };
             let seq = &mut self.running[i];
+            if seq.finished.is_some() {
+                continue;
+            }
             if seq.num_computed < seq.prompt_len {
                 self.stats.prompt_tokens += n.min(seq.prompt_len - seq.num_computed) as u64;
             }
@@ -562,7 +669,6 @@ impl Engine {
             // Full blocks become reusable prefixes for later requests (and for this one after a
             // preemption) as soon as their KV exists. Committing walks the whole table, so it runs
             // only on the steps that fill a block.
-            let bs = self.config.block_size;
             if self.config.prefix_caching && seq.num_computed / bs > (seq.num_computed - n) / bs {
                 self.kv.commit(&mut seq.table, &seq.tokens);
             }
@@ -570,7 +676,9 @@ impl Engine {
                 continue; // a prompt chunk; the prompt's last chunk samples
             }
             if seq.params.max_tokens == 0 {
-                outcomes.push(Outcome::Prefilled(i));
+                // Prefill only: the prompt's KV is computed and cached; nothing is generated.
+                seq.finished = Some(FinishReason::Length);
+                outcomes.push(Outcome::Prefilled(id));
                 continue;
             }
             seq.tokens.push(token);
@@ -579,21 +687,66 @@ impl Engine {
             seq.last_token = Some(now);
             self.stats.generated_tokens += 1;
             let is_eos = !seq.params.ignore_eos && eos.contains(&token);
-            outcomes.push(Outcome::Token { i, token, is_eos });
+            let ends = is_eos
+                || seq.num_generated() >= seq.params.max_tokens
+                || seq.tokens.len() >= seq.max_total;
+            if ends {
+                seq.finished = Some(if is_eos {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                });
+            }
+            outcomes.push(Outcome::Token {
+                id,
+                token,
+                is_eos,
+                ends,
+            });
         }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].finished.is_some() {
+                let mut s = self.running.remove(i);
+                self.retire(&mut s);
+                self.finishing.push(s);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(outcomes)
+    }
 
-        // Text, stop strings, ends and events, in step order. Each new token is detokenized
-        // here, one sequence after another: on a 16-core H100 host a thread pool over 256
-        // sequences took longer (≈0.15 ms a step) than this loop (≈0.13 ms) once its wake-ups
-        // were counted.
+    /// Text, stop strings and events for a finished step's outcomes, in step order. Each new
+    /// token is detokenized here, one sequence after another: on a 16-core H100 host a thread
+    /// pool over 256 sequences took longer (≈0.15 ms a step) than this loop (≈0.13 ms) once its
+    /// wake-ups were counted; pipelining hides it behind the next step instead.
+    fn emit(&mut self, outcomes: Vec<Outcome>) -> Vec<StepEvent> {
         let decoder = TokenizerDecode(&self.tokenizer);
+        let index: std::collections::HashMap<RequestId, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect();
         let mut events = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
-            let (i, token, is_eos) = match outcome {
-                Outcome::Prefilled(i) => {
-                    // Prefill only: the prompt's KV is computed and cached; nothing is generated.
-                    let seq = &mut self.running[i];
-                    seq.finished = Some(FinishReason::Length);
+            let id = match outcome {
+                Outcome::Prefilled(id) | Outcome::Token { id, .. } => id,
+            };
+            // Still running, ended in `finish`, or preempted by the step launched since.
+            let seq = match index.get(&id) {
+                Some(&i) => &mut self.running[i],
+                None => match self.finishing.iter_mut().find(|s| s.id == id) {
+                    Some(s) => s,
+                    None => match self.waiting.iter_mut().find(|s| s.id == id) {
+                        Some(s) => s,
+                        None => continue,
+                    },
+                },
+            };
+            let (token, is_eos, ends) = match outcome {
+                Outcome::Prefilled(_) => {
                     events.push(StepEvent {
                         request: seq.id,
                         token: None,
@@ -603,35 +756,32 @@ impl Engine {
                     });
                     continue;
                 }
-                Outcome::Token { i, token, is_eos } => (i, token, is_eos),
+                Outcome::Token {
+                    token,
+                    is_eos,
+                    ends,
+                    ..
+                } => (token, is_eos, ends),
             };
-            let seq = &mut self.running[i];
             let mut text = String::new();
+            let mut stopped = false;
             if !is_eos {
                 let piece = seq.detok.push(&decoder, token);
                 let decision = seq.stop.push(&piece);
                 if decision.is_stop() {
                     seq.finished = Some(FinishReason::Stop);
+                    stopped = true;
                 }
                 text = decision.emit;
             }
-            if seq.finished.is_none() {
-                if is_eos {
+            if ends && !stopped {
+                // End of output: release text held back for a possible split character or stop string.
+                let tail = seq.stop.push(&seq.detok.flush(&decoder));
+                if tail.is_stop() {
                     seq.finished = Some(FinishReason::Stop);
-                } else if seq.num_generated() >= seq.params.max_tokens
-                    || seq.tokens.len() >= seq.max_total
-                {
-                    seq.finished = Some(FinishReason::Length);
                 }
-                if seq.finished.is_some() {
-                    // End of output: release text held back for a possible split character or stop string.
-                    let tail = seq.stop.push(&seq.detok.flush(&decoder));
-                    if tail.is_stop() {
-                        seq.finished = Some(FinishReason::Stop);
-                    }
-                    text.push_str(&tail.emit);
-                    text.push_str(&seq.stop.flush());
-                }
+                text.push_str(&tail.emit);
+                text.push_str(&seq.stop.flush());
             }
             let metrics = seq.finished.map(|_| seq.metrics());
             events.push(StepEvent {
@@ -642,30 +792,27 @@ impl Engine {
                 metrics,
             });
         }
+        events
+    }
 
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].finished.is_some() {
-                let mut s = self.running.remove(i);
-                if s.params.retain {
-                    if self.config.prefix_caching {
-                        self.kv.commit(&mut s.table, &s.tokens);
-                    }
-                    s.tokens.truncate(s.num_computed);
-                    self.retained.push(Retained {
-                        id: s.id,
-                        tokens: s.tokens,
-                        table: s.table,
-                        pinned: false,
-                    });
-                } else {
-                    self.kv.release(&mut s.table);
-                }
-            } else {
-                i += 1;
+    /// Ends a sequence that left `running`: its blocks kept as a retained output of its computed
+    /// tokens, or released. The sequence keeps what its last events need (text state, metrics).
+    fn retire(&mut self, s: &mut Sequence) {
+        let mut table = std::mem::take(&mut s.table);
+        if s.params.retain {
+            let tokens = &s.tokens[..s.num_computed];
+            if self.config.prefix_caching {
+                self.kv.commit(&mut table, tokens);
             }
+            self.retained.push(Retained {
+                id: s.id,
+                tokens: tokens.to_vec(),
+                table,
+                pinned: false,
+            });
+        } else {
+            self.kv.release(&mut table);
         }
-        Ok(events)
     }
 
     /// Choose (running index, tokens to run) pairs for this step, reserving their KV blocks.

@@ -186,14 +186,33 @@ impl CudaModel {
 
     /// The next token of each sequence, chosen on the device: greedily when `rows` is `None`,
     /// else by each row's sampling parameters. The members of each of `groups` attend with
-    /// cascade attention.
+    /// cascade attention. [`CudaModel::launch_sample`] followed by [`CudaModel::sampled`].
     pub fn forward_sample(
         &mut self,
         seqs: &[SeqInput<'_>],
         groups: &[SharedPrefixGroup],
         rows: Option<&[SamplingRow]>,
     ) -> Result<Vec<u32>> {
-        with_runner!(self, r => r.forward_sample(seqs, groups, rows))
+        self.launch_sample(seqs, groups, rows)?;
+        self.sampled(seqs.len())
+    }
+
+    /// Starts [`CudaModel::forward_sample`]'s step and returns without waiting for the GPU, so
+    /// the host can work while it computes; [`CudaModel::sampled`] waits for the ids. Work
+    /// enqueued in between (block copies, reads) runs after the step.
+    pub fn launch_sample(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        groups: &[SharedPrefixGroup],
+        rows: Option<&[SamplingRow]>,
+    ) -> Result<()> {
+        with_runner!(self, r => r.launch_sample(seqs, groups, rows))
+    }
+
+    /// The ids chosen by the last [`CudaModel::launch_sample`] for its `count` sequences, once
+    /// the GPU has computed them.
+    pub fn sampled(&mut self, count: usize) -> Result<Vec<u32>> {
+        with_runner!(self, r => r.sampled(count))
     }
 }
 
@@ -1155,12 +1174,12 @@ where
             .collect())
     }
 
-    fn forward_sample(
+    fn launch_sample(
         &mut self,
         seqs: &[SeqInput<'_>],
         groups: &[SharedPrefixGroup],
         rows: Option<&[SamplingRow]>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<()> {
         let padding = self.padding(seqs);
         let graphed = padding != Padding::None;
         let mut shape = self.step_shape(seqs, padding)?;
@@ -1195,12 +1214,21 @@ where
             self.enqueue_forward(shape).map_err(cuda)?;
             self.enqueue_choice(shape, greedy).map_err(cuda)?;
         }
-        let b = self.bufs.as_ref().expect("allocated");
-        let ids = self
-            .dev
-            .download(&b.out_ids.slice(..seqs.len()))
-            .map_err(cuda)?;
-        Ok(ids)
+        Ok(())
+    }
+
+    fn sampled(&mut self, count: usize) -> Result<Vec<u32>> {
+        let b = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| ModelError::Forward("CUDA buffers were not allocated".into()))?;
+        if count > b.out_ids.len() {
+            return Err(ModelError::Forward(format!(
+                "{count} sampled ids asked for, where a step holds at most {}",
+                b.out_ids.len()
+            )));
+        }
+        self.dev.download(&b.out_ids.slice(..count)).map_err(cuda)
     }
 
     /// Enqueue the token choice over `bufs.logits` into `bufs.out_ids`.

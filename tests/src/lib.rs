@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
-use braid_core::{Engine, GenerationParams, RequestId, RequestMetrics};
+use std::collections::BTreeMap;
+
+use braid_core::{
+    Engine, FinishReason, GenerationParams, RequestId, RequestMetrics, SamplingParams,
+};
 use braid_models::source::ModelLocation;
 use braid_models::{Model, SeqInput};
 use serde_json::Value;
@@ -161,4 +165,69 @@ pub fn run_to_end(engine: &mut Engine, id: RequestId) -> (Vec<u32>, RequestMetri
         tokens,
         metrics.expect("the finishing event carries metrics"),
     )
+}
+
+/// What one request of [`mixed_workload`] produced: its tokens, text and how it ended.
+pub type RequestOutput = (Vec<u32>, String, Option<FinishReason>);
+
+/// A workload that exercises everything a step can do to a request, for comparing two ways of
+/// running the engine: `prompts` (at least three) as greedy requests of 20 tokens, one of them
+/// with `stop` strings, one seeded-sampled, one retained and then continued by a second turn
+/// once it finishes, one aborted after its fourth token. Run with a KV pool small enough to
+/// preempt. Returns every request's output by id.
+pub fn mixed_workload(
+    engine: &mut Engine,
+    prompts: &[Vec<u32>],
+    stop: &[String],
+) -> BTreeMap<RequestId, RequestOutput> {
+    let with_stop = GenerationParams {
+        stop: stop.to_vec(),
+        ..greedy(20)
+    };
+    let sampled = GenerationParams {
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 20,
+            seed: Some(7),
+            ..SamplingParams::default()
+        },
+        ..greedy(20)
+    };
+    let mut outputs: BTreeMap<RequestId, RequestOutput> = BTreeMap::new();
+    let mut ids = Vec::new();
+    for (k, prompt) in prompts.iter().enumerate() {
+        let params = match k % 4 {
+            0 => with_stop.clone(),
+            1 => sampled.clone(),
+            2 => retaining(12),
+            _ => greedy(20),
+        };
+        let id = engine.add_request(prompt.clone(), params).unwrap();
+        outputs.insert(id, (Vec::new(), String::new(), None));
+        ids.push(id);
+    }
+    let (retained_turn, aborted) = (ids[2], ids[prompts.len() - 1]);
+    while engine.has_work() {
+        for ev in engine.step().unwrap() {
+            let out = outputs
+                .get_mut(&ev.request)
+                .expect("a request of the workload");
+            out.0.extend(ev.token);
+            out.1.push_str(&ev.text);
+            out.2 = ev.finished;
+            if ev.request == retained_turn && ev.finished.is_some() {
+                // The second turn: the first turn's prompt and answer, then more of a prompt.
+                let mut turn2 = prompts[2].clone();
+                turn2.extend(&out.0);
+                turn2.extend(&prompts[0][..4]);
+                let id = engine.add_request(turn2, greedy(10)).unwrap();
+                outputs.insert(id, (Vec::new(), String::new(), None));
+            }
+        }
+        if outputs[&aborted].0.len() >= 4 && outputs[&aborted].2.is_none() {
+            let ev = engine.abort(aborted).expect("the request is still running");
+            outputs.get_mut(&aborted).unwrap().2 = ev.finished;
+        }
+    }
+    outputs
 }

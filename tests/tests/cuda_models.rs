@@ -2,7 +2,9 @@
 //! f32 CPU result and transformers' greedy tokens, through the engine with its CUDA graphs. Without
 //! a CUDA device each test says it was skipped.
 
-use braid_core::{Braid, Engine, EngineConfig, GenerationParams, Prompt, SamplingParams};
+use braid_core::{
+    Braid, Engine, EngineConfig, FinishReason, GenerationParams, Prompt, SamplingParams,
+};
 use braid_kernels::{DType, Device};
 use braid_models::source::{self, ModelLocation};
 use braid_models::Backend;
@@ -295,6 +297,71 @@ fn gpu_retained_outputs_are_reused_exactly() {
             run_to_end(&mut engine, again).0,
             reused,
             "{name}: the retained KV changed"
+        );
+    }
+}
+
+/// On the GPU a step's tokens become text while the next step computes (`overlap_steps`); a
+/// request's output must be the same as with every step finished before the next is launched:
+/// stop strings (one more token computed and dropped), seeded sampling, an abort while the
+/// request is in flight, an answer retained and continued, and a KV pool small enough to preempt
+/// (which of the two preempts, or drops a retained output, when may differ: a sequence a stop
+/// string ends holds its blocks one step longer).
+#[test]
+fn gpu_overlapped_steps_keep_every_output() {
+    if !cuda_available() {
+        return;
+    }
+    for (name, location, expected) in fixture_models()
+        .into_iter()
+        .filter(|(n, ..)| n == "llama" || n == "qwen3")
+    {
+        let base: Vec<Vec<u32>> = expected["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| as_ids(&p["input_ids"]))
+            .collect();
+        let prompts: Vec<Vec<u32>> = (0..7)
+            .map(|k| {
+                let mut p = base[k % base.len()].clone();
+                p.truncate(p.len() - k % 3);
+                p
+            })
+            .collect();
+        let config = |overlap_steps| EngineConfig {
+            block_size: 4,
+            kv_cache_tokens: Some(160),
+            overlap_steps,
+            ..EngineConfig::default()
+        };
+        // Stop strings taken from the middle of an earlier answer, so they fire mid-stream.
+        let mut probe = gpu_engine_in(&location, config(false), DType::F16);
+        let first = probe.add_request(prompts[0].clone(), greedy(20)).unwrap();
+        let (answer, _) = run_to_end(&mut probe, first);
+        let text = probe.tokenizer().decode(&answer, true).unwrap();
+        let chars: Vec<char> = text.chars().collect();
+        let stop = vec![chars[chars.len() / 2..chars.len() / 2 + 2]
+            .iter()
+            .collect::<String>()];
+
+        let mut stepwise = gpu_engine_in(&location, config(false), DType::F16);
+        let want = mixed_workload(&mut stepwise, &prompts, &stop);
+        let mut overlapped = gpu_engine_in(&location, config(true), DType::F16);
+        let got = mixed_workload(&mut overlapped, &prompts, &stop);
+        assert!(
+            stepwise.stats().preemptions > 0,
+            "{name}: the pool should be small enough to preempt"
+        );
+        assert!(
+            want.values().any(|o| o.2 == Some(FinishReason::Stop)),
+            "{name}: a stop string should end a request"
+        );
+        assert_eq!(got, want, "{name}");
+        assert_eq!(
+            overlapped.stats().generated_tokens,
+            stepwise.stats().generated_tokens,
+            "{name}"
         );
     }
 }
