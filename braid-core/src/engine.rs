@@ -3,7 +3,7 @@
 //! reports. When the KV pool runs out, the newest sequence is preempted and recomputed later, so
 //! nothing crashes and nothing is lost.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::time::Instant;
 
@@ -509,6 +509,15 @@ impl Engine {
         Ok(events)
     }
 
+    /// Each running sequence's position in `running`, by id.
+    fn running_index(&self) -> HashMap<RequestId, usize> {
+        self.running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect()
+    }
+
     /// Retires the running sequences a stop string ended.
     fn end_stopped(&mut self) {
         let mut i = 0;
@@ -644,12 +653,7 @@ impl Engine {
         self.stats.steps += 1;
         self.stats.forward_seconds += wait_start.elapsed().as_secs_f64();
 
-        let index: std::collections::HashMap<RequestId, usize> = self
-            .running
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id, i))
-            .collect();
+        let index = self.running_index();
         let eos = self.tokenizer.eos_ids();
         let bs = self.config.block_size;
         let mut outcomes = Vec::with_capacity(step.seqs.len());
@@ -723,12 +727,7 @@ impl Engine {
     /// wake-ups were counted; pipelining hides it behind the next step instead.
     fn emit(&mut self, outcomes: Vec<Outcome>) -> Vec<StepEvent> {
         let decoder = TokenizerDecode(&self.tokenizer);
-        let index: std::collections::HashMap<RequestId, usize> = self
-            .running
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id, i))
-            .collect();
+        let index = self.running_index();
         let mut events = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
             let id = match outcome {
