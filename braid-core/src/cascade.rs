@@ -20,9 +20,10 @@ pub enum CascadePolicy {
 }
 
 /// Under [`CascadePolicy::Auto`], a group is worth a cascade when `(members - 1) * shared_tokens`
-/// reaches this. A cascade step runs without a captured graph, which costs about a millisecond of
-/// launches on a 28-layer model; at ~114 KB of KV per token over all layers (Qwen3-0.6B shape)
-/// and ~3 TB/s that is the time to read ~26k tokens of KV, so smaller savings are not worth it.
+/// reaches this. Set when cascade steps ran without a captured graph, which cost about a
+/// millisecond of launches on a 28-layer model: at ~114 KB of KV per token over all layers
+/// (Qwen3-0.6B shape) and ~3 TB/s, the time to read ~26k tokens of KV. Cascade steps replay
+/// graphs now; the threshold has not been measured again.
 pub const AUTO_MIN_SAVED_TOKENS: usize = 32 * 1024;
 
 /// A step's batch order and its cascade groups.
