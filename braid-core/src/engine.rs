@@ -500,11 +500,11 @@ impl Engine {
             .in_flight
             .take_if(|step| step.ids.is_some() || !overlap)
         {
-            self.end_stopped();
+            self.retire_finished();
             let outcomes = self.finish(step)?;
             events.extend(self.emit(outcomes));
         }
-        self.end_stopped();
+        self.retire_finished();
         self.finishing.clear();
         Ok(events)
     }
@@ -518,13 +518,16 @@ impl Engine {
             .collect()
     }
 
-    /// Retires the running sequences a stop string ended.
-    fn end_stopped(&mut self) {
+    /// Moves every finished running sequence to `finishing`, its blocks retained or released
+    /// (see [`Engine::retire`]), so the next schedule leaves it out and [`Engine::emit`] still
+    /// finds it.
+    fn retire_finished(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].finished.is_some() {
                 let mut s = self.running.remove(i);
                 self.retire(&mut s);
+                self.finishing.push(s);
             } else {
                 i += 1;
             }
@@ -662,9 +665,6 @@ impl Engine {
                 continue;
             };
             let seq = &mut self.running[i];
-            if seq.finished.is_some() {
-                continue;
-            }
             if seq.num_computed < seq.prompt_len {
                 self.stats.prompt_tokens += n.min(seq.prompt_len - seq.num_computed) as u64;
             }
@@ -708,16 +708,7 @@ impl Engine {
                 ends,
             });
         }
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].finished.is_some() {
-                let mut s = self.running.remove(i);
-                self.retire(&mut s);
-                self.finishing.push(s);
-            } else {
-                i += 1;
-            }
-        }
+        self.retire_finished();
         Ok(outcomes)
     }
 
