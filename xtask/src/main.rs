@@ -236,7 +236,7 @@ ncu_run() {
     local name="$1"; shift
     ncu --csv --page raw --metrics gpu__time_duration.sum --print-units base \
         --clock-control none --cache-control none --log-file "$out/$name.csv" \
-        ./bin/braid bench --model "$model" --device cuda --ttft 16 "$@" > /dev/null
+        ./bin/braid bench --model "$model" --device cuda --ttft 16 --turns 0 "$@" > /dev/null
 }
 ncu_run batch1 --batch 1 --new-tokens 4 --shared-prefix 0
 ncu_run batch64 --batch 64 --new-tokens 4 --shared-prefix 0
