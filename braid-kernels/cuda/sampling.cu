@@ -19,8 +19,8 @@
 // - The draw scans the kept tokens in id order: per-segment (128 ids) masses go to shared memory,
 //   block scans find the segment holding the target, and one warp resolves the token inside it.
 // - One block per row is slow when rows are few (a pass over 151936 logits takes one SM ~18 us),
-//   so for small batches the *_cluster_* kernels give each row a thread-block cluster of
-//   SAMPLE_CLUSTER blocks (sm_90+): passes split over the cluster, and the reductions and
+//   so for small and mid-sized batches the *_clusterCL_* kernels give each row a thread-block
+//   cluster of CL blocks (sm_90+): passes split over the cluster, and the reductions and
 //   histograms are combined through distributed shared memory. The code is the same, templated
 //   on the number of blocks per row.
 #include <cooperative_groups.h>
@@ -40,16 +40,15 @@
 #define SAMPLE_FIXED_ONE 1099511627776.0f  // 2^40
 // Below this temperature a row decodes greedily, as on the CPU.
 #define SAMPLE_MIN_TEMPERATURE 1e-5f
-// Blocks per row of the cluster kernels (the portable maximum cluster size). Mirrored in
-// src/cuda/sampling.rs.
-#define SAMPLE_CLUSTER 8
-
+// Cluster kernels come in two widths, instantiated at the end of this file: *_cluster8_* (the
+// portable maximum cluster size) for the smallest batches, *_cluster2_* for mid-sized ones; the
+// choice is made in src/cuda/sampling.rs.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define SAMPLE_HAS_CLUSTERS 0
-#define SAMPLE_CLUSTER_DIMS
+#define SAMPLE_CLUSTER_DIMS(CL)
 #else
 #define SAMPLE_HAS_CLUSTERS 1
-#define SAMPLE_CLUSTER_DIMS __cluster_dims__(SAMPLE_CLUSTER, 1, 1)
+#define SAMPLE_CLUSTER_DIMS(CL) __cluster_dims__(CL, 1, 1)
 #endif
 
 static_assert(2 * SAMPLE_RADIX_BINS <= 2 * SAMPLE_MAX_SEGMENTS, "histograms share the segment table");
@@ -69,8 +68,9 @@ template <> struct RowBlocks<1> {
 };
 
 #if SAMPLE_HAS_CLUSTERS
-template <> struct RowBlocks<SAMPLE_CLUSTER> {
-    static constexpr int THREADS = SAMPLE_CLUSTER * SAMPLE_BLOCK_THREADS;
+template <int CL> struct RowBlocks {
+    static_assert(CL > 1, "one block per row is the specialisation above");
+    static constexpr int THREADS = CL * SAMPLE_BLOCK_THREADS;
     __device__ __forceinline__ static unsigned rank() { return cooperative_groups::this_cluster().block_rank(); }
     // Orders shared-memory writes of every block of the cluster before the reads after it.
     __device__ __forceinline__ static void sync() { cooperative_groups::this_cluster().sync(); }
@@ -639,13 +639,35 @@ __device__ void sample_row(const T* __restrict__ row, int vocab, const SamplingR
 }  // namespace braid
 
 // Grids: one block of SAMPLE_BLOCK_THREADS per row (gridDim.x = rows) for argmax_* and sample_*;
-// one cluster of SAMPLE_CLUSTER such blocks per row (gridDim.x = rows * SAMPLE_CLUSTER) for the
-// *_cluster_* kernels, which exist only on sm_90 and newer. 1 <= vocab <= the limit.
+// one cluster of CL such blocks per row (gridDim.x = rows * CL) for the *_clusterCL_* kernels,
+// which exist only on sm_90 and newer. 1 <= vocab <= the limit.
 #if SAMPLE_HAS_CLUSTERS
 #define BRAID_CLUSTER_BODY(...) __VA_ARGS__
 #else
 #define BRAID_CLUSTER_BODY(...)
 #endif
+
+// argmax_clusterCL_* and sample_clusterCL_*: one cluster of CL blocks per row.
+#define BRAID_DEFINE_CLUSTER_SAMPLING_KERNELS(T, SUFFIX, CL)                                             \
+    extern "C" __global__ void SAMPLE_CLUSTER_DIMS(CL) __launch_bounds__(SAMPLE_BLOCK_THREADS)           \
+        argmax_cluster##CL##_##SUFFIX(const T* __restrict__ logits, int vocab, uint32_t* __restrict__ out_ids) { \
+        BRAID_CLUSTER_BODY(                                                                              \
+            const int r = blockIdx.x / CL;                                                               \
+            const T* row = logits + static_cast<size_t>(r) * vocab;                                      \
+            float best, thread_best;                                                                     \
+            int best_id;                                                                                 \
+            braid::row_argmax<CL>(row, vocab, braid::is_chunk_aligned(row), best, best_id, thread_best); \
+            if (blockIdx.x % CL == 0 && threadIdx.x == 0) out_ids[r] = static_cast<uint32_t>(best_id);)  \
+    }                                                                                                    \
+    extern "C" __global__ void SAMPLE_CLUSTER_DIMS(CL) __launch_bounds__(SAMPLE_BLOCK_THREADS)           \
+        sample_cluster##CL##_##SUFFIX(const T* __restrict__ logits, int vocab,                           \
+                                      const braid::SamplingRow* __restrict__ params, uint32_t* __restrict__ out_ids) { \
+        BRAID_CLUSTER_BODY(                                                                              \
+            const int r = blockIdx.x / CL;                                                               \
+            const T* row = logits + static_cast<size_t>(r) * vocab;                                      \
+            const braid::SamplingRow p = params[r];                                                      \
+            braid::sample_row<CL>(row, vocab, p, out_ids + r);)                                          \
+    }
 
 #define BRAID_DEFINE_SAMPLING_KERNELS(T, SUFFIX)                                                         \
     extern "C" __global__ void __launch_bounds__(SAMPLE_BLOCK_THREADS)                                   \
@@ -663,26 +685,8 @@ __device__ void sample_row(const T* __restrict__ row, int vocab, const SamplingR
         const braid::SamplingRow p = params[blockIdx.x];                                                 \
         braid::sample_row<1>(row, vocab, p, out_ids + blockIdx.x);                                       \
     }                                                                                                    \
-    extern "C" __global__ void SAMPLE_CLUSTER_DIMS __launch_bounds__(SAMPLE_BLOCK_THREADS)               \
-        argmax_cluster_##SUFFIX(const T* __restrict__ logits, int vocab, uint32_t* __restrict__ out_ids) { \
-        BRAID_CLUSTER_BODY(                                                                              \
-            const int r = blockIdx.x / SAMPLE_CLUSTER;                                                   \
-            const T* row = logits + static_cast<size_t>(r) * vocab;                                      \
-            float best, thread_best;                                                                     \
-            int best_id;                                                                                 \
-            braid::row_argmax<SAMPLE_CLUSTER>(row, vocab, braid::is_chunk_aligned(row), best, best_id,   \
-                                              thread_best);                                              \
-            if (blockIdx.x % SAMPLE_CLUSTER == 0 && threadIdx.x == 0) out_ids[r] = static_cast<uint32_t>(best_id);) \
-    }                                                                                                    \
-    extern "C" __global__ void SAMPLE_CLUSTER_DIMS __launch_bounds__(SAMPLE_BLOCK_THREADS)               \
-        sample_cluster_##SUFFIX(const T* __restrict__ logits, int vocab,                                 \
-                                const braid::SamplingRow* __restrict__ params, uint32_t* __restrict__ out_ids) { \
-        BRAID_CLUSTER_BODY(                                                                              \
-            const int r = blockIdx.x / SAMPLE_CLUSTER;                                                   \
-            const T* row = logits + static_cast<size_t>(r) * vocab;                                      \
-            const braid::SamplingRow p = params[r];                                                      \
-            braid::sample_row<SAMPLE_CLUSTER>(row, vocab, p, out_ids + r);)                              \
-    }
+    BRAID_DEFINE_CLUSTER_SAMPLING_KERNELS(T, SUFFIX, 8)                                              \
+    BRAID_DEFINE_CLUSTER_SAMPLING_KERNELS(T, SUFFIX, 2)
 
 BRAID_DEFINE_SAMPLING_KERNELS(float, f32)
 BRAID_DEFINE_SAMPLING_KERNELS(__half, f16)

@@ -323,7 +323,8 @@ fn argmax_reference(row: &[f32]) -> u32 {
 }
 
 fn check_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
-    // Up to 16 rows run the cluster kernels (sm_90+), more rows one block per row.
+    // On sm_90+ up to 16 rows run clusters of 8 blocks a row, 17–64 rows clusters of 2, more rows
+    // one block per row.
     for (rows, vocab) in [
         (3, 1),
         (5, 7),
@@ -333,6 +334,8 @@ fn check_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
         (3, 151_936),
         (2, 151_937),
         (17, 4099),
+        (64, 151_936),
+        (65, 333),
     ] {
         let what = format!("argmax_{} [{rows}, {vocab}]", T::SUFFIX);
         let mut logits: Vec<T> = rng.vec(rows * vocab, -30.0, 30.0);
@@ -496,7 +499,8 @@ fn check_frequencies(what: &str, ids: &[u32], probs: &[f64]) {
 }
 
 /// Uploads `params.len()` copies of `row` and samples each with its own parameters, `batch` rows
-/// per launch (up to 16 rows a launch runs the cluster kernels on sm_90+, more one block per row).
+/// per launch (on sm_90+ up to 16 rows a launch run clusters of 8 blocks a row, 17–64 clusters of
+/// 2, more one block per row).
 fn sample_rows<T: TestFloat>(
     dev: &CudaDevice,
     row: &[T],
@@ -566,6 +570,8 @@ fn sampling_frequencies_match_filtered_softmax() {
     check_sampling_frequencies::<f32>(&dev, &mut rng, 16);
     check_sampling_frequencies::<bf16>(&dev, &mut rng, 16_384);
     check_sampling_frequencies::<f16>(&dev, &mut rng, 7);
+    // Launches of 48 rows (clusters of 2 blocks a row on sm_90+) and a last one of 16 (clusters of 8).
+    check_sampling_frequencies::<f16>(&dev, &mut rng, 48);
 }
 
 #[test]
@@ -589,7 +595,7 @@ fn top_p_boundary_ties_are_ranked_by_id() {
     let params: Vec<SamplingRow> = (0..8192)
         .map(|seed| SamplingRow { seed, ..config })
         .collect();
-    for batch in [16, 8192] {
+    for batch in [16, 64, 8192] {
         let ids = sample_rows(&dev, &row, &params, batch);
         check_frequencies(
             &format!("top-p boundary ties, {batch} rows a launch"),
@@ -721,8 +727,8 @@ fn sampling_is_a_pure_function_of_seed_and_step() {
     let first = run(5);
     assert_eq!(first, run(5), "same seeds and steps must give the same ids");
     assert_ne!(first, run(6), "another step must give other draws");
-    // The sums are exact, so splitting a row over a cluster of blocks (launches of at most 16
-    // rows on sm_90+) must not change a single draw.
+    // The sums are exact, so splitting a row over a cluster of blocks (2 blocks a row for the
+    // 64-row launch, 8 for launches of 16 rows, on sm_90+) must not change a single draw.
     let params: Vec<SamplingRow> = (0..rows as u64)
         .map(|r| sampled(1.0, 0, 0.95, 0.0, 1234 + r, 5))
         .collect();

@@ -12,12 +12,11 @@ use super::{
 
 /// Threads per block (mirrors `SAMPLE_BLOCK_THREADS` in sampling.cu).
 const BLOCK_THREADS: u32 = 1024;
-/// Blocks per row of the cluster kernels (mirrors `SAMPLE_CLUSTER` in sampling.cu).
-const CLUSTER: usize = 8;
-/// Up to this many rows, each row gets a cluster of [`CLUSTER`] blocks on sm_90+ GPUs: one block
-/// takes ~18 µs per pass over a 151936-token row, and 16 clusters of 8 blocks still fit an H100's
-/// 132 SMs in one wave. Larger batches fill the GPU with one block per row.
-const CLUSTER_MAX_ROWS: usize = 16;
+/// Cluster widths of the `*_cluster{8,2}_*` kernels in sampling.cu, each with the most rows it
+/// takes, widest first. One block takes ~18 µs per pass over a 151936-token row, so on sm_90+
+/// GPUs a row gets the widest cluster that still lets the whole batch fit an H100's 132 SMs in one
+/// wave (16 rows × 8 blocks, 64 rows × 2); larger batches fill the GPU with one block per row.
+const CLUSTERS: [(usize, usize); 2] = [(8, 16), (2, 64)];
 /// Largest vocabulary [`CudaDevice::sample`] accepts: its per-row scratch lives in 44 KiB of shared
 /// memory, one entry per 128 ids (mirrors `SAMPLE_MAX_SEGMENTS * SAMPLE_SEGMENT` in sampling.cu).
 pub const SAMPLE_MAX_VOCAB: usize = 5632 * 128;
@@ -161,7 +160,7 @@ impl CudaDevice {
         let (out_ptr, _out_sync) = out_ids.device_ptr_mut(&self.stream);
         let mut launch = self.stream.launch_builder(&function);
         launch.arg(&logits_ptr).arg(&vocab).arg(&out_ptr);
-        // SAFETY: the arguments match `argmax_*` / `argmax_cluster_*(const T*, int, uint32_t*)` in
+        // SAFETY: the arguments match `argmax_*` / `argmax_cluster{8,2}_*(const T*, int, uint32_t*)` in
         // sampling.cu, and the lengths checked above cover the `num_seqs` rows the grid reads and
         // writes.
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
@@ -214,7 +213,7 @@ impl CudaDevice {
             .arg(&vocab)
             .arg(&params_ptr)
             .arg(&out_ptr);
-        // SAFETY: the arguments match `sample_*` / `sample_cluster_*(const T*, int, const
+        // SAFETY: the arguments match `sample_*` / `sample_cluster{8,2}_*(const T*, int, const
         // SamplingRow*, uint32_t*)` in sampling.cu, `SamplingRow` mirrors the kernel's struct, and the lengths checked above
         // cover the `num_seqs` rows the grid reads and writes.
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
@@ -230,18 +229,14 @@ impl CudaDevice {
         rows: usize,
     ) -> Result<(CudaFunction, LaunchConfig), CudaError> {
         let (major, _) = self.capability();
-        let blocks_per_row = if rows <= CLUSTER_MAX_ROWS && major >= 9 {
-            CLUSTER
-        } else {
-            1
-        };
+        let blocks_per_row = blocks_per_row(rows, major >= 9);
         let name = if blocks_per_row > 1 {
-            format!("{family}_cluster_{}", T::SUFFIX)
+            format!("{family}_cluster{blocks_per_row}_{}", T::SUFFIX)
         } else {
             format!("{family}_{}", T::SUFFIX)
         };
         let function = self.kernel("sampling", &name)?;
-        // rows <= i32::MAX was checked, and clusters are used for at most CLUSTER_MAX_ROWS rows.
+        // rows <= i32::MAX was checked, and clusters are used for at most 64 rows.
         let cfg = LaunchConfig {
             grid_dim: ((rows * blocks_per_row) as u32, 1, 1),
             block_dim: (BLOCK_THREADS, 1, 1),
@@ -249,6 +244,15 @@ impl CudaDevice {
         };
         Ok((function, cfg))
     }
+}
+
+/// Blocks that share one row of a `rows`-row launch: the widest of [`CLUSTERS`] that takes that
+/// many rows where the GPU has thread-block clusters, else one.
+fn blocks_per_row(rows: usize, has_clusters: bool) -> usize {
+    CLUSTERS
+        .iter()
+        .find(|&&(_, max_rows)| has_clusters && rows <= max_rows)
+        .map_or(1, |&(width, _)| width)
 }
 
 /// Checks a `[num_seqs, vocab]` logits shape and returns its element count.
@@ -311,5 +315,15 @@ mod tests {
         );
         assert!(check_rows("sample", 1, SAMPLE_MAX_VOCAB + 1, SAMPLE_MAX_VOCAB).is_err());
         assert!(check_rows("argmax", 1, SAMPLE_MAX_VOCAB + 1, ARGMAX_MAX_VOCAB).is_ok());
+    }
+
+    #[test]
+    fn rows_get_the_widest_cluster_that_fits_one_wave() {
+        let widths: Vec<usize> = [1, 16, 17, 64, 65, 256]
+            .iter()
+            .map(|&rows| blocks_per_row(rows, true))
+            .collect();
+        assert_eq!(widths, [8, 8, 2, 2, 1, 1]);
+        assert_eq!(blocks_per_row(1, false), 1);
     }
 }
