@@ -97,6 +97,9 @@ pub enum Command {
 pub enum SharedRun {
     /// The prefix cached once, decoded with cascade attention where the cost rule picks it.
     Cascade,
+    /// The prefix cached once, decoded with cascade attention whatever the cost rule says (to
+    /// measure where the rule should draw its line).
+    CascadeAlways,
     /// The prefix cached once, decoded with plain paged attention.
     Plain,
     /// Prefix caching off: every request holds its own copy of the prefix.
@@ -132,7 +135,8 @@ pub struct BenchArgs {
     /// Shared-prefix workload: tokens generated per request.
     #[arg(long, default_value_t = 256)]
     pub shared_new_tokens: usize,
-    /// Shared-prefix workload: which of its runs to make (cascade, plain, unshared).
+    /// Shared-prefix workload: which of its runs to make (cascade, cascade-always, plain,
+    /// unshared).
     #[arg(long, value_delimiter = ',', default_value = "cascade,plain,unshared")]
     pub shared_runs: Vec<SharedRun>,
     /// Multi-turn workload: turns of one conversation (0 skips it).

@@ -107,6 +107,7 @@ fn shared_prefix(model: &ModelArgs, args: &BenchArgs) -> Result<Value> {
     for &run in &args.shared_runs {
         let (name, cascade, prefix_caching) = match run {
             SharedRun::Cascade => ("cascade", CascadePolicy::Auto, true),
+            SharedRun::CascadeAlways => ("cascade_always", CascadePolicy::Always, true),
             SharedRun::Plain => ("plain", CascadePolicy::Off, true),
             SharedRun::Unshared => ("unshared", CascadePolicy::Off, false),
         };

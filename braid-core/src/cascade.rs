@@ -11,8 +11,9 @@ use braid_models::SharedPrefixGroup;
 pub enum CascadePolicy {
     /// Never: every sequence reads its whole context.
     Off,
-    /// When a group's saved KV reads outweigh the extra launches: at least
-    /// [`AUTO_MIN_SAVED_TOKENS`] tokens of KV not re-read per step.
+    /// When a group's saved KV reads outweigh the cascade's fixed costs (a second pass and a
+    /// merge each layer): at least [`AUTO_MIN_SAVED_TOKENS`] tokens of KV not re-read per step,
+    /// over a prefix of at least [`AUTO_MIN_SHARED_TOKENS`].
     #[default]
     Auto,
     /// Whenever two or more sequences share at least one block.
@@ -20,11 +21,17 @@ pub enum CascadePolicy {
 }
 
 /// Under [`CascadePolicy::Auto`], a group is worth a cascade when `(members - 1) * shared_tokens`
-/// reaches this. Set when cascade steps ran without a captured graph, which cost about a
-/// millisecond of launches on a 28-layer model: at ~114 KB of KV per token over all layers
-/// (Qwen3-0.6B shape) and ~3 TB/s, the time to read ~26k tokens of KV. Cascade steps replay
-/// graphs now; the threshold has not been measured again.
-pub const AUTO_MIN_SAVED_TOKENS: usize = 32 * 1024;
+/// reaches this. Measured on an H100 (Qwen3-0.6B shape, 64-token questions, 128-token answers,
+/// cascade forced on against plain paged attention, both replaying graphs; table in
+/// `docs/benchmarks.md`): of the groups saving 1,024 to 3,840 tokens, four ran at 0.89–0.98× with
+/// cascade and one at 1.04× (2,048 shared × 2); the groups saving 4,096 to 7,936 ran at
+/// 1.00–1.23×, and the gain grows with the saving (2.85× at 4,096 × 32).
+pub const AUTO_MIN_SAVED_TOKENS: usize = 4096;
+
+/// Under [`CascadePolicy::Auto`], the shortest shared prefix worth a cascade: the shortest
+/// measured. At 256 tokens a group needed 32 members to break even and 64 to gain (1.18×);
+/// shorter prefixes were not measured, so they never take the cascade.
+pub const AUTO_MIN_SHARED_TOKENS: usize = 256;
 
 /// A step's batch order and its cascade groups.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,7 +102,7 @@ pub(crate) fn plan(
         let saved = (members.len() - 1) * shared;
         let worth = match policy {
             CascadePolicy::Always => shared > 0,
-            _ => saved >= AUTO_MIN_SAVED_TOKENS,
+            _ => saved >= AUTO_MIN_SAVED_TOKENS && shared >= AUTO_MIN_SHARED_TOKENS,
         };
         if !worth {
             continue;
@@ -158,21 +165,25 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_groups_whose_savings_pay_for_the_launches() {
-        let prefix: Vec<u32> = (0..256).collect();
-        let tables: Vec<Vec<u32>> = (0..64)
-            .map(|i| {
-                let mut t = prefix.clone();
-                t.push(1000 + i);
-                t
-            })
-            .collect();
-        let views: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
-        let computed = vec![256 * 16 + 70; 64];
-        let p = plan(&views, &computed, 16, CascadePolicy::Auto).unwrap();
+    fn auto_takes_groups_whose_savings_pay_for_the_fixed_costs() {
+        // `members` sequences sharing `shared_blocks` blocks of 16 tokens, then one own block each.
+        let auto = |members: u32, shared_blocks: u32| {
+            let tables: Vec<Vec<u32>> = (0..members)
+                .map(|i| (0..shared_blocks).chain([1000 + i]).collect())
+                .collect();
+            let views: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+            let computed = vec![shared_blocks as usize * 16 + 10; members as usize];
+            plan(&views, &computed, 16, CascadePolicy::Auto)
+        };
+        let p = auto(64, 256).unwrap();
         assert_eq!(p.groups[0].shared_tokens, 4096);
         assert_eq!(p.saved_tokens, 63 * 4096);
-        let few: Vec<&[u32]> = views[..2].to_vec();
-        assert!(plan(&few, &computed[..2], 16, CascadePolicy::Auto).is_none());
+        // Two members sharing 4,096 tokens save exactly the threshold; 2,048 do not.
+        assert_eq!(auto(2, 256).unwrap().saved_tokens, AUTO_MIN_SAVED_TOKENS);
+        assert!(auto(2, 128).is_none());
+        // 256 shared tokens pay from 17 members on; a 240-token prefix never, however many share it.
+        assert!(auto(16, 16).is_none());
+        assert!(auto(17, 16).is_some());
+        assert!(auto(256, 15).is_none());
     }
 }

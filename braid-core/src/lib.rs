@@ -18,7 +18,7 @@ pub mod stop;
 pub use api::{Braid, Generation, Prompt, Timings};
 pub use braid_cache::SnapshotSummary as CacheFileSummary;
 pub use braid_models::chat_template::ChatMessage;
-pub use cascade::{CascadePolicy, AUTO_MIN_SAVED_TOKENS};
+pub use cascade::{CascadePolicy, AUTO_MIN_SAVED_TOKENS, AUTO_MIN_SHARED_TOKENS};
 pub use chunks::{
     Chunk, ChunkError, ChunkFilter, ChunkId, ChunkRole, ChunkStats, ChunkStore, Composition,
     CompositionReport,
