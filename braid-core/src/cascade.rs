@@ -25,7 +25,9 @@ pub enum CascadePolicy {
 /// cascade forced on against plain paged attention, both replaying graphs; table in
 /// `docs/benchmarks.md`): of the groups saving 1,024 to 3,840 tokens, four ran at 0.89–0.98× with
 /// cascade and one at 1.04× (2,048 shared × 2); the groups saving 4,096 to 7,936 ran at
-/// 1.00–1.23×, and the gain grows with the saving (2.85× at 4,096 × 32).
+/// 1.00–1.23×, and the gain grows with the saving (2.85× at 4,096 × 32). A model of the
+/// SmolLM2-135M shape (5.3× fewer KV bytes a token) broke even at the same token counts, so the
+/// rule counts tokens, not bytes.
 pub const AUTO_MIN_SAVED_TOKENS: usize = 4096;
 
 /// Under [`CascadePolicy::Auto`], the shortest shared prefix worth a cascade: the shortest
