@@ -23,7 +23,7 @@ pub enum CascadePolicy {
 /// Under [`CascadePolicy::Auto`], a group is worth a cascade when `(members - 1) * shared_tokens`
 /// reaches this. Measured on an H100 (Qwen3-0.6B shape, 64-token questions, 128-token answers,
 /// cascade forced on against plain paged attention, both replaying graphs; table in
-/// `docs/benchmarks.md`): of the groups saving 1,024 to 3,840 tokens, four ran at 0.89–0.98× with
+/// `docs/benchmarks.md`): of the groups saving 256 to 3,840 tokens, seven ran at 0.88–0.98× with
 /// cascade and one at 1.04× (2,048 shared × 2); the groups saving 4,096 to 7,936 ran at
 /// 1.00–1.23×, and the gain grows with the saving (2.85× at 4,096 × 32). A model of the
 /// SmolLM2-135M shape (5.3× fewer KV bytes a token) broke even at the same token counts, so the
