@@ -183,7 +183,8 @@ mod tests {
         // Two members sharing 4,096 tokens save exactly the threshold; 2,048 do not.
         assert_eq!(auto(2, 256).unwrap().saved_tokens, AUTO_MIN_SAVED_TOKENS);
         assert!(auto(2, 128).is_none());
-        // 256 shared tokens pay from 17 members on; a 240-token prefix never, however many share it.
+        // 256 shared tokens pay from 17 members on; a 240-token prefix never, however many
+        // share it.
         assert!(auto(16, 16).is_none());
         assert!(auto(17, 16).is_some());
         assert!(auto(256, 15).is_none());

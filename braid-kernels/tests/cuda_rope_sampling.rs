@@ -570,7 +570,8 @@ fn sampling_frequencies_match_filtered_softmax() {
     check_sampling_frequencies::<f32>(&dev, &mut rng, 16);
     check_sampling_frequencies::<bf16>(&dev, &mut rng, 16_384);
     check_sampling_frequencies::<f16>(&dev, &mut rng, 7);
-    // Launches of 48 rows (clusters of 2 blocks a row on sm_90+) and a last one of 16 (clusters of 8).
+    // Launches of 48 rows (clusters of 2 blocks a row on sm_90+) and a last one of 16 (clusters
+    // of 8).
     check_sampling_frequencies::<f16>(&dev, &mut rng, 48);
 }
 

@@ -1,10 +1,9 @@
 //! Shared helpers for the cross-crate tests: where the fixtures are and how results are compared.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use braid_cache::{BlockManager, BlockTable, KvLayout, KvStorage};
-use std::collections::BTreeMap;
-
 use braid_core::{
     Engine, FinishReason, GenerationParams, RequestId, RequestMetrics, SamplingParams,
 };

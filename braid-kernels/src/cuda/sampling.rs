@@ -160,9 +160,9 @@ impl CudaDevice {
         let (out_ptr, _out_sync) = out_ids.device_ptr_mut(&self.stream);
         let mut launch = self.stream.launch_builder(&function);
         launch.arg(&logits_ptr).arg(&vocab).arg(&out_ptr);
-        // SAFETY: the arguments match `argmax_*` / `argmax_cluster{8,2}_*(const T*, int, uint32_t*)` in
-        // sampling.cu, and the lengths checked above cover the `num_seqs` rows the grid reads and
-        // writes.
+        // SAFETY: the arguments match `argmax_*` / `argmax_cluster{8,2}_*(const T*, int,
+        // uint32_t*)` in sampling.cu, and the lengths checked above cover the `num_seqs` rows the
+        // grid reads and writes.
         unsafe { launch.launch(cfg) }.map_err(driver_error(OP))?;
         Ok(())
     }
