@@ -13,7 +13,6 @@
 //! the gate|up projection instead ([`CudaDevice::linear_gate_up_silu`]). Plain decode steps (no
 //! cascade groups) of up to 64 sequences also fold the RoPE step into decode attention.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use braid_kernels::cuda::cascade::{CascadeBounds, CascadeGrid};
@@ -29,6 +28,7 @@ use crate::checkpoint::{HostEnds, HostLayer};
 use crate::config::ModelConfig;
 use crate::cuda_inputs::{Field, StepInputs};
 use crate::error::{ModelError, Result};
+use crate::graph_cache::GraphCache;
 use crate::model::{check_groups, SeqInput, SharedPrefixGroup};
 use crate::weights::Weights;
 
@@ -397,8 +397,8 @@ struct Runner<T: KernelFloat> {
     weight_bytes: usize,
     kv: Vec<(CudaSlice<T>, CudaSlice<T>)>,
     bufs: Option<Buffers<T>>,
-    /// Decode graphs by step shape and token choice.
-    graphs: HashMap<GraphKey, CudaGraph>,
+    /// Step graphs by step shape and token choice, at most [`GRAPH_CACHE_CAPACITY`].
+    graphs: GraphCache<GraphKey, CudaGraph>,
     fused: FusedNormStatus,
 }
 
@@ -415,6 +415,25 @@ struct GraphKey {
     /// `(num_groups, grid)`.
     cascade: Option<(usize, CascadeGrid)>,
 }
+
+impl GraphKey {
+    /// Whether a graph of `other` ran the same kernels on the same row counts, so every kernel
+    /// module, cuBLASLt plan and scratch buffer a capture of `self` needs is ready: decode steps
+    /// (one token a sequence) that differ at most in the block-table width, which sizes only
+    /// grids. (A prefill step's width can choose a split-key attention kernel.)
+    fn same_kernels_as(&self, other: &GraphKey) -> bool {
+        self.tokens == self.seqs
+            && GraphKey {
+                width: other.width,
+                ..*self
+            } == *other
+    }
+}
+
+/// Most step graphs kept at once. A graph holds a few hundred kernel launches; the distinct step
+/// shapes of a long-running server (batch buckets × table widths × greedy or sampled, plus
+/// cascade group counts and grids) are not bounded otherwise.
+const GRAPH_CACHE_CAPACITY: usize = 256;
 
 /// Largest plain decode step whose attention kernel also does the RoPE step. Measured on an
 /// H100 (Qwen3-0.6B shape): folding it in gains 2–4% at batch 1 and 1.5% at 64, where the
@@ -504,7 +523,7 @@ where
             weight_bytes: bytes,
             kv: Vec::new(),
             bufs: None,
-            graphs: HashMap::new(),
+            graphs: GraphCache::new(GRAPH_CACHE_CAPACITY),
             fused: FusedNormStatus {
                 max_tokens: 0,
                 max_rel_err: 0.0,
@@ -815,7 +834,7 @@ where
         .max(1);
         if b.cascade_workspace.as_ref().is_none_or(|w| w.len() < need) {
             // Graphs recorded the old buffer's address.
-            self.graphs.retain(|key, _| key.cascade.is_none());
+            self.graphs.retain(|key| key.cascade.is_none());
             b.cascade_workspace = None; // free the old one first
             b.cascade_workspace = Some(self.dev.alloc_zeros::<f32>(need).map_err(cuda)?);
         }
@@ -1200,11 +1219,20 @@ where
                 greedy,
                 cascade: shape.cascade.map(|c| (c.num_groups, c.grid)),
             };
-            if !self.graphs.contains_key(&key) {
-                let graph = self.capture(shape, greedy)?;
-                self.graphs.insert(key, graph);
+            if self.graphs.get(&key).is_none() {
+                let warm = self.graphs.keys().any(|k| k.same_kernels_as(&key));
+                let graph = self.capture(shape, greedy, warm)?;
+                if let Some(old) = self.graphs.insert(key, graph) {
+                    tracing::debug!(
+                        batch = old.seqs,
+                        width = old.width,
+                        greedy = old.greedy,
+                        "dropped the least recently used step graph"
+                    );
+                }
             }
-            self.graphs[&key].launch().map_err(|e| {
+            let graph = self.graphs.get(&key).expect("inserted above");
+            graph.launch().map_err(|e| {
                 cuda(CudaError::Driver {
                     op: "graph launch",
                     source: e,
@@ -1250,12 +1278,16 @@ where
     }
 
     /// Record one step (forward + token choice) for `shape` as a CUDA graph.
-    fn capture(&mut self, shape: StepShape, greedy: bool) -> Result<CudaGraph> {
+    /// Records one step of `shape` as a graph. `warm`: a step with the same kernels and row
+    /// counts ran before (see [`GraphKey::same_kernels_as`]), so the eager warm-up run is skipped.
+    fn capture(&mut self, shape: StepShape, greedy: bool, warm: bool) -> Result<CudaGraph> {
         let started = std::time::Instant::now();
-        // Warm up outside the capture: lazy module loads and cuBLASLt heuristics must not happen inside it.
-        self.enqueue_forward(shape).map_err(cuda)?;
-        self.enqueue_choice(shape, greedy).map_err(cuda)?;
-        self.dev.synchronize().map_err(cuda)?;
+        if !warm {
+            // Lazy module loads and cuBLASLt heuristics must not happen inside the capture.
+            self.enqueue_forward(shape).map_err(cuda)?;
+            self.enqueue_choice(shape, greedy).map_err(cuda)?;
+            self.dev.synchronize().map_err(cuda)?;
+        }
         let stream = self.dev.stream().clone();
         let driver = |op: &'static str| move |e| cuda(CudaError::Driver { op, source: e });
         stream
@@ -1276,7 +1308,13 @@ where
             greedy,
             cascade_groups = shape.cascade.map_or(0, |c| c.num_groups),
             tokens = shape.tokens,
+            warm,
             ms = started.elapsed().as_secs_f64() * 1e3,
+            graphs = self.graphs.len() + 1,
+            device_mib = self
+                .dev
+                .memory_info()
+                .map_or(0, |(free, total)| (total - free) >> 20),
             "captured a step graph"
         );
         Ok(graph)
@@ -1616,9 +1654,33 @@ impl Convert for f16 {
 #[cfg(test)]
 mod tests {
     use super::{
-        bucket, prefill_bucket, rel_l2, Calibration, FusedCheck, GRAPH_PREFILL_MAX_TOKENS,
+        bucket, prefill_bucket, rel_l2, Calibration, FusedCheck, GraphKey, GRAPH_PREFILL_MAX_TOKENS,
     };
     use half::bf16;
+
+    #[test]
+    fn only_decode_graphs_of_another_width_count_as_warm() {
+        let decode = |seqs, width, greedy| GraphKey {
+            tokens: seqs,
+            seqs,
+            width,
+            greedy,
+            cascade: None,
+        };
+        assert!(decode(8, 64, true).same_kernels_as(&decode(8, 16, true)));
+        assert!(decode(8, 64, true).same_kernels_as(&decode(8, 64, true)));
+        assert!(!decode(8, 64, true).same_kernels_as(&decode(16, 64, true)));
+        assert!(!decode(8, 64, true).same_kernels_as(&decode(8, 64, false)));
+        // A prefill graph of one sequence: its width may pick a split-key attention kernel.
+        let prefill = |width| GraphKey {
+            tokens: 64,
+            seqs: 1,
+            width,
+            greedy: true,
+            cascade: None,
+        };
+        assert!(!prefill(64).same_kernels_as(&prefill(16)));
+    }
 
     #[test]
     fn rel_l2_compares_storage_values_and_fails_on_new_non_finite_values() {

@@ -16,6 +16,7 @@ pub mod config;
 mod cuda_inputs;
 pub mod cuda_model;
 pub mod error;
+mod graph_cache;
 mod loader;
 pub mod model;
 pub mod source;
