@@ -334,19 +334,30 @@ __device__ uint32_t radix_select(Visit&& visit, const Weights& weights, float to
         });
         RowBlocks<CL>::sync();
         // Bins from the largest digit down: thread t owns reversed positions [t*per, (t+1)*per).
-        // A bin's value sums the row's blocks in rank order.
+        // A bin's value sums the row's blocks in rank order. Each is read once, every block's
+        // words requested before the first is added: a read of another block's shared memory
+        // is a round trip through the cluster.
+        constexpr int kMaxPer = SAMPLE_RADIX_BINS / SAMPLE_BLOCK_THREADS;
         const int per = bins / blockDim.x;
-        auto bin_value = [&](uint32_t b) -> unsigned long long {
-            unsigned long long v = 0;
-#pragma unroll 1
+        unsigned long long bin_values[kMaxPer];
+#pragma unroll
+        for (int j = 0; j < kMaxPer; ++j) {
+            bin_values[j] = 0;
+            if (j >= per) continue;
+            const uint32_t b = bins - 1 - (threadIdx.x * per + j);
+            uint32_t lo[CL];
+            uint32_t hi[CL];
+#pragma unroll
             for (int r = 0; r < CL; ++r) {
-                const uint32_t lo = *RowBlocks<CL>::at(&hist_lo[b], r);
-                v += COUNT ? lo : (static_cast<unsigned long long>(*RowBlocks<CL>::at(&hist_hi[b], r)) << 32) | lo;
+                lo[r] = *RowBlocks<CL>::at(&hist_lo[b], r);
+                hi[r] = COUNT ? 0u : *RowBlocks<CL>::at(&hist_hi[b], r);
             }
-            return v;
-        };
+#pragma unroll
+            for (int r = 0; r < CL; ++r) bin_values[j] += (static_cast<unsigned long long>(hi[r]) << 32) | lo[r];
+        }
         unsigned long long local = 0;
-        for (int j = 0; j < per; ++j) local += bin_value(bins - 1 - (threadIdx.x * per + j));
+#pragma unroll
+        for (int j = 0; j < kMaxPer; ++j) local += bin_values[j];
         unsigned long long total;
         unsigned long long above = block_exclusive_scan_u64(local, total);
         if (!COUNT && level == 0) {
@@ -355,9 +366,11 @@ __device__ uint32_t radix_select(Visit&& visit, const Weights& weights, float to
             target = min(max(static_cast<unsigned long long>(wanted), 1ull), total);
             remaining = target;
         }
-        for (int j = 0; j < per; ++j) {
+#pragma unroll
+        for (int j = 0; j < kMaxPer; ++j) {
+            if (j >= per) break;
             const uint32_t b = bins - 1 - (threadIdx.x * per + j);
-            const unsigned long long h = bin_value(b);
+            const unsigned long long h = bin_values[j];
             if (above < remaining && remaining <= above + h) {
                 found_digit = b;
                 found_above = above;
