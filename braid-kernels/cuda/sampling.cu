@@ -37,6 +37,8 @@
 // gets without opting in. That caps the vocabulary at 5632 * 128 = 720896 ids.
 #define SAMPLE_MAX_SEGMENTS 5632
 #define SAMPLE_RADIX_BINS 2048
+// Keys of a block's top-k candidates, kept in the segment table's space after the histograms.
+#define SAMPLE_MAX_CANDIDATES 4096
 #define SAMPLE_FIXED_ONE 1099511627776.0f  // 2^40
 // Below this temperature a row decodes greedily, as on the CPU.
 #define SAMPLE_MIN_TEMPERATURE 1e-5f
@@ -51,7 +53,8 @@
 #define SAMPLE_CLUSTER_DIMS(CL) __cluster_dims__(CL, 1, 1)
 #endif
 
-static_assert(2 * SAMPLE_RADIX_BINS <= 2 * SAMPLE_MAX_SEGMENTS, "histograms share the segment table");
+static_assert(2 * SAMPLE_RADIX_BINS + SAMPLE_MAX_CANDIDATES <= 2 * SAMPLE_MAX_SEGMENTS,
+              "histograms and candidates share the segment table");
 static_assert(SAMPLE_RADIX_BINS % SAMPLE_BLOCK_THREADS == 0, "each thread scans whole bins");
 static_assert(SAMPLE_BLOCK_THREADS == BRAID_WARP_SIZE * BRAID_WARP_SIZE, "two-level scans");
 
@@ -496,6 +499,28 @@ __device__ void sample_row(const T* __restrict__ row, int vocab, const SamplingR
                             : 0.0f;
 
     unsigned long long unused;
+    // Once top-k has a floor, this block's tokens at or above it are listed in shared memory and
+    // the selects after it read the list instead of the row. Each block lists only its own share
+    // of the row and fills only its own histograms, so a block whose list overflows reads its
+    // share of the row instead, whatever the other blocks do.
+    uint32_t* candidates = hist + 2 * SAMPLE_RADIX_BINS;
+    __shared__ int candidate_count;
+    bool listed = false;
+    auto visit_list = [&](uint32_t min_key, auto&& add) {
+        for (int i = threadIdx.x; i < candidate_count; i += blockDim.x) {
+            const uint32_t key = candidates[i];
+            if (key >= min_key) add(key, key_float(key));
+        }
+    };
+    auto visit_row = [&](uint32_t min_key, auto&& add) {
+        for_each_chunk<CL>(row, vocab, aligned, [&](int, const float (&x)[SAMPLE_CHUNK], int count) {
+#pragma unroll
+            for (int e = 0; e < SAMPLE_CHUNK; ++e) {
+                const uint32_t key = float_key(x[e]);
+                if (e < count && key >= min_key) add(key, x[e]);
+            }
+        });
+    };
     if (f.top_k) {
         unsigned long long k = params.top_k;
         uint32_t floor_key = 0;
@@ -504,18 +529,32 @@ __device__ void sample_row(const T* __restrict__ row, int vocab, const SamplingR
             // of them: a lower bound for the threshold that keeps most tokens out of the histograms.
             floor_key = radix_select<true, CL>([&](auto&& add) { add(float_key(thread_max), thread_max); }, weights,
                                            1.0f, hist, k, unused);
-        }
-        f.top_k_key = radix_select<true, CL>(
-            [&](auto&& add) {
-                for_each_chunk<CL>(row, vocab, aligned, [&](int, const float (&x)[SAMPLE_CHUNK], int count) {
+            if (threadIdx.x == 0) candidate_count = 0;
+            __syncthreads();
+            const int lane = threadIdx.x % BRAID_WARP_SIZE;
+            for_each_chunk<CL>(row, vocab, aligned, [&](int, const float (&x)[SAMPLE_CHUNK], int count) {
 #pragma unroll
-                    for (int e = 0; e < SAMPLE_CHUNK; ++e) {
-                        const uint32_t key = float_key(x[e]);
-                        if (e < count && key >= floor_key) add(key, x[e]);
-                    }
-                });
-            },
-            weights, 1.0f, hist, k, unused);
+                for (int e = 0; e < SAMPLE_CHUNK; ++e) {
+                    const uint32_t key = float_key(x[e]);
+                    const bool keep = e < count && key >= floor_key;
+                    // One shared-memory atomic per warp reserves the slots of its lanes' keys.
+                    const unsigned keepers = __ballot_sync(0xffffffffu, keep);
+                    if (keepers == 0) continue;
+                    int base = 0;
+                    if (lane == 0) base = atomicAdd(&candidate_count, __popc(keepers));
+                    base = __shfl_sync(0xffffffffu, base, 0);
+                    const int slot = base + __popc(keepers & ((1u << lane) - 1u));
+                    if (keep && slot < SAMPLE_MAX_CANDIDATES) candidates[slot] = key;
+                }
+            });
+            __syncthreads();
+            listed = candidate_count <= SAMPLE_MAX_CANDIDATES;
+        }
+        // Two instantiations, so the row's pass carries nothing of the list's.
+        f.top_k_key = listed ? radix_select<true, CL>([&](auto&& add) { visit_list(floor_key, add); }, weights,
+                                                      1.0f, hist, k, unused)
+                             : radix_select<true, CL>([&](auto&& add) { visit_row(floor_key, add); }, weights,
+                                                      1.0f, hist, k, unused);
     }
 
     // Boundary ties of top-p: the first `ties_kept` of them in id order stay, as a stable sort by
@@ -525,17 +564,10 @@ __device__ void sample_row(const T* __restrict__ row, int vocab, const SamplingR
     if (f.top_p) {
         unsigned long long target = 0;
         unsigned long long mass_above;
-        f.top_p_key = radix_select<false, CL>(
-            [&](auto&& add) {
-                for_each_chunk<CL>(row, vocab, aligned, [&](int, const float (&x)[SAMPLE_CHUNK], int count) {
-#pragma unroll
-                    for (int e = 0; e < SAMPLE_CHUNK; ++e) {
-                        const uint32_t key = float_key(x[e]);
-                        if (e < count && key >= f.top_k_key) add(key, x[e]);
-                    }
-                });
-            },
-            weights, params.top_p, hist, target, mass_above);
+        f.top_p_key = listed ? radix_select<false, CL>([&](auto&& add) { visit_list(f.top_k_key, add); }, weights,
+                                                       params.top_p, hist, target, mass_above)
+                             : radix_select<false, CL>([&](auto&& add) { visit_row(f.top_k_key, add); }, weights,
+                                                       params.top_p, hist, target, mass_above);
         tie_weight = Weights::fixed(weights.weight(key_float(f.top_p_key)));
         // The select only stops in a bin with mass, so the selected key weighs more than zero.
         ties_kept = (target - mass_above + tie_weight - 1) / tie_weight;

@@ -656,6 +656,72 @@ fn large_vocabulary_sampling_matches_filtered_softmax() {
     }
 }
 
+/// Top-k lists each block's candidates in shared memory (4,096 a block) once it has bounded the
+/// threshold. Here ties at the top fill far more than that in the blocks that read the first
+/// chunks of every 32,768 ids (rank 0 of a cluster of 8), so those blocks read the row instead
+/// while the others use their lists. All tied tokens survive top-k 10 with equal weight; top-p
+/// 0.5 then keeps the first half of them in id order.
+#[test]
+fn top_k_candidate_overflow_keeps_every_tie() {
+    let Some(dev) = device("top_k_candidate_overflow_keeps_every_tie") else {
+        return;
+    };
+    let mut rng = Rng(43);
+    let vocab = 151_936;
+    let mut row = vec![bf16::from_f32(-20.0); vocab];
+    let mut tied: Vec<usize> = (0..vocab).filter(|id| (id / 4) % 8192 < 1024).collect();
+    tied.extend((0..200).map(|_| rng.below(vocab)));
+    tied.sort_unstable();
+    tied.dedup();
+    for &id in &tied {
+        row[id] = bf16::from_f32(1.0);
+    }
+    const BUCKETS: usize = 16;
+    const DRAWS: usize = 2048;
+    for (name, config, kept) in [
+        ("top-k 10", sampled(1.0, 10, 1.0, 0.0, 0, 0), tied.len()),
+        (
+            "top-k 10 + top-p 0.5",
+            sampled(1.0, 10, 0.5, 0.0, 0, 0),
+            tied.len().div_ceil(2),
+        ),
+    ] {
+        let kept = &tied[..kept];
+        for batch in [16, 64, 1024] {
+            let params: Vec<SamplingRow> = (0..DRAWS as u64)
+                .map(|seed| SamplingRow {
+                    seed: seed + 7,
+                    step: 3,
+                    ..config
+                })
+                .collect();
+            let ids = sample_rows(&dev, &row, &params, batch);
+            let what = format!("{name}, {} tied tokens, {batch} rows a launch", tied.len());
+            let mut counts = [0f64; BUCKETS];
+            for &id in &ids {
+                let at = kept
+                    .binary_search(&(id as usize))
+                    .unwrap_or_else(|_| panic!("{what}: drew id {id}, which the filters remove"));
+                counts[at * BUCKETS / kept.len()] += 1.0;
+            }
+            // Each bucket holds kept.len() / 16 tokens of equal probability, give or take one.
+            let chi2: f64 = (0..BUCKETS)
+                .map(|b| {
+                    let size = (b + 1) * kept.len() / BUCKETS - b * kept.len() / BUCKETS;
+                    let expected = DRAWS as f64 * size as f64 / kept.len() as f64;
+                    (counts[b] - expected).powi(2) / expected
+                })
+                .sum();
+            let df = (BUCKETS - 1) as f64;
+            let bound = df + 6.0 * (2.0 * df).sqrt();
+            assert!(
+                chi2 <= bound,
+                "{what}: chi-square {chi2:.1} over id buckets exceeds {bound:.1}"
+            );
+        }
+    }
+}
+
 fn check_top_k_one_is_argmax<T: TestFloat>(dev: &CudaDevice, rng: &mut Rng) {
     for vocab in [7, 1001, 151_936] {
         let rows = 6;
