@@ -524,11 +524,14 @@ __device__ void sample_row(const T* __restrict__ row, int vocab, const SamplingR
     if (f.top_k) {
         unsigned long long k = params.top_k;
         uint32_t floor_key = 0;
-        if (k <= Row::THREADS) {
-            // The threads' maxima are distinct tokens, so at least k tokens reach the k-th largest
-            // of them: a lower bound for the threshold that keeps most tokens out of the histograms.
-            floor_key = radix_select<true, CL>([&](auto&& add) { add(float_key(thread_max), thread_max); }, weights,
-                                           1.0f, hist, k, unused);
+        if (k <= SAMPLE_BLOCK_THREADS) {
+            // This block's threads' maxima are distinct tokens of its share of the row, so at least
+            // k tokens reach the k-th largest of them, and so does the row's k-th largest token:
+            // a lower bound for the threshold that keeps most of the block's tokens out of the list
+            // and the histograms. Found by the block alone (a select of one block), so each block
+            // of a cluster has its own floor.
+            floor_key = radix_select<true, 1>([&](auto&& add) { add(float_key(thread_max), thread_max); }, weights,
+                                          1.0f, hist, k, unused);
             if (threadIdx.x == 0) candidate_count = 0;
             __syncthreads();
             const int lane = threadIdx.x % BRAID_WARP_SIZE;
