@@ -1277,9 +1277,9 @@ where
         }
     }
 
-    /// Record one step (forward + token choice) for `shape` as a CUDA graph.
-    /// Records one step of `shape` as a graph. `warm`: a step with the same kernels and row
-    /// counts ran before (see [`GraphKey::same_kernels_as`]), so the eager warm-up run is skipped.
+    /// Records one step (forward + token choice) for `shape` as a CUDA graph. `warm`: a step with
+    /// the same kernels and row counts ran before (see [`GraphKey::same_kernels_as`]), so the
+    /// eager warm-up run is skipped.
     fn capture(&mut self, shape: StepShape, greedy: bool, warm: bool) -> Result<CudaGraph> {
         let started = std::time::Instant::now();
         if !warm {

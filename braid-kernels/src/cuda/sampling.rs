@@ -236,7 +236,7 @@ impl CudaDevice {
             format!("{family}_{}", T::SUFFIX)
         };
         let function = self.kernel("sampling", &name)?;
-        // rows <= i32::MAX was checked, and clusters are used for at most 64 rows.
+        // rows <= i32::MAX was checked, and clusters take at most the row limits of CLUSTERS.
         let cfg = LaunchConfig {
             grid_dim: ((rows * blocks_per_row) as u32, 1, 1),
             block_dim: (BLOCK_THREADS, 1, 1),
