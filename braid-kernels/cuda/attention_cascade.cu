@@ -39,7 +39,7 @@ constexpr int SUFFIX_THREADS = 128;
 constexpr int SUFFIX_WARPS = SUFFIX_THREADS / BRAID_WARP_SIZE;
 constexpr int MERGE_THREADS = 128;
 // Keys each thread of the suffix kernel loads per round (K and V both in flight). Rounds are
-// issued one ahead of the one computed, so two rounds of two keys are in flight: the same
+// issued one ahead of the one computed, so up to two rounds of two keys are in flight: the same
 // registers as four keys a round without the lookahead (121, four blocks an SM), but no round
 // waits for its own loads. Measured on an H100 in the shared-prefix benchmark (64 x 4,096):
 // 28,360 against 27,940 tok/s for four keys without it (KERNELS.md).
