@@ -32,6 +32,14 @@
 //   log2 domain, sum) as f32 partials [split][total_q][num_heads], the layout attention_prefill.cu's
 //   prefill_merge combines; a range with no visible key writes (−inf, 0) and zeros. A template
 //   parameter, so the unsplit kernel keeps its registers.
+// * Cascade prefix (cascade_prefix_wgmma_d128_*): the shared-prefix pass of cascade decode
+//   attention (attention_cascade.cu) on this pipeline. A group of sequences sharing a prefix
+//   takes the place of a sequence: its members' query rows are consecutive in q, like a
+//   sequence's tokens, and every row attends to the keys [0, prefix_len) of the group's first
+//   member's table, masked by its own position (its context length - 1) and window. The keys are
+//   split as above, one block per range, and each row's normalised output and (max in the log2
+//   domain, sum) go to workspace slot `split` of its (sequence, head), the layout the cascade
+//   merge reads.
 //
 // Launch contract: kThreads threads, kSharedBytes of dynamic shared memory, tensor maps of the K
 // and V caches as 2-D [total_slots][num_kv_heads·128] tensors of T, box 64 × 16, 128-byte swizzle;
@@ -212,7 +220,7 @@ __device__ __forceinline__ void to_fragments(uint32_t (&p)[4][4], const float (&
 
 #endif  // BRAID_HAS_WGMMA
 
-template <typename T, bool kSplit>
+template <typename T, bool kSplit, bool kCascade>
 __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorMap& tm_v,
                                         const T* __restrict__ q,
                                         const uint32_t* __restrict__ block_tables,
@@ -221,7 +229,8 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
                                         T* __restrict__ out, float* __restrict__ partial_o,
                                         float* __restrict__ partial_ml, int splits, int total_q,
                                         int num_heads, int num_kv_heads, int block_size_log2,
-                                        int max_blocks_per_seq, float scale, int sliding_window) {
+                                        int max_blocks_per_seq, float scale, int sliding_window,
+                                        const uint32_t* __restrict__ prefix_lens, int num_slots) {
 #if BRAID_HAS_WGMMA
     const int group = num_heads / num_kv_heads;
     const int tokens_per_tile = kBM / group;
@@ -243,15 +252,23 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
     // box is one piece of one cache block. 64-bit first: a context length below q_len (an invalid
     // input) must give empty rows, not overflow.
     const int capacity = max_blocks_per_seq << block_size_log2;
-    const long long pos_first_ll = static_cast<long long>(context_lens[seq]) - q_len + i0;
-    const int pos_first = static_cast<int>(max(-1LL, min(pos_first_ll, static_cast<long long>(capacity))));
-    const int pos_last = static_cast<int>(
-        max(-1LL, min(pos_first_ll + tokens - 1, static_cast<long long>(capacity) - 1)));
-    int kv_end = pos_last + 1;
-    const int kv_lo = sliding_window > 0 ? max(0, pos_first - sliding_window + 1) : 0;
-    int kv_begin = min(kv_lo, kv_end) & ~(kPiece - 1);
+    long long pos_first_ll = 0;
+    int kv_begin = 0;
+    int kv_end = 0;
+    if constexpr (kCascade) {
+        // The shared prefix, whole: each row's own position and window are applied by its mask.
+        kv_end = static_cast<int>(min(prefix_lens[seq], static_cast<uint32_t>(capacity)));
+    } else {
+        pos_first_ll = static_cast<long long>(context_lens[seq]) - q_len + i0;
+        const int pos_first = static_cast<int>(max(-1LL, min(pos_first_ll, static_cast<long long>(capacity))));
+        const int pos_last = static_cast<int>(
+            max(-1LL, min(pos_first_ll + tokens - 1, static_cast<long long>(capacity) - 1)));
+        kv_end = pos_last + 1;
+        const int kv_lo = sliding_window > 0 ? max(0, pos_first - sliding_window + 1) : 0;
+        kv_begin = min(kv_lo, kv_end) & ~(kPiece - 1);
+    }
     int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + kBN - 1) / kBN : 0;
-    if constexpr (kSplit) {
+    if constexpr (kSplit || kCascade) {
         // This block's tiles of the walk above: [first, first + num_tiles), as keys.
         const int per_split = (num_tiles + splits - 1) / splits;
         const int first = min(num_tiles, split * per_split);
@@ -292,7 +309,8 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
         }
         // K and V are read again by the other query tiles of this KV head: keep them in L2.
         const uint64_t keep = policy_evict_last();
-        const uint32_t* table = block_tables + static_cast<size_t>(seq) * max_blocks_per_seq;
+        // A cascade group's prefix is read through its first member's table.
+        const uint32_t* table = block_tables + static_cast<size_t>(kCascade ? q_first : seq) * max_blocks_per_seq;
         const int block_mask = (1 << block_size_log2) - 1;
         const int last_piece = (kv_end - 1) & ~(kPiece - 1);
         for (int t0 = 0; t0 < num_tiles; t0 += 8) {
@@ -372,7 +390,10 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
     for (int i = 0; i < 2; ++i) {
         const int row = r0 + wq * 16 + g + 8 * i;
         if (row < rows) {
-            const long long pos = pos_first_ll + row / group;
+            const long long pos =
+                kCascade ? static_cast<long long>(min(context_lens[q_first + i0 + row / group],
+                                                      static_cast<uint32_t>(capacity))) - 1
+                         : pos_first_ll + row / group;
             const long long first = sliding_window > 0 ? pos - sliding_window + 1 : 0;
             hi[i] = static_cast<int>(max(-1LL, min(pos, static_cast<long long>(kv_end) - 1)));
             lo[i] = static_cast<int>(max(static_cast<long long>(kv_begin), min(first, static_cast<long long>(kv_end))));
@@ -478,6 +499,24 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
         if (row >= rows) continue;
         const size_t token = q_first + i0 + row / group;
         const int head = kv_head * group + row % group;
+        if constexpr (kCascade) {
+            // Slot `split` of (sequence, head): normalised, written even when empty (zeros,
+            // -inf): the cascade merge reads every prefix slot of a sequence with a prefix.
+            const int my_split = static_cast<int>(blockIdx.x) % splits;
+            const size_t idx = (token * num_heads + head) * num_slots + my_split;
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            float* dst = partial_o + idx * kD + 2 * t4;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                *reinterpret_cast<float2*>(dst + 8 * j) =
+                    make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+            }
+            if (t4 == 0) {
+                partial_ml[2 * idx] = sum > 0.0f ? m[i] * sl2 : -INFINITY;
+                partial_ml[2 * idx + 1] = sum;
+            }
+            continue;
+        }
         if constexpr (kSplit) {
             // Recomputed rather than kept live through the loop, which runs at the register cap.
             const int my_split = static_cast<int>(blockIdx.x) % splits;
@@ -519,10 +558,28 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
         T* __restrict__ out, float* __restrict__ partial_o, float* __restrict__ partial_ml,         \
         int splits, int total_q, int num_heads, int num_kv_heads, int block_size_log2,              \
         int max_blocks_per_seq, float scale, int sliding_window) {                                  \
-        braid::attn_prefill_wgmma::prefill<T, SPLIT>(                                               \
+        braid::attn_prefill_wgmma::prefill<T, SPLIT, false>(                                        \
             tm_k, tm_v, q, block_tables, q_starts, context_lens, out, partial_o, partial_ml,        \
             SPLIT ? splits : 1, total_q, num_heads, num_kv_heads, block_size_log2,                  \
-            max_blocks_per_seq, scale, sliding_window);                                             \
+            max_blocks_per_seq, scale, sliding_window, nullptr, 0);                                 \
+    }
+
+// The cascade prefix pass: grid (query tiles x prefix_slots, num_kv_heads, num_groups); ws_o and
+// ws_ml are the cascade workspace's partial outputs and states, num_slots slots a (sequence, head).
+#define BRAID_DEFINE_CASCADE_PREFIX_WGMMA(T, SUFFIX)                                                 \
+    extern "C" __global__ void __launch_bounds__(braid::attn_prefill_wgmma::kThreads, 1)             \
+        cascade_prefix_wgmma_d128_##SUFFIX(                                                          \
+            const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,     \
+            const T* __restrict__ q, const uint32_t* __restrict__ block_tables,                     \
+            const uint32_t* __restrict__ group_starts, const uint32_t* __restrict__ context_lens,   \
+            const uint32_t* __restrict__ prefix_lens, float* __restrict__ ws_o,                     \
+            float* __restrict__ ws_ml, int prefix_slots, int num_seqs, int num_heads,               \
+            int num_kv_heads, int block_size_log2, int max_blocks_per_seq, float scale,             \
+            int sliding_window, int num_slots) {                                                    \
+        braid::attn_prefill_wgmma::prefill<T, false, true>(                                         \
+            tm_k, tm_v, q, block_tables, group_starts, context_lens, nullptr, ws_o, ws_ml,          \
+            prefix_slots, num_seqs, num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq,   \
+            scale, sliding_window, prefix_lens, num_slots);                                         \
     }
 
 #define BRAID_DEFINE_PREFILL_WGMMA(T, SUFFIX)                                                       \
@@ -531,3 +588,5 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
 
 BRAID_DEFINE_PREFILL_WGMMA(__half, f16)
 BRAID_DEFINE_PREFILL_WGMMA(__nv_bfloat16, bf16)
+BRAID_DEFINE_CASCADE_PREFIX_WGMMA(__half, f16)
+BRAID_DEFINE_CASCADE_PREFIX_WGMMA(__nv_bfloat16, bf16)

@@ -882,6 +882,23 @@ impl CudaDevice {
         attributes: LaunchAttributes,
         params: &mut [*mut c_void],
     ) -> Result<(), CudaError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_with_attributes_on(&self.stream, op, function, cfg, attributes, params) }
+    }
+
+    /// [`CudaDevice::launch_with_attributes`] on `stream`, this device's or its side stream.
+    ///
+    /// # Safety
+    /// As [`CudaDevice::launch_with_attributes`].
+    pub(crate) unsafe fn launch_with_attributes_on(
+        &self,
+        stream: &CudaStream,
+        op: &'static str,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        attributes: LaunchAttributes,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
         let waits = attributes.dependency_overlap
             && function
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
@@ -922,7 +939,7 @@ impl CudaDevice {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
+            hStream: stream.cu_stream(),
             attrs: list.as_mut_ptr(),
             numAttrs: count as u32,
         };

@@ -89,15 +89,15 @@ const PREFILL_THREADS: u32 = 128;
 const PREFILL_BLOCK_M: usize = 64;
 
 /// attention_prefill_wgmma.cu `kThreads`: two consumer warpgroups and a producer warp.
-const PREFILL_WGMMA_THREADS: u32 = 288;
+pub(super) const PREFILL_WGMMA_THREADS: u32 = 288;
 /// attention_prefill_wgmma.cu rows per block (`kBM`): query tokens × the heads of a KV group.
-const PREFILL_WGMMA_ROWS: usize = 128;
+pub(super) const PREFILL_WGMMA_ROWS: usize = 128;
 /// attention_prefill_wgmma.cu `kSharedBytes`: alignment slack, barriers, 4 ring slots of a
 /// 64-key K and V tile (32 KB), and the two warpgroups' Q tiles (16 KB each).
-const PREFILL_WGMMA_SHARED_BYTES: usize = 1024 + 1024 + 4 * 32 * 1024 + 2 * 16 * 1024;
+pub(super) const PREFILL_WGMMA_SHARED_BYTES: usize = 1024 + 1024 + 4 * 32 * 1024 + 2 * 16 * 1024;
 /// The wgmma prefill kernel's head size, and its TMA box: 16 cache slots × 64 dims.
 const PREFILL_WGMMA_HEAD_DIM: usize = 128;
-const PREFILL_WGMMA_BOX: (u32, u32) = (16, 64);
+pub(super) const PREFILL_WGMMA_BOX: (u32, u32) = (16, 64);
 
 /// A prefill launch with fewer (query tile, head, sequence) blocks than this splits the keys of
 /// each query tile over more blocks (split KV); and the blocks it aims for when it does.
@@ -304,7 +304,7 @@ enum PrefillRoute {
 /// `capability`: it needs sm_90, f16/bf16, head_dim 128, cache blocks of at least 16 tokens (a
 /// TMA box reads 16 slots of one block) and at most 128 query heads per KV head (one block's
 /// rows).
-fn prefill_wgmma_runs<T: KernelFloat>(capability: (i32, i32), p: &AttentionParams) -> bool {
+pub(super) fn prefill_wgmma_runs<T: KernelFloat>(capability: (i32, i32), p: &AttentionParams) -> bool {
     capability == (9, 0)
         && std::mem::size_of::<T>() == 2
         && p.head_dim == PREFILL_WGMMA_HEAD_DIM
@@ -314,7 +314,7 @@ fn prefill_wgmma_runs<T: KernelFloat>(capability: (i32, i32), p: &AttentionParam
 
 /// Query tiles of the wgmma prefill kernel's grid: each block holds 128 rows of one KV head,
 /// so 128 / group query tokens.
-fn prefill_wgmma_q_tiles(max_q_len: usize, p: &AttentionParams) -> usize {
+pub(super) fn prefill_wgmma_q_tiles(max_q_len: usize, p: &AttentionParams) -> usize {
     max_q_len.div_ceil(PREFILL_WGMMA_ROWS / (p.num_heads / p.num_kv_heads))
 }
 

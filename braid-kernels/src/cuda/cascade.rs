@@ -18,15 +18,21 @@
 //!   plain decode (a context length of 0 is a padding row with a zero output).
 //!
 //! The grids are sized from host-side [`CascadeBounds`]; whatever the device data, every key is
-//! covered (bounds that are too small cost speed, not correctness), except that
+//! covered (prefix and suffix bounds that are too small cost speed, not correctness), except that
 //! `max_prefix_tokens == 0` skips the shared-prefix pass and every sequence then reads its whole
-//! context through its own table. No host synchronisation and no allocation happen in the call.
+//! context through its own table. `max_group_size` must bound every group: on Hopper at head_dim
+//! 128 the prefix pass runs on the wgmma prefill pipeline (`attention_prefill_wgmma.cu`), whose
+//! grid covers that many members. No host synchronisation and no allocation happen in the call.
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::attention::{check_aligned, AttentionParams, MAX_GRID_YZ};
+use super::attention::{
+    check_aligned, prefill_wgmma_runs, AttentionParams, MAX_GRID_YZ, PREFILL_WGMMA_BOX,
+    PREFILL_WGMMA_ROWS, PREFILL_WGMMA_SHARED_BYTES, PREFILL_WGMMA_THREADS,
+};
 use super::{
-    check_limit, driver_error, invalid_argument, to_i32, CudaDevice, CudaError, KernelFloat,
+    check_limit, driver_error, invalid_argument, kernel_arg, tensor_map_2d, to_i32, CudaDevice,
+    CudaError, KernelFloat, LaunchAttributes,
 };
 
 // Kernel launch constants; each must match the constant of the same name in attention_cascade.cu.
@@ -66,7 +72,8 @@ const SUFFIX_MAX_GROUP_CHUNK: usize = 4;
 /// the workspace), never the results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CascadeBounds {
-    /// The largest number of members of any group.
+    /// The largest number of members of any group. Unlike the other bounds it must hold: the
+    /// prefix pass on Hopper (wgmma) covers only that many members of a group.
     pub max_group_size: usize,
     /// The largest `prefix_lens[g]`; 0 skips the shared-prefix pass, so every sequence reads its
     /// whole context through its own table.
@@ -96,6 +103,9 @@ pub struct CascadeGrid {
     row_tiles: usize,
     /// Partitions of each sequence's own keys; the slots after the prefix ones.
     suffix_slots: usize,
+    /// Query tiles of the wgmma prefix pass (128 rows each), which does not loop over further
+    /// ones: `max_group_size` must bound every group where that pass runs.
+    wgmma_q_tiles: usize,
 }
 
 impl CascadeGrid {
@@ -138,6 +148,10 @@ impl CascadeGrid {
             prefix_slots,
             row_tiles,
             suffix_slots,
+            wgmma_q_tiles: bounds
+                .max_group_size
+                .max(1)
+                .div_ceil((PREFILL_WGMMA_ROWS / group).max(1)),
         }
     }
 
@@ -273,6 +287,7 @@ impl CudaDevice {
             prefix_slots,
             row_tiles: 1,
             suffix_slots: suffix_slots.max(1),
+            wgmma_q_tiles: 1,
         }
         .workspace_len(num_seqs, p)
     }
@@ -373,7 +388,68 @@ impl CudaDevice {
         // keys. On two streams (two branches of a captured graph) the suffix blocks fill the rest
         // of each SM beside the prefix blocks instead of waiting for the whole prefix grid. The
         // side stream forks before either launch, so it waits only for what came before the call.
-        let prefix_pass = if grid.prefix_slots > 0 {
+        // On Hopper at head_dim 128 the prefix pass runs on the wgmma prefill pipeline
+        // (attention_prefill_wgmma.cu), a group's members taking the place of a sequence's tokens.
+        let wgmma_prefix = grid.prefix_slots > 0 && prefill_wgmma_runs::<T>(self.capability(), p);
+        if wgmma_prefix {
+            let side = self.fork_side_stream(OP)?;
+            let name = format!("cascade_prefix_wgmma_d128_{}", T::SUFFIX);
+            let kernel = self.kernel("attention_prefill_wgmma", &name)?;
+            self.allow_dynamic_smem(OP, &kernel, PREFILL_WGMMA_SHARED_BYTES)?;
+            let row = p.num_kv_heads * p.head_dim;
+            let total_slots = k_cache.len() / row;
+            let tm_k = tensor_map_2d::<T>(OP, k_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
+            let tm_v = tensor_map_2d::<T>(OP, v_ptr, total_slots, row, PREFILL_WGMMA_BOX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (grid.wgmma_q_tiles * grid.prefix_slots) as u32,
+                    p.num_kv_heads as u32,
+                    num_groups as u32,
+                ),
+                block_dim: (PREFILL_WGMMA_THREADS, 1, 1),
+                shared_mem_bytes: PREFILL_WGMMA_SHARED_BYTES as u32,
+            };
+            let mut params = [
+                kernel_arg(&tm_k),
+                kernel_arg(&tm_v),
+                kernel_arg(&q_ptr),
+                kernel_arg(&bt_ptr),
+                kernel_arg(&gs_ptr),
+                kernel_arg(&cl_ptr),
+                kernel_arg(&pl_ptr),
+                kernel_arg(&ws_o),
+                kernel_arg(&ws_ml),
+                kernel_arg(&prefix_slots),
+                kernel_arg(&num_seqs_i),
+                kernel_arg(&num_heads),
+                kernel_arg(&num_kv_heads),
+                kernel_arg(&geo.block_size_log2),
+                kernel_arg(&max_blocks),
+                kernel_arg(&p.scale),
+                kernel_arg(&window),
+                kernel_arg(&slots_i),
+            ];
+            // SAFETY: `params` matches `cascade_prefix_wgmma_d128_*(CUtensorMap, CUtensorMap,
+            // const T*, const u32*, const u32*, const u32*, const u32*, float*, float*, int, int,
+            // int, int, int, int, float, int, int)` in attention_prefill_wgmma.cu, each entry
+            // pointing at a live local of that type (the driver copies the tensor maps at launch
+            // or capture). The tensor maps cover the whole caches (16-byte aligned, checked
+            // above); the kernel clamps group ranges to `num_seqs` and prefix
+            // lengths to the tables' capacity, reads table entries of each group's first member
+            // below its clamped prefix, and writes prefix slots `0..prefix_slots` of the rows of
+            // the `wgmma_q_tiles` query tiles of each group, inside the workspace checked above.
+            unsafe {
+                self.launch_with_attributes_on(
+                    side,
+                    OP,
+                    &kernel,
+                    cfg,
+                    LaunchAttributes::default(),
+                    &mut params,
+                )
+            }?;
+        }
+        let prefix_pass = if grid.prefix_slots > 0 && !wgmma_prefix {
             let prefix = self.kernel(
                 "attention_cascade",
                 &format!("cascade_prefix_d{}_{}", p.head_dim, T::SUFFIX),
