@@ -883,7 +883,9 @@ impl CudaDevice {
         params: &mut [*mut c_void],
     ) -> Result<(), CudaError> {
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch_with_attributes_on(&self.stream, op, function, cfg, attributes, params) }
+        unsafe {
+            self.launch_with_attributes_on(&self.stream, op, function, cfg, attributes, params)
+        }
     }
 
     /// [`CudaDevice::launch_with_attributes`] on `stream`, this device's or its side stream.

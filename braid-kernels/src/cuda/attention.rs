@@ -304,7 +304,10 @@ enum PrefillRoute {
 /// `capability`: it needs sm_90, f16/bf16, head_dim 128, cache blocks of at least 16 tokens (a
 /// TMA box reads 16 slots of one block) and at most 128 query heads per KV head (one block's
 /// rows).
-pub(super) fn prefill_wgmma_runs<T: KernelFloat>(capability: (i32, i32), p: &AttentionParams) -> bool {
+pub(super) fn prefill_wgmma_runs<T: KernelFloat>(
+    capability: (i32, i32),
+    p: &AttentionParams,
+) -> bool {
     capability == (9, 0)
         && std::mem::size_of::<T>() == 2
         && p.head_dim == PREFILL_WGMMA_HEAD_DIM
