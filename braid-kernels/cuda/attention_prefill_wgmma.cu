@@ -499,32 +499,20 @@ __device__ __forceinline__ void prefill(const CUtensorMap& tm_k, const CUtensorM
         if (row >= rows) continue;
         const size_t token = q_first + i0 + row / group;
         const int head = kv_head * group + row % group;
-        if constexpr (kCascade) {
-            // Slot `split` of (sequence, head): normalised, written even when empty (zeros,
-            // -inf): the cascade merge reads every prefix slot of a sequence with a prefix.
-            const int my_split = static_cast<int>(blockIdx.x) % splits;
-            const size_t idx = (token * num_heads + head) * num_slots + my_split;
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-            float* dst = partial_o + idx * kD + 2 * t4;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                *reinterpret_cast<float2*>(dst + 8 * j) =
-                    make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-            }
-            if (t4 == 0) {
-                partial_ml[2 * idx] = sum > 0.0f ? m[i] * sl2 : -INFINITY;
-                partial_ml[2 * idx + 1] = sum;
-            }
-            continue;
-        }
-        if constexpr (kSplit) {
+        if constexpr (kSplit || kCascade) {
             // Recomputed rather than kept live through the loop, which runs at the register cap.
             const int my_split = static_cast<int>(blockIdx.x) % splits;
-            const size_t unit = (static_cast<size_t>(my_split) * total_q + token) * num_heads + head;
+            // Split: unnormalised partials [split][total_q][num_heads]. Cascade: the normalised
+            // output in slot `split` of (sequence, head) of the cascade workspace, written even
+            // when empty (zeros, -inf): the cascade merge reads every prefix slot.
+            const size_t unit = kCascade ? (token * num_heads + head) * num_slots + my_split
+                                         : (static_cast<size_t>(my_split) * total_q + token) * num_heads + head;
+            const float scale_out = kCascade ? (sum > 0.0f ? 1.0f / sum : 0.0f) : 1.0f;
             float* dst = partial_o + unit * kD + 2 * t4;
 #pragma unroll
             for (int j = 0; j < 16; ++j) {
-                *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
+                *reinterpret_cast<float2*>(dst + 8 * j) =
+                    make_float2(o[4 * j + 2 * i] * scale_out, o[4 * j + 2 * i + 1] * scale_out);
             }
             if (t4 == 0) {
                 const float max_log2 = m[i] == -INFINITY ? -INFINITY : m[i] * sl2;

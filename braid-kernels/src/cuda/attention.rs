@@ -317,7 +317,7 @@ pub(super) fn prefill_wgmma_runs<T: KernelFloat>(
 
 /// Query tiles of the wgmma prefill kernel's grid: each block holds 128 rows of one KV head,
 /// so 128 / group query tokens.
-pub(super) fn prefill_wgmma_q_tiles(max_q_len: usize, p: &AttentionParams) -> usize {
+fn prefill_wgmma_q_tiles(max_q_len: usize, p: &AttentionParams) -> usize {
     max_q_len.div_ceil(PREFILL_WGMMA_ROWS / (p.num_heads / p.num_kv_heads))
 }
 

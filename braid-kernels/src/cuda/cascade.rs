@@ -434,10 +434,10 @@ impl CudaDevice {
             // int, int, int, int, float, int, int)` in attention_prefill_wgmma.cu, each entry
             // pointing at a live local of that type (the driver copies the tensor maps at launch
             // or capture). The tensor maps cover the whole caches (16-byte aligned, checked
-            // above); the kernel clamps group ranges to `num_seqs` and prefix
-            // lengths to the tables' capacity, reads table entries of each group's first member
-            // below its clamped prefix, and writes prefix slots `0..prefix_slots` of the rows of
-            // the `wgmma_q_tiles` query tiles of each group, inside the workspace checked above.
+            // above); the kernel clamps group ranges to `num_seqs` and prefix lengths to the
+            // tables' capacity, reads table entries of each group's first member below its
+            // clamped prefix, and writes prefix slots `0..prefix_slots` of the rows of the
+            // `wgmma_q_tiles` query tiles of each group, inside the workspace checked above.
             unsafe {
                 self.launch_with_attributes_on(
                     side,
